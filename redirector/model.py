@@ -1,0 +1,116 @@
+"""The redirector's vocabulary: what a redirect is, and the interface every kernel backend implements.
+
+Pure data. The desired state (Services -> entries) and the diff (desired vs actual) are pure functions
+over these types; backends are the thin imperative shell that reads and writes the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Family = Literal[4, 6]
+Kind = Literal["clusterIP", "externalIP", "loadBalancer", "nodePort"]
+
+
+@dataclass(frozen=True, order=True)
+class Key:
+    """What the kernel matches on: TCP to (ip, port). ``ip`` is None for a NodePort (any local address)."""
+
+    family: Family
+    ip: str | None
+    port: int
+
+    def __str__(self) -> str:
+        host = "*local*" if self.ip is None else (f"[{self.ip}]" if self.family == 6 else self.ip)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, order=True)
+class Owner:
+    """The Service port an entry belongs to."""
+
+    namespace: str
+    name: str
+    port_name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}:{self.port_name or '-'}"
+
+
+@dataclass(frozen=True, order=True)
+class Entry:
+    """One redirect: TCP to ``key`` goes to the local proxy port."""
+
+    key: Key
+    kind: Kind
+    owner: Owner
+
+
+@dataclass(frozen=True, order=True)
+class UnservedPort:
+    """A non-TCP port of a labelled Service: kube-proxy ignores it and we cannot serve it."""
+
+    owner: Owner
+    protocol: str
+    port: int
+
+
+@dataclass
+class DesiredState:
+    """Everything the node should redirect, plus what it cannot serve and per-Service errors."""
+
+    entries: dict[Key, Entry] = field(default_factory=dict)
+    unserved: list[UnservedPort] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # "namespace/name" -> message
+
+    def keys(self) -> frozenset[Key]:
+        return frozenset(self.entries)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """The difference to apply: keys to add and keys to delete."""
+
+    add: frozenset[Key] = frozenset()
+    delete: frozenset[Key] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.delete)
+
+
+def diff(desired: Iterable[Key], actual: Iterable[Key]) -> Delta:
+    """Desired vs actual, as what to add and what to delete."""
+    want, have = frozenset(desired), frozenset(actual)
+    return Delta(add=want - have, delete=have - want)
+
+
+class Backend(Protocol):
+    """A kernel backend (nftables or iptables). Every write is ONE atomic transaction."""
+
+    name: str
+
+    def ensure(self, keys: Iterable[Key]) -> bool:
+        """Make the kernel hold exactly ``keys`` with our table/chains in the expected shape.
+
+        Adopts existing objects without flushing them; replaces an unexpectedly shaped table atomically.
+        Returns True when it had to repair drift (shape wrong, objects missing, or elements differed).
+        """
+        ...
+
+    def apply(self, delta: Delta) -> None:
+        """Add/delete just these keys, in one transaction."""
+        ...
+
+    def read(self) -> frozenset[Key]:
+        """What the kernel holds now (read back, never from memory)."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """Backend name, table/chain/set names and the rule text, for the debug endpoints."""
+        ...
+
+    def cleanup(self) -> None:
+        """Remove everything this backend owns and nothing else."""
+        ...

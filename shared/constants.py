@@ -1,0 +1,60 @@
+"""Every name, label and port the components share, in one place."""
+
+from typing import Final
+
+# The label kube-proxy honours: a Service carrying it is left to the named proxy.
+SERVICE_PROXY_NAME_LABEL: Final = "service.kubernetes.io/service-proxy-name"
+# Our value for it (the value the original Lightpath Envoy data plane expects).
+DEFAULT_PROXY_NAME: Final = "lightpath.cloud"
+
+# Opt-in/opt-out label, on a Service or on its Namespace.
+OPT_LABEL: Final = "lightpath.cloud/proxy"
+OPT_ENABLED: Final = "enabled"
+OPT_DISABLED: Final = "disabled"
+
+# Annotation the webhook keeps on a Service with the current decision's reason.
+REASON_ANNOTATION: Final = "lightpath.cloud/reason"
+
+# Global modes.
+MODE_OPT_IN: Final = "opt-in"
+MODE_OPT_OUT: Final = "opt-out"
+MODES: Final = (MODE_OPT_IN, MODE_OPT_OUT)
+DEFAULT_MODE: Final = MODE_OPT_IN
+
+# Our own namespace, and the namespaces the policy never touches by default.
+DEFAULT_NAMESPACE: Final = "lightpath-system"
+DEFAULT_EXCLUDED_NAMESPACES: Final = ("kube-system", "cert-manager", DEFAULT_NAMESPACE)
+
+# Ports. The debug port collides with none of kube-proxy (10249, 10256), Envoy admin (15000),
+# the proxy (1666) or xDS (18000).
+DEFAULT_PROXY_PORT: Final = 1666
+WEBHOOK_PORT: Final = 8443
+REDIRECTOR_DEBUG_PORT: Final = 10666
+REDIRECTOR_DEBUG_ADDRESS: Final = "127.0.0.1"
+ENVOY_ADMIN_PORT: Final = 15000
+XDS_PORT: Final = 18000
+RESERVED_PORTS: Final = frozenset({10249, 10256, 15000, 1666, 18000})
+
+# Default names of the kernel objects the redirector owns.
+DEFAULT_NFT_TABLE: Final = "lightpath"
+DEFAULT_IPTABLES_CHAIN: Final = "LIGHTPATH"
+# Packets with this mark (set by the proxy) are never redirected.
+DEFAULT_PROXY_MARK: Final = 0x1666
+
+# appProtocol values that the proxy treats as HTTP; anything else is plain TCP.
+HTTP_APP_PROTOCOLS: Final = frozenset(
+    {
+        "http",
+        "https",
+        "h2",
+        "h2c",
+        "http2",
+        "grpc",
+        "grpc-web",
+        "ws",
+        "wss",
+        "kubernetes.io/h2c",
+        "kubernetes.io/ws",
+        "kubernetes.io/wss",
+    }
+)
