@@ -1,0 +1,345 @@
+"""Network namespaces for kernel tests: a fake node with pods, without touching the host's network.
+
+WHY: redirect and DNAT rules are only proven by real packets through the real kernel. Each test
+builds its own throw-away "node" netns with veth-attached "pod" netns (named with the pid and a
+counter so parallel runs never collide) and removes them afterwards, even when the test fails.
+
+- ``NetNS``: one namespace; ``run`` a command in it, ``popen`` a server in it (killed on delete).
+- ``run_in_netns``: run a Python callable in a forked child that entered the netns, so
+  libnftables (which acts on the calling process's netns) can be driven without moving pytest.
+- ``Topology``: node + N pods, pod IPs 10.244.0.(10+i) / fd00:10:244::(10+i), node 10.244.0.1 /
+  fd00:10:244::1, service CIDRs routed to a dummy device in the node.
+- Traffic helpers (``tcp_listener``, ``tcp_request``, ...) live in ``sandbox.traffic`` and are
+  re-exported here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import pickle
+import re
+import select
+import signal
+import subprocess
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+NODE_IP = "10.244.0.1"
+NODE_IP6 = "fd00:10:244::1"
+SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CIDR6 = "fd00:10:96::/112"
+SERVICE_DEVICE = "svc0"
+
+_counter = itertools.count()
+
+
+class NetnsCommandError(subprocess.CalledProcessError):
+    """A command in a netns failed; unlike CalledProcessError, str() shows its stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstderr: {(self.stderr or '').strip()}"
+
+
+class RemoteTraceback(Exception):
+    """Carries the child's formatted traceback as the __cause__ of a re-raised exception."""
+
+    def __str__(self) -> str:
+        return "\n" + str(self.args[0])
+
+
+def _run(argv: Sequence[str], *, check: bool = True, input: str | None = None, timeout: float = 60):
+    proc = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise NetnsCommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+    return proc
+
+
+def _setns(name: str) -> None:
+    """Move the calling (single-threaded, forked) process into the named netns."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def run_in_netns(netns_name: str, fn: Callable[..., T], *args: Any, timeout: float = 60, **kwargs: Any) -> T:
+    """Call ``fn(*args, **kwargs)`` in a forked child inside ``netns_name``; return its result.
+
+    The result must be picklable. An exception in the child is re-raised here (its original type
+    when it unpickles, else RuntimeError) with the child's traceback text chained as the cause.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the caller's stack (pytest!), always os._exit
+        try:
+            os.close(read_fd)
+            try:
+                _setns(netns_name)
+                payload: tuple[bool, Any] = (True, fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+                payload = (False, (exc, traceback.format_exc()))
+            try:
+                data = pickle.dumps(payload)
+                pickle.loads(data)
+            except Exception as exc:  # noqa: BLE001
+                detail = payload[1][1] if not payload[0] else ""
+                error = RuntimeError(f"result of {fn!r} in netns {netns_name} is not picklable: {exc!r}")
+                data = pickle.dumps((False, (error, detail or traceback.format_exc())))
+            with os.fdopen(write_fd, "wb") as pipe:
+                pipe.write(data)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([read_fd], [], [], remaining)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise TimeoutError(f"{fn!r} in netns {netns_name} did not finish within {timeout}s")
+            chunk = os.read(read_fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+    if not chunks:
+        raise RuntimeError(f"child running {fn!r} in netns {netns_name} died without a result")
+    ok, value = pickle.loads(b"".join(chunks))
+    if ok:
+        return value  # type: ignore[no-any-return]
+    exc, tb = value
+    raise exc from RemoteTraceback(tb)
+
+
+class NetNS:
+    """One named network namespace, plus the processes started in it (killed on delete)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._procs: list[subprocess.Popen[Any]] = []
+
+    def __repr__(self) -> str:
+        return f"NetNS({self.name!r})"
+
+    def create(self) -> NetNS:
+        _run(["ip", "netns", "add", self.name])
+        _run(["ip", "-n", self.name, "link", "set", "lo", "up"])
+        return self
+
+    def exists(self) -> bool:
+        return (NETNS_DIR / self.name).exists()
+
+    def delete(self) -> None:
+        """Kill our processes, then remove the namespace (idempotent)."""
+        for proc in self._procs:
+            _stop(proc)
+        self._procs.clear()
+        if self.exists():
+            _run(["ip", "netns", "del", self.name], check=False)
+
+    def run(
+        self, argv: Sequence[str], check: bool = True, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command to completion inside the netns (text in, text out)."""
+        return _run(["ip", "netns", "exec", self.name, *argv], check=check, input=input, timeout=timeout)
+
+    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start a long-running process inside the netns; it is killed when the netns is deleted."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kw)
+        self._procs.append(proc)
+        return proc
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``run_in_netns`` for this namespace."""
+        return run_in_netns(self.name, fn, *args, **kwargs)
+
+    def __enter__(self) -> NetNS:
+        return self.create()
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+class Topology:
+    """A node netns and ``pods`` pod netns, each pod joined to the node by a veth pair.
+
+    Node: forwarding on, ``vethI`` carries NODE_IP(/6) as /32 (/128) with a host route to pod I,
+    the service CIDRs route to a dummy device (so locally generated traffic to a ClusterIP has a
+    route and passes the nat output hook). Pods: ``eth0`` with their /32 (/128), default route via
+    the node. Use as a context manager; everything is removed on exit.
+    """
+
+    def __init__(self, pods: int = 2, *, ipv6: bool = True, prefix: str = "lp") -> None:
+        if pods < 0 or pods > 200:
+            raise ValueError(f"pods must be in 0..200, got {pods}")
+        base = f"{prefix}-{os.getpid()}-{next(_counter)}"
+        self.ipv6 = ipv6
+        self.node = NetNS(f"{base}-node")
+        self.pods = [NetNS(f"{base}-pod{i}") for i in range(pods)]
+        self.pod_ips = [f"10.244.0.{10 + i}" for i in range(pods)]
+        self.pod_ips6 = [f"fd00:10:244::{10 + i:x}" for i in range(pods)] if ipv6 else []
+        self.node_ips = [NODE_IP, NODE_IP6] if ipv6 else [NODE_IP]
+        self.node_ip, self.node_ip6 = NODE_IP, (NODE_IP6 if ipv6 else None)
+
+    @property
+    def all(self) -> list[NetNS]:
+        return [self.node, *self.pods]
+
+    def __enter__(self) -> Topology:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill processes started via popen and delete every namespace (idempotent)."""
+        for ns in reversed(self.all):
+            ns.delete()
+
+    def _build(self) -> None:
+        sysctls = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
+        for ns in self.all:
+            ns.create()
+            ns.run(["sysctl", "-q", "-w", *sysctls])
+        self.node.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
+        node = [
+            f"link add {SERVICE_DEVICE} type dummy",
+            f"link set {SERVICE_DEVICE} up",
+            f"route add {SERVICE_CIDR} dev {SERVICE_DEVICE}",
+        ]
+        if self.ipv6:
+            node.append(f"route add {SERVICE_CIDR6} dev {SERVICE_DEVICE}")
+        for i, pod in enumerate(self.pods):
+            veth = f"veth{i}"
+            node += [
+                f"link add {veth} type veth peer name eth0 netns {pod.name}",
+                f"link set {veth} up",
+                f"addr add {NODE_IP}/32 dev {veth}",
+                f"route add {self.pod_ips[i]}/32 dev {veth}",
+            ]
+            if self.ipv6:
+                node += [f"addr add {NODE_IP6}/128 dev {veth} nodad", f"route add {self.pod_ips6[i]}/128 dev {veth}"]
+        _run(["ip", "-n", self.node.name, "-batch", "-"], input="\n".join(node) + "\n")
+        for i, pod in enumerate(self.pods):
+            cmds = [
+                "link set eth0 up",
+                f"addr add {self.pod_ips[i]}/32 dev eth0",
+                f"route add {NODE_IP}/32 dev eth0",
+                f"route add default via {NODE_IP} dev eth0",
+            ]
+            if self.ipv6:
+                cmds += [
+                    f"addr add {self.pod_ips6[i]}/128 dev eth0 nodad",
+                    f"route add {NODE_IP6}/128 dev eth0",
+                    f"-6 route add default via {NODE_IP6} dev eth0",
+                ]
+            _run(["ip", "-n", pod.name, "-batch", "-"], input="\n".join(cmds) + "\n")
+
+
+_STALE = re.compile(r"^(?P<prefix>.+)-(?P<pid>\d+)-\d+-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cleanup_stale(prefix: str = "lp") -> list[str]:
+    """Delete ``prefix`` namespaces left by test runs whose process is gone; return their names.
+
+    Namespaces of live processes (parallel test runs) are left alone.
+    """
+    removed = []
+    names = sorted(p.name for p in NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else []
+    for name in names:
+        m = _STALE.match(name)
+        if not m or m["prefix"] != prefix or _alive(int(m["pid"])):
+            continue
+        pids = _run(["ip", "netns", "pids", name], check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        _run(["ip", "netns", "del", name], check=False)
+        removed.append(name)
+    return removed
+
+
+from sandbox.traffic import (  # noqa: E402  (re-export; sandbox.traffic imports this module)
+    Listener,
+    TrafficError,
+    echo_listener,
+    http_listener,
+    http_request,
+    tcp_listener,
+    tcp_request,
+    udp_listener,
+    udp_request,
+    wait_until,
+)
+
+__all__ = [
+    "CLONE_NEWNET",
+    "NODE_IP",
+    "NODE_IP6",
+    "SERVICE_CIDR",
+    "SERVICE_CIDR6",
+    "Listener",
+    "NetNS",
+    "NetnsCommandError",
+    "Topology",
+    "TrafficError",
+    "cleanup_stale",
+    "echo_listener",
+    "http_listener",
+    "http_request",
+    "run_in_netns",
+    "tcp_listener",
+    "tcp_request",
+    "udp_listener",
+    "udp_request",
+    "wait_until",
+]
