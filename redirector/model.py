@@ -6,6 +6,7 @@ over these types; backends are the thin imperative shell that reads and writes t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -14,13 +15,23 @@ Family = Literal[4, 6]
 Kind = Literal["clusterIP", "externalIP", "loadBalancer", "nodePort"]
 
 
-@dataclass(frozen=True, order=True)
+@functools.total_ordering
+@dataclass(frozen=True)
 class Key:
     """What the kernel matches on: TCP to (ip, port). ``ip`` is None for a NodePort (any local address)."""
 
     family: Family
     ip: str | None
     port: int
+
+    def sort_key(self) -> tuple[int, bool, str, int]:
+        """Total order (NodePorts after addresses of the same family): ``ip`` may be None."""
+        return (self.family, self.ip is None, self.ip or "", self.port)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Key):
+            return NotImplemented
+        return self.sort_key() < other.sort_key()
 
     def __str__(self) -> str:
         host = "*local*" if self.ip is None else (f"[{self.ip}]" if self.family == 6 else self.ip)
@@ -84,6 +95,10 @@ def diff(desired: Iterable[Key], actual: Iterable[Key]) -> Delta:
     """Desired vs actual, as what to add and what to delete."""
     want, have = frozenset(desired), frozenset(actual)
     return Delta(add=want - have, delete=have - want)
+
+
+class BackendError(RuntimeError):
+    """A kernel write or read failed (the transaction was not applied: the agent schedules a full sync)."""
 
 
 class Backend(Protocol):

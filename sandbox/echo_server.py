@@ -12,9 +12,8 @@ Modes:
 - ``--http``: FastAPI app answering any path/method with the request line and headers as JSON.
 """
 
-from __future__ import annotations
-
 import argparse
+import contextlib
 import json
 import socket
 import struct
@@ -137,10 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     host = args.bind or ("::" if args.family == 6 else "0.0.0.0")
     serve = serve_http if args.http else serve_udp if args.udp else serve_tcp
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         serve(args.family, host, args.port, args.name)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ counter so parallel runs never collide) and removes them afterwards, even when t
 - ``run_in_netns``: run a Python callable in a forked child that entered the netns, so
   libnftables (which acts on the calling process's netns) can be driven without moving pytest.
 - ``Topology``: node + N pods, pod IPs 10.244.0.(10+i) / fd00:10:244::(10+i), node 10.244.0.1 /
-  fd00:10:244::1, service CIDRs routed to a dummy device in the node.
+  fd00:10:244::1, service CIDRs routed to a device in the node.
 - Traffic helpers (``tcp_listener``, ``tcp_request``, ...) live in ``sandbox.traffic`` and are
   re-exported here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import os
@@ -57,7 +58,9 @@ class RemoteTraceback(Exception):
         return "\n" + str(self.args[0])
 
 
-def _run(argv: Sequence[str], *, check: bool = True, input: str | None = None, timeout: float = 60):
+def _run(
+    argv: Sequence[str], *, check: bool = True, input: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise NetnsCommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
@@ -79,6 +82,7 @@ def _setns(name: str) -> None:
 def run_in_netns(netns_name: str, fn: Callable[..., T], *args: Any, timeout: float = 60, **kwargs: Any) -> T:
     """Call ``fn(*args, **kwargs)`` in a forked child inside ``netns_name``; return its result.
 
+    ``timeout`` (seconds) belongs to this helper, not to ``fn``; the child is killed when it passes.
     The result must be picklable. An exception in the child is re-raised here (its original type
     when it unpickles, else RuntimeError) with the child's traceback text chained as the cause.
     """
@@ -106,10 +110,12 @@ def run_in_netns(netns_name: str, fn: Callable[..., T], *args: Any, timeout: flo
     os.close(write_fd)
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
+    poller = select.poll()  # not select(): fds above 1024 are common in a long pytest run
+    poller.register(read_fd, select.POLLIN)
     try:
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([read_fd], [], [], remaining)[0]:
+            if remaining <= 0 or not poller.poll(remaining * 1000):
                 os.kill(pid, signal.SIGKILL)
                 raise TimeoutError(f"{fn!r} in netns {netns_name} did not finish within {timeout}s")
             chunk = os.read(read_fd, 1 << 16)
@@ -124,8 +130,25 @@ def run_in_netns(netns_name: str, fn: Callable[..., T], *args: Any, timeout: flo
     ok, value = pickle.loads(b"".join(chunks))
     if ok:
         return value  # type: ignore[no-any-return]
-    exc, tb = value
-    raise exc from RemoteTraceback(tb)
+    error, tb = value
+    raise error from RemoteTraceback(tb)
+
+
+def _nft_cmd(script: str) -> str:
+    import nftables  # type: ignore[import-untyped]  # Debian python3-nftables; acts on the calling process's netns
+
+    nft = nftables.Nftables()
+    rc, out, err = nft.cmd(script)
+    if rc != 0:
+        raise RuntimeError(f"nft failed ({rc}): {err.strip()}\n--- script ---\n{script}")
+    return str(out)
+
+
+def nft(netns_name: str, script: str) -> str:
+    """Run an nft script (one atomic transaction) with libnftables inside ``netns_name``."""
+    import nftables  # noqa: F401  # imported before the fork, so the child never runs the import machinery
+
+    return run_in_netns(netns_name, _nft_cmd, script)
 
 
 class NetNS:
@@ -194,7 +217,7 @@ class Topology:
     """A node netns and ``pods`` pod netns, each pod joined to the node by a veth pair.
 
     Node: forwarding on, ``vethI`` carries NODE_IP(/6) as /32 (/128) with a host route to pod I,
-    the service CIDRs route to a dummy device (so locally generated traffic to a ClusterIP has a
+    the service CIDRs route to a device (so locally generated traffic to a ClusterIP has a
     route and passes the nat output hook). Pods: ``eth0`` with their /32 (/128), default route via
     the node. Use as a context manager; everything is removed on exit.
     """
@@ -207,7 +230,7 @@ class Topology:
         self.node = NetNS(f"{base}-node")
         self.pods = [NetNS(f"{base}-pod{i}") for i in range(pods)]
         self.pod_ips = [f"10.244.0.{10 + i}" for i in range(pods)]
-        self.pod_ips6 = [f"fd00:10:244::{10 + i:x}" for i in range(pods)] if ipv6 else []
+        self.pod_ips6 = [f"fd00:10:244::{10 + i}" for i in range(pods)] if ipv6 else []
         self.node_ips = [NODE_IP, NODE_IP6] if ipv6 else [NODE_IP]
         self.node_ip, self.node_ip6 = NODE_IP, (NODE_IP6 if ipv6 else None)
 
@@ -240,7 +263,10 @@ class Topology:
             ns.run(["sysctl", "-q", "-w", *sysctls])
         self.node.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
         node = [
-            f"link add {SERVICE_DEVICE} type dummy",
+            # A veth pair with both ends in the node stands in for a dummy device (the dummy
+            # module may be missing); unNATed service traffic leaves here and dies unanswered.
+            f"link add {SERVICE_DEVICE} type veth peer name {SERVICE_DEVICE}p",
+            f"link set {SERVICE_DEVICE}p up",
             f"link set {SERVICE_DEVICE} up",
             f"route add {SERVICE_CIDR} dev {SERVICE_DEVICE}",
         ]
@@ -268,7 +294,7 @@ class Topology:
                 cmds += [
                     f"addr add {self.pod_ips6[i]}/128 dev eth0 nodad",
                     f"route add {NODE_IP6}/128 dev eth0",
-                    f"-6 route add default via {NODE_IP6} dev eth0",
+                    f"route add default via {NODE_IP6} dev eth0",
                 ]
             _run(["ip", "-n", pod.name, "-batch", "-"], input="\n".join(cmds) + "\n")
 
@@ -299,47 +325,33 @@ def cleanup_stale(prefix: str = "lp") -> list[str]:
             continue
         pids = _run(["ip", "netns", "pids", name], check=False).stdout.split()
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
         _run(["ip", "netns", "del", name], check=False)
         removed.append(name)
     return removed
 
 
-from sandbox.traffic import (  # noqa: E402  (re-export; sandbox.traffic imports this module)
-    Listener,
-    TrafficError,
-    echo_listener,
-    http_listener,
-    http_request,
-    tcp_listener,
-    tcp_request,
-    udp_listener,
-    udp_request,
-    wait_until,
+_TRAFFIC_NAMES = frozenset(
+    {
+        "Listener",
+        "TrafficError",
+        "echo_listener",
+        "http_listener",
+        "http_request",
+        "tcp_listener",
+        "tcp_request",
+        "udp_listener",
+        "udp_request",
+        "wait_until",
+    }
 )
 
-__all__ = [
-    "CLONE_NEWNET",
-    "NODE_IP",
-    "NODE_IP6",
-    "SERVICE_CIDR",
-    "SERVICE_CIDR6",
-    "Listener",
-    "NetNS",
-    "NetnsCommandError",
-    "Topology",
-    "TrafficError",
-    "cleanup_stale",
-    "echo_listener",
-    "http_listener",
-    "http_request",
-    "run_in_netns",
-    "tcp_listener",
-    "tcp_request",
-    "udp_listener",
-    "udp_request",
-    "wait_until",
-]
+
+def __getattr__(name: str) -> Any:
+    """Re-export the traffic helpers lazily (``sandbox.traffic`` imports this module)."""
+    if name in _TRAFFIC_NAMES:
+        from sandbox import traffic
+
+        return getattr(traffic, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -58,9 +58,11 @@ def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> int:
     """Wait for the server's ``READY <port>`` line (no sleeping: select on its stdout)."""
     assert proc.stdout is not None
     fd, buf, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     while b"\n" not in buf:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        if remaining <= 0 or not poller.poll(remaining * 1000):
             proc.kill()
             raise TrafficError(f"echo server {proc.args!r} not ready within {timeout}s")
         chunk = os.read(fd, 256)
@@ -84,7 +86,8 @@ def echo_listener(
     timeout: float = 20,
 ) -> Listener:
     """Start an echo server in ``netns`` and return once it accepts. ``name`` tags its replies."""
-    argv = [sys.executable, str(ECHO_SERVER), "--port", str(port), "--family", str(family)]
+    # -P: don't put sandbox/ on sys.path (sandbox/selectors.py would shadow the stdlib module).
+    argv = [sys.executable, "-P", str(ECHO_SERVER), "--port", str(port), "--family", str(family)]
     argv += ["--name", name or netns.name]
     if bind:
         argv += ["--bind", bind]

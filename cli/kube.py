@@ -1,0 +1,145 @@
+"""The CLI's only I/O with the API server, through the official ``kubernetes`` client.
+
+WHY raw JSON (``_preload_content=False``): the policy works on Services as JSON dicts, and skipping the
+client's model deserialisation is what keeps `status -A` over 10,000 Services to one paginated list
+that finishes in seconds. Writes are JSON merge patches of single labels/annotations, never a PUT.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+PAGE_SIZE = 500
+CONFLICT_RETRIES = 5
+MERGE_PATCH = "application/merge-patch+json"
+
+T = TypeVar("T")
+
+
+class ClusterError(RuntimeError):
+    """The API server refused or could not be reached; the message is meant for the user."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def connect(kubeconfig: str | None, context: str | None) -> tuple[Cluster, str]:
+    """A Cluster for the kubeconfig/context (kubectl's rules: $KUBECONFIG, ~/.kube/config) and its namespace."""
+    try:
+        api = config.new_client_from_config(config_file=kubeconfig, context=context)  # type: ignore[no-untyped-call]
+        contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        if context:
+            active = next((x for x in contexts if x.get("name") == context), active)
+    except (config.ConfigException, OSError, TypeError, ValueError) as exc:
+        raise ClusterError(f"cannot load kubeconfig: {exc}") from exc
+    namespace = str(((active or {}).get("context") or {}).get("namespace") or "default")
+    return Cluster(api), namespace
+
+
+def _message(exc: ApiException) -> str:
+    try:
+        body = json.loads(exc.body or "")
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])
+    except (TypeError, ValueError):
+        pass
+    return str(exc.reason or exc.body or "error")
+
+
+class Cluster:
+    """Lists and minimal patches of Services and Namespaces."""
+
+    def __init__(self, api: client.ApiClient, page_size: int = PAGE_SIZE) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.page_size = page_size
+        self.server = str(api.configuration.host)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one request; retry 409 Conflict (a concurrent write) a few times; turn errors into ClusterError."""
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                return fn()
+            except ApiException as exc:
+                if exc.status == 409 and attempt + 1 < CONFLICT_RETRIES:
+                    time.sleep(0.05 * 2**attempt)
+                    continue
+                raise ClusterError(f"{what}: {exc.status} {_message(exc)}", exc.status) from exc
+            except urllib3.exceptions.HTTPError as exc:
+                raise ClusterError(f"{what}: cannot reach the API server at {self.server}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _json(response: Any) -> dict[str, Any]:
+        data = json.loads(response.data)
+        if not isinstance(data, dict):
+            raise ClusterError(f"unexpected answer from the API server: {str(data)[:200]}")
+        return data
+
+    def _paginate(self, what: str, fn: Callable[..., Any]) -> list[dict[str, Any]]:
+        """One list, page by page (limit + continue), so huge clusters need neither one giant response nor GETs."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": self.page_size, "_preload_content": False}
+            if token:
+                kwargs["_continue"] = token
+            page = self._json(self._call(what, functools.partial(fn, **kwargs)))
+            items.extend(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue") or None
+            if not token:
+                return items
+
+    def list_services(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Services of one namespace, or of all (None). Items carry their namespace in metadata already."""
+        if namespace is None:
+            return self._paginate("list Services", self.core.list_service_for_all_namespaces)
+        return self._paginate(
+            f"list Services in {namespace}",
+            lambda **kw: self.core.list_namespaced_service(namespace, **kw),
+        )
+
+    def list_namespaces(self) -> list[dict[str, Any]]:
+        return self._paginate("list Namespaces", self.core.list_namespace)
+
+    def get_service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._json(
+                self._call(
+                    f"read Service {namespace}/{name}",
+                    lambda: self.core.read_namespaced_service(name, namespace, _preload_content=False),
+                )
+            )
+        except ClusterError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_service(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self._json(
+            self._call(
+                f"patch Service {namespace}/{name}",
+                lambda: self.core.patch_namespaced_service(
+                    name, namespace, patch, _content_type=MERGE_PATCH, _preload_content=False
+                ),
+            )
+        )
+
+    def patch_namespace(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self._json(
+            self._call(
+                f"patch Namespace {name}",
+                lambda: self.core.patch_namespace(
+                    name, patch, _content_type=MERGE_PATCH, _preload_content=False
+                ),
+            )
+        )

@@ -1,0 +1,181 @@
+"""Our nftables table as data: the libnftables JSON commands that build it and fill it, and the check that a
+table listed from the kernel has exactly that shape. Pure: the kernel I/O lives in ``redirector.nft``.
+
+The table (``inet lightpath`` by default)::
+
+    set svc4      { type ipv4_addr . inet_service }   # ClusterIPs, externalIPs, LB ingress IPs
+    set svc6      { type ipv6_addr . inet_service }
+    set nodeports { type nf_proto . inet_service }    # (ipv4|ipv6) . nodePort, any local address
+    chain prerouting { type nat hook prerouting priority dstnat - 10 }   # pods -> Services
+    chain output     { type nat hook output priority -110 }              # the node itself -> Services
+        meta mark <proxy mark> return          # the proxy's own traffic is never redirected
+        meta skuid <proxy uid> return          # (output only; when a proxy uid is configured)
+        ip daddr . tcp dport @svc4 redirect to :<proxy port>
+        ip6 daddr . tcp dport @svc6 redirect to :<proxy port>
+        fib daddr type local meta nfproto . tcp dport @nodeports redirect to :<proxy port>
+
+One set lookup per family: the per-packet cost does not depend on the number of Services. Both chains run
+before kube-proxy's (priority dstnat = -100 on prerouting and output). NodePorts are keyed by family too,
+so an IPv4-only Service does not capture IPv6 traffic to its node port.
+The ``expr`` below is written exactly as libnftables 1.0 lists it back, so a listed rule compares equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redirector.model import Delta, Family, Key
+
+Command = dict[str, Any]
+PRIORITY = -110  # dstnat (-100) - 10: before kube-proxy's nat chains, iptables' and nftables' alike
+COMMENT = "lightpath.cloud redirector"
+SET_TYPES: dict[str, list[str]] = {
+    "svc4": ["ipv4_addr", "inet_service"],
+    "svc6": ["ipv6_addr", "inet_service"],
+    "nodeports": ["nf_proto", "inet_service"],
+}
+NFPROTO: dict[Family, str] = {4: "ipv4", 6: "ipv6"}
+FAMILY_OF: dict[str, Family] = {"ipv4": 4, "ipv6": 6}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The knobs that decide the table's shape."""
+
+    table: str = "lightpath"
+    proxy_port: int = 1666
+    proxy_mark: int | None = 0x1666
+    proxy_uid: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.table or not self.table.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"nftables table name must be alphanumeric: {self.table!r}")
+        if not 0 < self.proxy_port < 65536:
+            raise ValueError(f"proxy port must be 1-65535, not {self.proxy_port}")
+        if self.proxy_mark is not None and not 0 < self.proxy_mark < 2**32:
+            raise ValueError(f"proxy mark must be 1..2^32-1, not {self.proxy_mark}")
+        if self.proxy_uid is not None and not 0 <= self.proxy_uid < 2**32:
+            raise ValueError(f"proxy uid must be 0..2^32-1, not {self.proxy_uid}")
+
+    @property
+    def table_ref(self) -> dict[str, str]:
+        return {"family": "inet", "name": self.table}
+
+    def chains(self) -> dict[str, dict[str, Any]]:
+        """Chain name -> its attributes as listed back."""
+        base = {"type": "nat", "prio": PRIORITY, "policy": "accept"}
+        return {"prerouting": {**base, "hook": "prerouting"}, "output": {**base, "hook": "output"}}
+
+    def rules(self, chain: str) -> list[tuple[list[Any], str]]:
+        """The (expr, comment) of each rule of ``chain``, in order."""
+        rules: list[tuple[list[Any], str]] = []
+        if self.proxy_mark is not None:
+            rules.append(([_match({"meta": {"key": "mark"}}, self.proxy_mark), {"return": None}],
+                          f"{COMMENT}: traffic marked by the proxy is never redirected"))
+        if chain == "output" and self.proxy_uid is not None:
+            rules.append(([_match({"meta": {"key": "skuid"}}, self.proxy_uid), {"return": None}],
+                          f"{COMMENT}: traffic of the proxy's user is never redirected"))
+        redirect = {"redirect": {"port": self.proxy_port}}
+        tcp_dport = {"payload": {"protocol": "tcp", "field": "dport"}}
+        for proto, set_name, what in (("ip", "svc4", "IPv4"), ("ip6", "svc6", "IPv6")):
+            daddr = {"payload": {"protocol": proto, "field": "daddr"}}
+            rules.append(([_match({"concat": [daddr, tcp_dport]}, f"@{set_name}"), redirect],
+                          f"{COMMENT}: {what} Service addresses to the local proxy"))
+        fib_local = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+        rules.append(([fib_local, _match({"concat": [{"meta": {"key": "nfproto"}}, tcp_dport]}, "@nodeports"),
+                       redirect], f"{COMMENT}: NodePorts on the node's own addresses to the local proxy"))
+        return rules
+
+    # -- transactions ---------------------------------------------------------------------------------
+
+    def skeleton(self) -> list[Command]:
+        """Commands creating the (empty) table, its sets, chains and rules. Comments on every object
+        (libnftables 1.0.6 keeps them on rules only when given as JSON; later versions keep them all)."""
+        t = {"family": "inet", "table": self.table}
+        cmds: list[Command] = [{"add": {"table": {**self.table_ref, "comment": f"{COMMENT}: Service redirects"}}}]
+        for name, set_type in SET_TYPES.items():
+            cmds.append({"add": {"set": {**t, "name": name, "type": set_type,
+                                         "comment": f"{COMMENT}: {name} redirect keys"}}})
+        for name, attrs in self.chains().items():
+            cmds.append({"add": {"chain": {**t, "name": name, **attrs, "comment": f"{COMMENT}: {name}"}}})
+        for name in self.chains():
+            for expr, comment in self.rules(name):
+                cmds.append({"add": {"rule": {**t, "chain": name, "expr": expr, "comment": comment}}})
+        return cmds
+
+    def create(self, keys: Iterable[Key], *, replace: bool) -> list[Command]:
+        """One transaction: (delete the old table,) build ours and fill it."""
+        head: list[Command] = [{"delete": {"table": self.table_ref}}] if replace else []
+        return head + self.skeleton() + self.element_commands("add", keys)
+
+    def delta_commands(self, delta: Delta) -> list[Command]:
+        """One transaction: delete then add elements (never touches the chains: no flush)."""
+        return self.element_commands("delete", delta.delete) + self.element_commands("add", delta.add)
+
+    def element_commands(self, verb: str, keys: Iterable[Key]) -> list[Command]:
+        by_set: dict[str, list[Any]] = {}
+        for key in keys:
+            name, elem = encode(key)
+            by_set.setdefault(name, []).append(elem)
+        return [{verb: {"element": {"family": "inet", "table": self.table, "name": name, "elem": elems}}}
+                for name, elems in sorted(by_set.items())]
+
+    # -- reading back ---------------------------------------------------------------------------------
+
+    def inspect(self, listing: Iterable[Mapping[str, Any]]) -> tuple[bool, frozenset[Key]]:
+        """From a ``list table`` answer: (does the table have exactly our shape?, the keys in our sets)."""
+        sets: dict[str, list[str]] = {}
+        chains: dict[str, dict[str, Any]] = {}
+        rules: dict[str, list[tuple[Any, Any]]] = {}
+        keys: set[Key] = set()
+        for item in listing:
+            if "set" in item:
+                s = item["set"]
+                set_type = s.get("type")
+                sets[s["name"]] = set_type if isinstance(set_type, list) else [set_type]
+                if s["name"] in SET_TYPES and sets[s["name"]] == SET_TYPES[s["name"]] and not s.get("flags"):
+                    keys.update(decode(s["name"], e) for e in s.get("elem", ()))
+                elif s.get("flags") or s.get("map"):
+                    sets[s["name"]] = [*sets[s["name"]], "unexpected flags"]
+            elif "map" in item:
+                sets[item["map"]["name"]] = ["map"]
+            elif "chain" in item:
+                c = item["chain"]
+                chains[c["name"]] = {k: c.get(k) for k in ("type", "hook", "prio", "policy")}
+            elif "rule" in item:
+                r = item["rule"]
+                rules.setdefault(r["chain"], []).append((r.get("expr"), r.get("comment")))
+        want_rules = {name: [(expr, comment) for expr, comment in self.rules(name)] for name in self.chains()}
+        shape_ok = sets == SET_TYPES and chains == self.chains() and rules == want_rules
+        keys.discard(_BAD)
+        return shape_ok, frozenset(keys)
+
+
+_BAD = Key(4, "bad", 0)
+
+
+def encode(key: Key) -> tuple[str, Any]:
+    """A Key as (set name, JSON element)."""
+    if key.ip is None:
+        return "nodeports", {"concat": [NFPROTO[key.family], key.port]}
+    return ("svc4" if key.family == 4 else "svc6"), {"concat": [key.ip, key.port]}
+
+
+def decode(set_name: str, elem: Any) -> Key:
+    """A listed JSON element of one of our sets back to a Key (a foreign shape decodes to a marker)."""
+    if isinstance(elem, dict) and "elem" in elem:  # an element with a comment/timeout is wrapped
+        elem = elem["elem"].get("val")
+    parts = elem.get("concat") if isinstance(elem, dict) else None
+    if not isinstance(parts, list) or len(parts) != 2 or not isinstance(parts[1], int):
+        return _BAD
+    first, port = parts
+    if set_name == "nodeports":
+        family = FAMILY_OF.get(first) if isinstance(first, str) else None
+        return Key(family, None, port) if family else _BAD
+    return Key(4 if set_name == "svc4" else 6, str(first), port)
+
+
+def _match(left: Any, right: Any) -> dict[str, Any]:
+    return {"match": {"op": "==", "left": left, "right": right}}

@@ -1,0 +1,389 @@
+"""Services + EndpointSlices -> configuration of the node-local Envoy, and a runner for a real Envoy.
+
+WHY one place: the proxy must answer exactly the (ip, port) pairs the redirector sends it, so the keys
+come from ``redirector.desired`` (the redirector's own translation) and the per-port HTTP/TCP choice from
+``shared.policy.service_ports``; nothing here re-implements a rule.
+
+Shape: ONE listener per IP family on the proxy port with the ``original_dst`` listener filter (the kernel
+REDIRECT keeps the dialled ClusterIP in SO_ORIGINAL_DST); one filter chain per redirected (ip, port)
+(NodePorts: port only) -> an http_connection_manager (HTTP appProtocol: Envoy adds x-request-id and
+x-envoy-* headers) or a tcp_proxy, to a STATIC cluster of the Service port's ready endpoints. Upstream
+sockets carry SO_MARK = the proxy mark so the redirector never redirects Envoy's own connections.
+
+Envoy reads listeners and clusters from files (``dynamic_resources`` with ``path_config_source``) that
+are replaced by atomic rename, so Services change without restarting Envoy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from redirector.desired import desired_state
+from redirector.model import Entry, Family
+from sandbox.netns import NetNS, run_in_netns
+from shared import constants as c
+from shared import policy
+
+ENVOY_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "envoy"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SOL_SOCKET, SO_MARK = 1, 36  # linux/socket.h
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+JsonDict = dict[str, Any]
+UNMATCHED = "lightpath_unmatched"
+REJECTION_STATS = ("cluster_manager.cds.update_rejected", "listener_manager.lds.update_rejected")
+
+
+@dataclass(frozen=True)
+class EnvoyResources:
+    """What Envoy should hold: listeners and clusters as v3 JSON, plus the routes for humans."""
+
+    listeners: tuple[JsonDict, ...]
+    clusters: tuple[JsonDict, ...]
+    routes: tuple[str, ...] = field(default=())  # "10.96.0.10:80 -> demo_web_80 (http)"
+
+
+def served(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROXY_NAME) -> bool:
+    """Should Envoy know this Service? Ours (labelled) or eligible and not another proxy's.
+
+    Knowing eligible Services BEFORE they are labelled means a redirect that appears never lands on an
+    Envoy without a matching filter chain (which would close the connection).
+    """
+    labels = _mapping(_mapping(service.get("metadata")).get("labels"))
+    label = labels.get(c.SERVICE_PROXY_NAME_LABEL)
+    if label == proxy_name:
+        return True
+    return label is None and policy.ineligibility(service) is None
+
+
+def cluster_name(namespace: str, name: str, port: int) -> str:
+    """Stats-friendly: Kubernetes names never contain '_' or '.', so this stays unambiguous."""
+    return f"{namespace}_{name}_{port}"
+
+
+def ready_endpoints(
+    namespace: str, name: str, port_name: str, slices: Iterable[Mapping[str, Any]]
+) -> tuple[tuple[str, int], ...]:
+    """(ip, targetPort) of the Service port's ready endpoints, from its EndpointSlices (deduplicated)."""
+    found: set[tuple[str, int]] = set()
+    for s in slices:
+        meta = _mapping(s.get("metadata"))
+        if meta.get("namespace", namespace) != namespace:
+            continue
+        if _mapping(meta.get("labels")).get(SERVICE_NAME_LABEL) != name:
+            continue
+        if s.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+            continue
+        numbers = [
+            p.get("port")
+            for p in (_mapping(x) for x in _list(s.get("ports")))
+            if str(p.get("name") or "") == port_name and str(p.get("protocol") or "TCP") == "TCP"
+        ]
+        if not numbers or not isinstance(numbers[0], int):
+            continue
+        for ep in (_mapping(x) for x in _list(s.get("endpoints"))):
+            if _mapping(ep.get("conditions")).get("ready") is False:
+                continue
+            found.update((str(ip), numbers[0]) for ip in _list(ep.get("addresses")))
+    return tuple(sorted(found))
+
+
+def translate(
+    services: Iterable[Mapping[str, Any]],
+    slices: Iterable[Mapping[str, Any]],
+    *,
+    proxy_port: int = c.DEFAULT_PROXY_PORT,
+    mark: int = c.DEFAULT_PROXY_MARK,
+    proxy_name: str = c.DEFAULT_PROXY_NAME,
+    ipv6: bool = True,
+) -> EnvoyResources:
+    """The pure translation. Same input, same output (sorted), so unchanged config is never rewritten."""
+    services = [s for s in services if served(s, proxy_name)]
+    slices = list(slices)
+    by_id = {_sid(s): s for s in services}
+    state = desired_state(services)
+    chains: dict[Family, list[JsonDict]] = {4: [], 6: []}
+    clusters: dict[str, JsonDict] = {}
+    routes: list[str] = []
+    # Key(order=True) cannot compare a NodePort key (ip None) with an address key: sort on our own terms.
+    for key, entry in sorted(state.entries.items(), key=lambda kv: (kv[0].family, kv[0].ip or "", kv[0].port)):
+        if key.family == 6 and not ipv6:
+            continue
+        service = by_id[f"{entry.owner.namespace}/{entry.owner.name}"]
+        port = next(p for p in policy.service_ports(service) if p.name == entry.owner.port_name)
+        assert port.port is not None  # desired_state skips ports without a number
+        name = cluster_name(entry.owner.namespace, entry.owner.name, port.port)
+        if name not in clusters:
+            eps = ready_endpoints(entry.owner.namespace, entry.owner.name, port.name, slices)
+            clusters[name] = _cluster(name, eps, mark)
+        chains[key.family].append(_filter_chain(entry, name, port.app_protocol))
+        routes.append(f"{key} -> {name} ({port.app_protocol}, {len(clusters[name]['load_assignment']['endpoints'][0]['lb_endpoints'])} endpoints)")
+    clusters[UNMATCHED] = _cluster(UNMATCHED, (), mark)
+    listeners = [_listener(4, "0.0.0.0", proxy_port, chains[4])]
+    if ipv6:
+        listeners.append(_listener(6, "::", proxy_port, chains[6]))
+    return EnvoyResources(tuple(listeners), tuple(clusters[k] for k in sorted(clusters)), tuple(routes))
+
+
+def _filter_chain(entry: Entry, cluster: str, app_protocol: str) -> JsonDict:
+    key = entry.key
+    match: JsonDict = {"destination_port": key.port}
+    if key.ip is not None:
+        match["prefix_ranges"] = [{"address_prefix": key.ip, "prefix_len": 128 if key.family == 6 else 32}]
+    stat = f"{cluster}_{'any' if key.ip is None else key.ip.replace(':', '-')}"
+    if app_protocol == "http":
+        filt = {
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": stat,
+                "use_remote_address": True,
+                "generate_request_id": True,
+                "route_config": {
+                    "name": cluster,
+                    "virtual_hosts": [
+                        {"name": cluster, "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}
+                    ],
+                },
+                "http_filters": [
+                    {
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                    }
+                ],
+            },
+        }
+    else:
+        filt = {
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "stat_prefix": stat,
+                "cluster": cluster,
+            },
+        }
+    return {"name": f"{key}", "filter_chain_match": match, "filters": [filt]}
+
+
+def _listener(family: Family, address: str, port: int, chains: list[JsonDict]) -> JsonDict:
+    listener: JsonDict = {
+        "@type": LISTENER_TYPE,
+        "name": f"lightpath_ipv{family}",
+        "address": {"socket_address": {"address": address, "port_value": port}},
+        "listener_filters": [
+            {
+                "name": "envoy.filters.listener.original_dst",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+                },
+            }
+        ],
+        "filter_chains": chains,
+        # Envoy refuses a listener without chains; unknown destinations land here and are closed
+        # (counted as cluster.lightpath_unmatched.upstream_cx_none_healthy).
+        "default_filter_chain": {
+            "name": "unmatched",
+            "filters": [
+                {
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": UNMATCHED,
+                        "cluster": UNMATCHED,
+                    },
+                }
+            ],
+        },
+    }
+    return listener
+
+
+def _cluster(name: str, endpoints: tuple[tuple[str, int], ...], mark: int) -> JsonDict:
+    return {
+        "@type": CLUSTER_TYPE,
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "upstream_bind_config": {
+            "socket_options": [
+                {"level": SOL_SOCKET, "name": SO_MARK, "int_value": mark, "state": "STATE_PREBIND"}
+            ]
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}}}
+                        for ip, port in endpoints
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def bootstrap(config_dir: Path, *, admin_port: int = c.ENVOY_ADMIN_PORT, node_id: str = "lightpath") -> JsonDict:
+    """Envoy's bootstrap: admin on loopback, listeners and clusters from watched files in ``config_dir``."""
+    return {
+        "node": {"id": node_id, "cluster": "lightpath"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "dynamic_resources": {
+            "cds_config": {"path_config_source": {"path": str(config_dir / "cds.json")}, "resource_api_version": "V3"},
+            "lds_config": {"path_config_source": {"path": str(config_dir / "lds.json")}, "resource_api_version": "V3"},
+        },
+    }
+
+
+def discovery_response(resources: Iterable[JsonDict], version: str) -> JsonDict:
+    return {"version_info": version, "resources": list(resources)}
+
+
+def _write_atomic(path: Path, data: JsonDict) -> None:
+    """Write then rename: Envoy only reloads on a move, and never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class EnvoyConfig:
+    """The files Envoy watches. ``write`` rewrites them only when the translation changed."""
+
+    def __init__(self, config_dir: Path) -> None:
+        self.dir = config_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.version = 0
+        self.current: EnvoyResources | None = None
+
+    def write(self, resources: EnvoyResources) -> bool:
+        """Clusters first, then listeners (a chain never points at a cluster Envoy has not seen)."""
+        if resources == self.current:
+            return False
+        self.version += 1
+        _write_atomic(self.dir / "cds.json", discovery_response(resources.clusters, str(self.version)))
+        _write_atomic(self.dir / "lds.json", discovery_response(resources.listeners, str(self.version)))
+        self.current = resources
+        return True
+
+
+def _admin_get(url: str, timeout: float) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback admin only
+        return str(resp.read().decode())
+
+
+class EnvoyProcess:
+    """A real Envoy in ``netns`` with file-based LDS/CDS in ``workdir``; admin on the netns's loopback."""
+
+    _seq = 0
+
+    def __init__(self, netns: NetNS, workdir: Path, *, admin_port: int = c.ENVOY_ADMIN_PORT, binary: Path = ENVOY_BIN):
+        self.netns, self.workdir, self.admin_port, self.binary = netns, workdir, admin_port, binary
+        self.config = EnvoyConfig(workdir / "xds")
+        self.log_path = workdir / "envoy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._rejected: dict[str, str] = {}
+        EnvoyProcess._seq += 1
+        # Unique per instance (parallel runs and the tests' own instances never share shared memory).
+        self.base_id = (os.getpid() % 100_000) * 100 + EnvoyProcess._seq % 100
+
+    def start(self, resources: EnvoyResources, timeout: float = 30) -> EnvoyProcess:
+        self.config.write(resources)
+        path = self.workdir / "bootstrap.json"
+        path.write_text(json.dumps(bootstrap(self.config.dir, admin_port=self.admin_port), indent=1))
+        argv = [str(self.binary), "-c", str(path), "--base-id", str(self.base_id), "--concurrency", "1"]
+        argv += ["--log-path", str(self.log_path), "--log-level", "info"]
+        self.proc = self.netns.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.wait_applied(timeout)
+        return self
+
+    def admin(self, path: str, timeout: float = 5) -> str:
+        """GET an admin path (from inside the netns: admin listens on its loopback only)."""
+        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        return run_in_netns(self.netns.name, _admin_get, url, timeout, timeout=timeout + 10)
+
+    def stats(self, prefix: str = "") -> dict[str, str]:
+        """Counters and gauges (``/stats``), optionally only names starting with ``prefix``."""
+        out: dict[str, str] = {}
+        for line in self.admin("/stats").splitlines():
+            name, _, value = line.partition(": ")
+            if name.startswith(prefix):
+                out[name] = value
+        return out
+
+    def counter(self, name: str) -> int:
+        value = self.stats(name).get(name)
+        return int(value) if value is not None and value.isdigit() else 0
+
+    def update(self, resources: EnvoyResources, timeout: float = 10) -> bool:
+        """Write new config (if it changed) and wait until Envoy serves it."""
+        if not self.config.write(resources):
+            return False
+        self.wait_applied(timeout)
+        return True
+
+    def wait_applied(self, timeout: float = 10) -> None:
+        """Poll admin until Envoy is live and both files' current version is loaded and warm.
+
+        A rejected update leaves the old version in place: fail at once with Envoy's log, not at the deadline.
+        """
+        want = f'"{self.config.version}"'
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
+            try:
+                stats = self.stats()
+            except Exception as exc:  # noqa: BLE001 - admin not up yet
+                last = repr(exc)
+            else:
+                versions = (stats.get("cluster_manager.cds.version_text"), stats.get("listener_manager.lds.version_text"))
+                warming = stats.get("listener_manager.total_listeners_warming", "0")
+                last = f"versions={versions} warming={warming}"
+                if versions == (want, want) and warming == "0":
+                    return
+                rejected = [k for k in REJECTION_STATS if stats.get(k, "0") != self._rejected.get(k, "0")]
+                if rejected:
+                    self._rejected = {k: stats.get(k, "0") for k in REJECTION_STATS}
+                    raise RuntimeError(f"envoy rejected config version {want} ({', '.join(rejected)}):\n{self.log_tail()}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"envoy did not apply config version {want} within {timeout}s ({last});\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def _sid(service: Mapping[str, Any]) -> str:
+    meta = _mapping(service.get("metadata"))
+    return f"{meta.get('namespace') or 'default'}/{meta.get('name') or ''}"
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []

@@ -1,0 +1,67 @@
+"""Redirector fixtures: a node with pods (real netns), and kernel backends bound to the node's netns."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+CLONE_NEWNET = 0x40000000
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_stale_netns() -> None:
+    if os.geteuid() == 0:
+        from sandbox.netns import cleanup_stale
+
+        cleanup_stale("lpr")
+
+
+@contextlib.contextmanager
+def entered_netns(name: str) -> Iterator[None]:
+    """Move the calling THREAD into netns ``name`` for the block. Sockets opened inside (libnftables opens
+    its netlink socket when a context is created) stay bound to that netns after the block."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns({name})")
+        try:
+            yield
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to our own netns")
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+def nft_backend(netns: str, **kwargs: Any) -> Any:
+    """An NftBackend whose libnftables sockets live in ``netns`` (the test process stays where it is)."""
+    from redirector.nft import NftBackend
+
+    with entered_netns(netns):
+        return NftBackend(**kwargs)
+
+
+def marked_connect(ip: str, port: int, mark: int | None, timeout: float = 2.0) -> dict[str, Any] | str:
+    """Connect with SO_MARK ``mark``; the echo server's JSON line, or the error's name when it failed."""
+    import json
+
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((ip, port))
+            line = sock.makefile("rb").readline()
+        except OSError as exc:
+            return type(exc).__name__
+        return json.loads(line) if line else "closed"

@@ -1,0 +1,15 @@
+"""Sandbox test fixtures: clear network namespaces a crashed earlier run left behind."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_stale_netns() -> None:
+    if os.geteuid() == 0:
+        from sandbox.netns import cleanup_stale
+
+        cleanup_stale("lp")

@@ -1,0 +1,112 @@
+"""From a policy decision to the JSONPatch (RFC 6902) that puts a Service in its decided state.
+
+Pure. The patch touches two keys only: the handoff label and the ``lightpath.cloud/reason``
+annotation. The annotation carries the reason of the *steady* decision (the decision on the
+patched Service), so that admitting the patched Service again yields no patch at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shared import constants as c
+from shared.policy import Action, Decision, PolicyConfig, decide, wants_proxy
+
+Op = dict[str, Any]
+
+
+def escape(token: str) -> str:
+    """JSON-pointer escaping (RFC 6901): ``~`` first, then ``/``."""
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+LABEL_PATH = "/metadata/labels/" + escape(c.SERVICE_PROXY_NAME_LABEL)
+REASON_PATH = "/metadata/annotations/" + escape(c.REASON_ANNOTATION)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The patch, the reason annotation we keep (None: not ours to annotate) and a user warning."""
+
+    ops: tuple[Op, ...] = ()
+    annotation: str | None = None
+    warning: str | None = None
+
+
+def _map_or_none(value: object) -> bool:
+    return value is None or isinstance(value, Mapping)
+
+
+def plan(
+    service: Mapping[str, Any],
+    decision: Decision,
+    namespace_labels: Mapping[str, str],
+    config: PolicyConfig,
+) -> Plan:
+    """The ops that bring ``service`` to ``decision``; empty when it is already there.
+
+    A Service owned by another proxy or in an excluded namespace is never touched (no label, no
+    annotation). Otherwise the reason annotation is kept when the Service is "ours to explain": we act
+    on it, it carries our label, it asked for the proxy (Service, Namespace or global opt-out), or it
+    already carries the annotation. Services nobody opted in stay untouched.
+    """
+    if decision.wants_proxy is None:
+        return Plan()
+    meta = service.get("metadata")
+    if not isinstance(meta, Mapping):
+        return Plan()
+    labels = meta.get("labels")
+    annotations = meta.get("annotations")
+    if not (_map_or_none(labels) and _map_or_none(annotations)):
+        return Plan()  # malformed metadata: the apiserver rejects the object anyway
+    labels = labels or {}
+    annotations = annotations or {}
+
+    ops: list[Op] = []
+    steady = decision
+    if decision.action is not Action.LEAVE:
+        new_labels = dict(labels)
+        if decision.action is Action.LABEL:
+            new_labels[c.SERVICE_PROXY_NAME_LABEL] = config.proxy_name
+            if "labels" in meta and isinstance(meta["labels"], Mapping):
+                ops.append({"op": "add", "path": LABEL_PATH, "value": config.proxy_name})
+            else:
+                ops.append({"op": "add", "path": "/metadata/labels", "value": dict(new_labels)})
+        else:
+            new_labels.pop(c.SERVICE_PROXY_NAME_LABEL, None)
+            ops.append({"op": "remove", "path": LABEL_PATH})
+        steady = decide({**service, "metadata": {**meta, "labels": new_labels}}, namespace_labels, config)
+
+    asked, _ = wants_proxy(labels, namespace_labels, config.mode)
+    current = annotations.get(c.REASON_ANNOTATION)
+    ours_to_explain = decision.action is not Action.LEAVE or decision.labelled_by_us or asked or current is not None
+    if not ours_to_explain:
+        return Plan()
+
+    if current != steady.reason:
+        if "annotations" in meta and isinstance(meta["annotations"], Mapping):
+            op = "replace" if c.REASON_ANNOTATION in annotations else "add"
+            ops.append({"op": op, "path": REASON_PATH, "value": steady.reason})
+        else:
+            ops.append({"op": "add", "path": "/metadata/annotations", "value": {c.REASON_ANNOTATION: steady.reason}})
+
+    return Plan(tuple(ops), steady.reason, _warning(service, decision, asked))
+
+
+def _warning(service: Mapping[str, Any], decision: Decision, asked: bool) -> str | None:
+    """A warning for a change of hands, or for a Service that asked for the proxy but cannot have it."""
+    meta = service.get("metadata")
+    name = str(meta.get("name") or meta.get("generateName") or "") if isinstance(meta, Mapping) else ""
+    if decision.action is not Action.LEAVE:
+        return _printable(f"lightpath: Service {name}: {decision.reason}")
+    if asked and not decision.eligible:
+        return _printable(f"lightpath: Service {name} keeps kube-proxy: {decision.reason}")
+    return None
+
+
+def _printable(text: str, limit: int = 256) -> str:
+    """Warnings travel as HTTP Warning headers: printable ASCII, bounded length."""
+    clean = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."

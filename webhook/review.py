@@ -1,0 +1,159 @@
+"""AdmissionReview v1 in, AdmissionReview v1 out: the webhook's pure core (no I/O, no clock).
+
+Two kinds of bad input, two answers. A body that is not an AdmissionReview v1 at all (wrong
+apiVersion/kind, no request, no uid) is the caller's bug: ``InvalidReview`` -> HTTP 400. Anything
+inside a valid envelope that we do not understand (another kind, DELETE, an odd object) is allowed
+untouched: a mutating webhook must never block what it does not own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.policy import PolicyConfig, decide
+from webhook.patch import Op, plan
+
+API_VERSION = "admission.k8s.io/v1"
+KIND = "AdmissionReview"
+MUTATED_OPERATIONS = frozenset({"CREATE", "UPDATE"})
+KNOWN_OPERATIONS = frozenset({"CREATE", "UPDATE", "DELETE", "CONNECT"})
+SKIP = "skip"
+ERROR = "error"
+
+
+class InvalidReview(ValueError):
+    """The body is not an AdmissionReview v1 request: answered with HTTP 400 and this message."""
+
+
+@dataclass(frozen=True)
+class AdmissionRequest:
+    """The fields of ``request`` we use, with types checked loosely (odd values mean "skip")."""
+
+    uid: str
+    operation: str
+    namespace: str
+    name: str
+    kind: Mapping[str, Any]
+    sub_resource: str
+    object: Any
+    dry_run: bool = False
+
+    @property
+    def metric_operation(self) -> str:
+        """The operation as a bounded metric label value."""
+        return self.operation if self.operation in KNOWN_OPERATIONS else "other"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer and what the shell logs and counts about it."""
+
+    review: dict[str, Any]
+    decision: str  # label | unlabel | leave | skip | error
+    reason: str
+    ops: tuple[Op, ...] = ()
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def parse_review(doc: Any) -> AdmissionRequest:
+    """Check the envelope strictly and the request loosely."""
+    if not isinstance(doc, dict):
+        raise InvalidReview("body must be a JSON object (an AdmissionReview)")
+    if doc.get("apiVersion") != API_VERSION:
+        raise InvalidReview(f"apiVersion must be {API_VERSION}, got {_short(doc.get('apiVersion'))}")
+    if doc.get("kind") != KIND:
+        raise InvalidReview(f"kind must be {KIND}, got {_short(doc.get('kind'))}")
+    req = doc.get("request")
+    if not isinstance(req, dict):
+        raise InvalidReview("request must be an object")
+    uid = req.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise InvalidReview("request.uid must be a non-empty string")
+    obj = req.get("object")
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    kind = req.get("kind")
+    return AdmissionRequest(
+        uid=uid,
+        operation=_text(req.get("operation")),
+        namespace=_text(req.get("namespace")) or _text(meta.get("namespace")),
+        name=_text(req.get("name")) or _text(meta.get("name")) or _text(meta.get("generateName")),
+        kind=kind if isinstance(kind, dict) else {},
+        sub_resource=_text(req.get("subResource")),
+        object=obj,
+        dry_run=req.get("dryRun") is True,
+    )
+
+
+def skip_reason(req: AdmissionRequest) -> str | None:
+    """Why the request is allowed untouched without consulting the policy, or None to decide."""
+    if req.operation not in KNOWN_OPERATIONS:
+        return f"unknown operation {_short(req.operation)}"
+    if req.operation not in MUTATED_OPERATIONS:
+        return f"operation {req.operation} is never mutated"
+    k = req.kind
+    if (k.get("group"), k.get("version"), k.get("kind")) != ("", "v1", "Service"):
+        return f"not a v1 Service ({_short(k.get('group'))}/{_short(k.get('version'))} {_short(k.get('kind'))})"
+    if req.sub_resource:
+        return f"subresource {req.sub_resource} is never mutated"
+    if not isinstance(req.object, dict):
+        return "request.object is not an object"
+    if not isinstance(req.object.get("metadata"), dict):
+        return "request.object.metadata is not an object"
+    if not req.namespace:
+        return "no namespace in the request"
+    return None
+
+
+def admit(req: AdmissionRequest, namespace_labels: Mapping[str, str], config: PolicyConfig) -> Admission:
+    """Decide and answer. ``namespace_labels`` are the labels of ``req.namespace``."""
+    why_skip = skip_reason(req)
+    if why_skip is not None:
+        return allow_untouched(req.uid, why_skip)
+    service: dict[str, Any] = req.object
+    meta = service["metadata"]
+    if meta.get("namespace") != req.namespace:
+        # On CREATE the namespace may come from the URL only; the policy reads it from metadata.
+        service = {**service, "metadata": {**meta, "namespace": req.namespace}}
+    decision = decide(service, namespace_labels, config)
+    p = plan(service, decision, namespace_labels, config)
+    warnings = (p.warning,) if p.warning else ()
+    audit = {"decision": decision.action.value, "reason": decision.reason}
+    return Admission(
+        review=review(req.uid, p.ops, warnings, audit),
+        decision=decision.action.value,
+        reason=decision.reason,
+        ops=p.ops,
+        warnings=warnings,
+    )
+
+
+def allow_untouched(uid: str, reason: str, decision: str = SKIP) -> Admission:
+    """The fail-safe answer: allowed, no patch, the reason in the audit log."""
+    return Admission(review(uid, (), (), {"decision": decision, "reason": reason}), decision, reason)
+
+
+def review(uid: str, ops: tuple[Op, ...], warnings: tuple[str, ...], audit: Mapping[str, str]) -> dict[str, Any]:
+    """The AdmissionReview v1 response document."""
+    response: dict[str, Any] = {"uid": uid, "allowed": True}
+    if ops:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode("ascii")
+    if warnings:
+        response["warnings"] = list(warnings)
+    if audit:
+        response["auditAnnotations"] = dict(audit)
+    return {"apiVersion": API_VERSION, "kind": KIND, "response": response}
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit] + "..."
