@@ -8,8 +8,9 @@ Measures:
 1. Writing N REDIRECT rules: iptc with one commit per rule, iptc with one commit, one
    iptables-legacy-restore batch, one iptables-nft-restore batch.
 2. Visibility: after iptc wrote N rules, how many rules iptables-legacy-save and iptables-nft-save see.
-3. IptablesBackend per variant at 10 / 1,000 / 10,000 entries: first ensure (full write), no-op ensure,
-   apply of one change (full chain rewrite), the same change as a patch batch (one ``-A``), read().
+3. IptablesBackend per variant at 10 / 1,000 / 10,000 entries: first ensure (full write), no-op ensure
+   (save + compare), read(), apply() of one change (a patch batch: one ``-A`` or ``-D``), and the same
+   change as a full chain rewrite (what kube-proxy does) for comparison.
 4. Connect latency through the redirect to the LAST rule at 10 vs 10,000 entries (linear rule walk).
 """
 
@@ -72,21 +73,28 @@ def _iptc_write(n: int, per_rule_commit: bool) -> dict[str, Any]:
 
 
 def _restore_write(n: int, variant: Variant) -> float:
-    batch = rules.render_batch(rules.chain_rules(rules.RuleConfig(proxy_mark=None), keys4(n), {}))
+    cfg = rules.RuleConfig(proxy_mark=None)
+    batch = rules.render_batch(rules.chain_rules(cfg, rules.redirect_specs(cfg, keys4(n), {}).values()))
     argv = [f"iptables-{variant}-restore", "--noflush", "-w", "5"]
     return timed(lambda: subprocess.run(argv, input=batch, text=True, check=True))
 
 
-def _backend_costs(n: int, variant: Variant) -> dict[str, float]:
+def _backend_costs(n: int, variant: Variant, repeat: int = 5) -> dict[str, float]:
+    """Median of ``repeat`` runs of each operation (the first ensure runs once: it is the full load)."""
     backend = IptablesBackend(variant=variant, families=(4,))
     keys = keys4(n)
     extra = Key(4, "10.96.255.254", 80)
     out = {"ensure_full": timed(lambda: backend.ensure(keys))}
-    out["ensure_noop"] = timed(lambda: backend.ensure(keys))
-    out["read"] = timed(backend.read)
-    out["apply_one_rewrite"] = timed(lambda: backend.apply(Delta(add=frozenset({extra}))))
-    patch = f"*nat\n-A LIGHTPATH {rules.redirect_spec(Key(4, '10.96.255.253', 80), 1666)}\nCOMMIT\n"
-    out["apply_one_patch"] = timed(lambda: backend.restore_batch(4, patch))
+
+    def median(fn: Callable[[], Any]) -> float:
+        return statistics.median(timed(fn) for _ in range(repeat))
+
+    out["ensure_noop"] = median(lambda: backend.ensure(keys))
+    out["read"] = median(backend.read)
+    flip = iter([Delta(add=frozenset({extra})), Delta(delete=frozenset({extra}))] * repeat)
+    out["apply_one_patch"] = median(lambda: backend.apply(next(flip)))
+    full = rules.render_batch(rules.chain_rules(backend.cfg, rules.redirect_specs(backend.cfg, [*keys, extra], {}).values()))
+    out["apply_one_rewrite"] = median(lambda: backend.restore_batch(4, full))
     return out
 
 
@@ -129,15 +137,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()
     n, results = args.rules, {}
 
-    results["iptc_per_rule_commit"] = in_fresh_netns(_iptc_write, n, True)
-    results["iptc_one_commit"] = in_fresh_netns(_iptc_write, n, False)
-    results["restore_legacy"] = in_fresh_netns(_restore_write, n, "legacy")
-    results["restore_nft"] = in_fresh_netns(_restore_write, n, "nft")
-    print(f"## Writing {n} REDIRECT rules\n")
+    for name, fn, arg in [
+        ("iptc_per_rule_commit", _iptc_write, True),
+        ("iptc_one_commit", _iptc_write, False),
+        ("restore_legacy", _restore_write, "legacy"),
+        ("restore_nft", _restore_write, "nft"),
+    ]:
+        runs = [in_fresh_netns(fn, n, arg) for _ in range(args.repeat)]  # a fresh netns each time
+        if fn is _iptc_write:
+            results[name] = {**runs[0], "seconds": statistics.median(r["seconds"] for r in runs)}
+        else:
+            results[name] = statistics.median(runs)
+    print(f"## Writing {n} REDIRECT rules (median of {args.repeat} runs, each in a fresh netns)\n")
     print("| writer | time | rules seen by iptables-legacy-save | by iptables-nft-save |")
     print("|---|---|---|---|")
     for name in ("iptc_per_rule_commit", "iptc_one_commit"):
@@ -146,8 +162,8 @@ def main() -> None:
     for name in ("restore_legacy", "restore_nft"):
         print(f"| {name} (one batch) | {results[name] * 1000:.1f} ms | | |")
 
-    print("\n## IptablesBackend (IPv4 only; ms)\n")
-    print("| variant | entries | first ensure | no-op ensure | read() | apply 1 (rewrite) | apply 1 (patch) |")
+    print("\n## IptablesBackend (IPv4 only; ms; medians of 5 except the first ensure)\n")
+    print("| variant | entries | first ensure | no-op ensure | read() | apply() 1 change (patch) | 1 change as full rewrite |")
     print("|---|---|---|---|---|---|---|")
     for variant in ("nft", "legacy"):
         for size in (10, 1000, 10_000):
@@ -155,7 +171,7 @@ def main() -> None:
             results[f"backend_{variant}_{size}"] = c
             cells = " | ".join(
                 f"{c[k] * 1000:.1f}"
-                for k in ("ensure_full", "ensure_noop", "read", "apply_one_rewrite", "apply_one_patch")
+                for k in ("ensure_full", "ensure_noop", "read", "apply_one_patch", "apply_one_rewrite")
             )
             print(f"| {variant} | {size} | {cells} |")
 

@@ -59,7 +59,9 @@ def _load(
     else:
         selected = []
         scope = selection.scope()
-        if scope is not None:
+        if scope is not None and selection.names:
+            scope &= set(ns_labels)  # a name in a missing namespace is reported with the other unknown names
+        elif scope is not None:
             check_namespaces(scope, ns_labels)
     if scope is None:
         services: list[Mapping[str, Any]] = list(cluster.list_services(None))

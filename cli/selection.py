@@ -78,16 +78,18 @@ def select_services(
     """The Services the selection names, in a stable order; raises SelectionError listing every unknown name."""
     namespaces = set(namespaces)
     scope = selection.scope()
-    if scope is not None:
-        check_namespaces(scope, namespaces)
     by_ref = {ref_of(s): s for s in services}
     if selection.names:
         refs = list(dict.fromkeys(selection.refs()))
-        missing = [str(r) for r in refs if r not in by_ref]
+        missing = [r for r in refs if r not in by_ref]
         if missing:
             noun = "Service" if len(missing) == 1 else "Services"
-            raise SelectionError(f"{noun} not found: {', '.join(missing)}")
+            gone = sorted({r.namespace for r in missing} - namespaces)
+            why = f" (no namespace {', '.join(gone)})" if gone else ""
+            raise SelectionError(f"{noun} not found: {', '.join(map(str, missing))}{why}")
         return [by_ref[r] for r in refs]
+    if scope is not None:
+        check_namespaces(scope, namespaces)
     chosen = [s for r, s in by_ref.items() if scope is None or r.namespace in scope]
     chosen.sort(key=ref_of)
     return chosen

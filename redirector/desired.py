@@ -131,6 +131,8 @@ class DesiredIndex:
     _services: dict[ServiceId, ServiceEntries] = field(default_factory=dict)
     _claims: dict[Key, dict[ServiceId, Entry]] = field(default_factory=dict)
     _contested: set[Key] = field(default_factory=set)
+    unserved_count: int = 0  # unserved ports over all Services (kept up to date for metrics)
+    error_count: int = 0  # Services with an error of their own (duplicates come on top, see state())
 
     def __len__(self) -> int:
         return len(self._services)
@@ -140,6 +142,9 @@ class DesiredIndex:
 
     def service_ids(self) -> Iterator[ServiceId]:
         return iter(self._services)
+
+    def get(self, sid: ServiceId) -> ServiceEntries | None:
+        return self._services.get(sid)
 
     def upsert(self, service: Mapping[str, Any]) -> Delta:
         """(Re)compute one Service. Returns how the SET of desired keys changed."""
@@ -193,6 +198,12 @@ class DesiredIndex:
         if old is not None and new is not None and old == new:
             return _NO_CHANGE
         claims = self._claims
+        if old is not None:
+            self.unserved_count -= len(old.unserved)
+            self.error_count -= bool(old.errors)
+        if new is not None:
+            self.unserved_count += len(new.unserved)
+            self.error_count += bool(new.errors)
         add: list[Key] = []
         delete: list[Key] = []
         new_keys = {e.key for e in new.entries} if new is not None else set()

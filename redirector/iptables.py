@@ -93,6 +93,7 @@ class IptablesBackend:
         self._remember(entries, replace=True)
         wanted = self._by_family(keys)
         repaired, written = False, {}
+        self._written = None  # memory is either right or absent: a failure below leaves it absent
         for family in self.families:
             saved = rules.parse_save(self.save(family))
             specs = rules.redirect_specs(self.cfg, wanted[family], self._owners)
@@ -120,6 +121,7 @@ class IptablesBackend:
         """
         self._remember(entries, replace=False, drop=delta.delete)
         written = self._written if self._written is not None else self._read_written()
+        self._written = None  # until every batch below went through
         add, delete = self._by_family(delta.add), self._by_family(delta.delete)
         result = dict(written)
         for family in self.families:

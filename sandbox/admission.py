@@ -129,8 +129,8 @@ class _VerifiedHTTPSConnection(http.client.HTTPSConnection):
             raise
 
 
-def _target(hook: Mapping[str, Any], resolve: Resolver) -> tuple[str, int, str, str, str]:
-    """(connect host, connect port, TLS hostname, request path, URL for messages)."""
+def _target(hook: Mapping[str, Any], resolve: Resolver) -> tuple[str, int, str, str, str, str]:
+    """(connect host, connect port, TLS hostname, request path, URL for messages, Host header)."""
     cc = hook.get("clientConfig") or {}
     if cc.get("url"):
         url = urlsplit(cc["url"])
@@ -138,7 +138,8 @@ def _target(hook: Mapping[str, Any], resolve: Resolver) -> tuple[str, int, str, 
             raise WebhookCallError(f"invalid webhook URL {cc['url']!r}")
         port = url.port or 443
         path = url.path or "/"
-        return url.hostname, port, url.hostname, path + (f"?{url.query}" if url.query else ""), cc["url"]
+        query = f"?{url.query}" if url.query else ""
+        return url.hostname, port, url.hostname, path + query, cc["url"], url.netloc.rpartition("@")[2]
     svc = cc.get("service") or {}
     ns, name, port = svc.get("namespace", ""), svc.get("name", ""), int(svc.get("port") or 443)
     hostname = f"{name}.{ns}.svc"
@@ -147,13 +148,13 @@ def _target(hook: Mapping[str, Any], resolve: Resolver) -> tuple[str, int, str, 
     route = resolve(ns, name)
     if route is None:
         raise WebhookCallError(f'Post "{url}": service "{ns}/{name}" has no route in the sandbox (route_service)')
-    return route[0], route[1], hostname, path, url
+    return route[0], route[1], hostname, path, url, f"{hostname}:{port}"
 
 
 def call_webhook(hook: Mapping[str, Any], review: Mapping[str, Any], resolve: Resolver) -> dict[str, Any]:
     """POST the AdmissionReview; return its `response` (WebhookCallError on any failure)."""
     timeout = float(hook.get("timeoutSeconds") or 10)
-    host, port, hostname, path, url = _target(hook, resolve)
+    host, port, hostname, path, url, host_header = _target(hook, resolve)
     ca_bundle = (hook.get("clientConfig") or {}).get("caBundle")
     try:
         cadata = base64.b64decode(ca_bundle).decode() if ca_bundle else None
@@ -168,7 +169,7 @@ def call_webhook(hook: Mapping[str, Any], review: Mapping[str, Any], resolve: Re
             "POST",
             f"{path}{sep}timeout={int(timeout)}s",
             body=body,
-            headers={"Host": f"{hostname}:{port}", "Content-Type": "application/json", "Accept": "application/json"},
+            headers={"Host": host_header, "Content-Type": "application/json", "Accept": "application/json"},
         )
         resp = conn.getresponse()
         data = resp.read()

@@ -64,6 +64,8 @@ class SandboxApiServer:
         self.operations = Operations(self.store, self._resolve, self._record_admission)
         self.stopping = threading.Event()
         self.stalled = threading.Event()
+        self._gate = threading.Condition()  # stall_watches(True) waits for in-flight sends to finish
+        self._sending = 0
         self._httpd: SandboxHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -156,11 +158,29 @@ class SandboxApiServer:
         self.store.compact()
 
     def stall_watches(self, on: bool) -> None:
-        """While on, open watch streams send nothing (no events, no bookmarks, no end) but stay open."""
-        if on:
-            self.stalled.set()
-        else:
-            self.stalled.clear()
+        """While on, open watch streams send nothing (no events, no bookmarks, no end) but stay open.
+        Returns once no watch is mid-send, so nothing written after this call reflects later state."""
+        with self._gate:
+            if on:
+                self.stalled.set()
+                while self._sending:
+                    self._gate.wait()
+            else:
+                self.stalled.clear()
+
+    def begin_send(self) -> bool:
+        """A watch stream asks to send; False while stalled. Pair a True with end_send()."""
+        with self._gate:
+            if self.stalled.is_set():
+                return False
+            self._sending += 1
+            return True
+
+    def end_send(self) -> None:
+        with self._gate:
+            self._sending -= 1
+            if not self._sending:
+                self._gate.notify_all()
 
     @property
     def resource_version(self) -> str:

@@ -115,26 +115,28 @@ class ClientLoop:
 
 @dataclass(frozen=True)
 class Handover:
-    """One handover as the client saw it, from the moment it was triggered."""
+    """One handover as the client saw it, from the moment it was triggered to the first answer on the new path."""
 
-    requests: int  # requests until the first success on the new path
+    requests: int  # requests in that window
     failed: int
     outage: float  # longest stretch (s) from a failed request's start to the next success's start
-    switched_after: float | None  # seconds until the first success on the new path (None: never)
+    gap: float | None  # s from the last answer on the old path to the first on the new one (None: never switched)
     errors: tuple[str, ...]
 
     def describe(self) -> str:
-        switched = "never" if self.switched_after is None else f"after {self.switched_after * 1000:.0f} ms"
-        text = f"{self.requests} requests, {self.failed} failed, outage {self.outage * 1000:.0f} ms, new path {switched}"
+        switch = "never switched" if self.gap is None else f"last old-path answer -> first new-path answer {self.gap * 1000:.0f} ms"
+        text = f"{self.requests} requests, {self.failed} failed, outage {self.outage * 1000:.0f} ms, {switch}"
         return text + (f" (errors: {', '.join(sorted(set(self.errors)))})" if self.errors else "")
 
 
 def handover(records: Sequence[Record], start: float, new_via: str, end: float | None = None) -> Handover:
     """Records from ``start`` (a monotonic stamp) until the first success via ``new_via`` (or ``end``)."""
-    window = [r for r in sorted(records, key=lambda r: r.t0) if r.t1 >= start and (end is None or r.t0 < end)]
+    ordered = sorted(records, key=lambda r: r.t0)
+    window = [r for r in ordered if r.t1 >= start and (end is None or r.t0 < end)]
     switched: Record | None = next((r for r in window if r.ok and r.via == new_via), None)
     if switched is not None:
         window = [r for r in window if r.t0 <= switched.t0]
+    old = [r for r in ordered if r.ok and r.via != new_via and (switched is None or r.t0 < switched.t0)]
     failed = [r for r in window if not r.ok]
     outage, run_start = 0.0, None
     for r in window:
@@ -148,7 +150,7 @@ def handover(records: Sequence[Record], start: float, new_via: str, end: float |
         requests=len(window),
         failed=len(failed),
         outage=outage,
-        switched_after=None if switched is None else max(0.0, switched.t1 - start),
+        gap=None if switched is None or not old else max(0.0, switched.t1 - old[-1].t1),
         errors=tuple(r.error or f"HTTP {r.status}" for r in failed),
     )
 

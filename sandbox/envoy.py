@@ -64,15 +64,16 @@ def served(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROXY_NAME) -
     return label is None and policy.ineligibility(service) is None
 
 
-def cluster_name(namespace: str, name: str, port: int) -> str:
+def cluster_name(namespace: str, name: str, port: int, family: int = 4) -> str:
     """Stats-friendly: Kubernetes names never contain '_' or '.', so this stays unambiguous."""
-    return f"{namespace}_{name}_{port}"
+    return f"{namespace}_{name}_{port}" + ("_ipv6" if family == 6 else "")
 
 
 def ready_endpoints(
-    namespace: str, name: str, port_name: str, slices: Iterable[Mapping[str, Any]]
+    namespace: str, name: str, port_name: str, slices: Iterable[Mapping[str, Any]], family: int = 4
 ) -> tuple[tuple[str, int], ...]:
-    """(ip, targetPort) of the Service port's ready endpoints, from its EndpointSlices (deduplicated)."""
+    """(ip, targetPort) of the Service port's ready endpoints of one IP family (as kube-proxy: a ClusterIP
+    of a family goes to endpoints of that family), from its EndpointSlices, deduplicated."""
     found: set[tuple[str, int]] = set()
     for s in slices:
         meta = _mapping(s.get("metadata"))
@@ -80,7 +81,7 @@ def ready_endpoints(
             continue
         if _mapping(meta.get("labels")).get(SERVICE_NAME_LABEL) != name:
             continue
-        if s.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+        if s.get("addressType", "IPv4") != f"IPv{family}":
             continue
         numbers = [
             p.get("port")
@@ -120,9 +121,9 @@ def translate(
         service = by_id[f"{entry.owner.namespace}/{entry.owner.name}"]
         port = next(p for p in policy.service_ports(service) if p.name == entry.owner.port_name)
         assert port.port is not None  # desired_state skips ports without a number
-        name = cluster_name(entry.owner.namespace, entry.owner.name, port.port)
+        name = cluster_name(entry.owner.namespace, entry.owner.name, port.port, key.family)
         if name not in clusters:
-            eps = ready_endpoints(entry.owner.namespace, entry.owner.name, port.name, slices)
+            eps = ready_endpoints(entry.owner.namespace, entry.owner.name, port.name, slices, key.family)
             clusters[name] = _cluster(name, eps, mark)
         chains[key.family].append(_filter_chain(entry, name, port.app_protocol))
         routes.append(f"{key} -> {name} ({port.app_protocol}, {len(clusters[name]['load_assignment']['endpoints'][0]['lb_endpoints'])} endpoints)")

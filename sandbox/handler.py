@@ -7,8 +7,10 @@ HTTP/2). Every failure is answered with a Status object, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import select
 import socket
 import threading
 import time
@@ -33,6 +35,7 @@ _POLL = 0.1  # how often a quiet watch re-checks stop/stall flags
 class SandboxHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # many watches may connect at once
 
     def __init__(self, address: tuple[str, int], sandbox: SandboxApiServer, family: int) -> None:
         self.address_family = family
@@ -41,14 +44,15 @@ class SandboxHTTPServer(ThreadingHTTPServer):
         self.connections_lock = threading.Lock()
         super().__init__(address, Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
     def close_connections(self) -> None:
         with self.connections_lock:
             conns, self.connections = list(self.connections), set()
         for conn in conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def _flag(query: dict[str, list[str]], name: str) -> bool:
@@ -72,6 +76,7 @@ def _int(query: dict[str, list[str]], name: str) -> int | None:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # small header/body writes would otherwise wait for delayed ACKs
     server: SandboxHTTPServer
 
     # ---- connection bookkeeping (so stop() can cut every stream) ---------------------------
@@ -83,10 +88,8 @@ class Handler(BaseHTTPRequestHandler):
     def finish(self) -> None:
         with self.server.connections_lock:
             self.server.connections.discard(self.connection)
-        try:
+        with contextlib.suppress(OSError):
             super().finish()
-        except OSError:
-            pass
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
         log.debug("%s %s", self.address_string(), format % args)
@@ -212,6 +215,15 @@ class Handler(BaseHTTPRequestHandler):
         else:
             raise ApiError(405, f"method {method} is not allowed on {path}", reason="MethodNotAllowed")
 
+    def _client_gone(self) -> bool:
+        """True when the client hung up (readable socket with nothing to read). A watch client never
+        sends anything on the stream's connection, so readable means closed."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     # ---- watch -------------------------------------------------------------------------------
     def _watch(self, rt: Any, ns: str | None, accept: Any, query: dict[str, list[str]]) -> None:
         sandbox = self.server.sandbox
@@ -239,26 +251,32 @@ class Handler(BaseHTTPRequestHandler):
         start = time.monotonic()
         deadline = start + (timeout if timeout and timeout > 0 else DEFAULT_WATCH_TIMEOUT)
         next_bookmark = start + interval
+        ended = False
         try:
             while not sandbox.stopping.is_set() and not watcher.closed:
-                if sandbox.stalled.is_set():  # say nothing at all, not even "goodbye"
+                if not sandbox.begin_send():  # stalled: say nothing at all, not even "goodbye"
                     time.sleep(_POLL)
                     continue
-                for kind, obj in watcher.drain():
-                    self._chunk({"type": kind, "object": obj})
-                now = time.monotonic()
-                if now >= deadline:
+                try:
+                    for kind, obj in watcher.drain():
+                        self._chunk({"type": kind, "object": obj})
+                    now = time.monotonic()
+                    if now >= deadline:  # timeoutSeconds: end the stream cleanly
+                        self.wfile.write(b"0\r\n\r\n")
+                        ended = True
+                        break
+                    if bookmarks and now >= next_bookmark:
+                        bm_rv = sandbox.store.bookmark_rv(watcher)
+                        if bm_rv is not None:
+                            self._chunk(bookmark(rt, bm_rv))
+                            next_bookmark = now + interval
+                finally:
+                    sandbox.end_send()
+                if self._client_gone():  # reap abandoned streams even when there is nothing to send
                     break
-                if bookmarks and now >= next_bookmark:
-                    bm_rv = sandbox.store.bookmark_rv(watcher)
-                    if bm_rv is not None:
-                        self._chunk(bookmark(rt, bm_rv))
-                        next_bookmark = now + interval
                 wake = min(deadline, next_bookmark if bookmarks else deadline)
                 watcher.wait(max(0.0, min(wake - now, _POLL * 5)))
-            if not sandbox.stopping.is_set():
-                self.wfile.write(b"0\r\n\r\n")
-            else:
+            if not ended:  # stopped or closed under us: the connection is being cut
                 self.close_connection = True
         finally:
             sandbox.store.close_watch(watcher)

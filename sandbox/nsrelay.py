@@ -111,6 +111,9 @@ class NetnsRelay:
 
     def close(self) -> None:
         self._closed.set()
+        # A thread blocked in accept() keeps a closed socket listening; shutdown() wakes it up first.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         with self._lock:
             conns, self._conns = list(self._conns), set()

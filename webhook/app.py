@@ -136,7 +136,7 @@ def create_app(settings: Settings, namespace_cache: NamespaceSource, cert_store:
             metrics.patched.inc()
         log.info(
             "admission",
-            extra={
+            extra={"fields": {
                 "uid": req.uid,
                 "namespace": req.namespace,
                 "name": req.name,
@@ -146,7 +146,7 @@ def create_app(settings: Settings, namespace_cache: NamespaceSource, cert_store:
                 "reason": result.reason,
                 "patched": bool(result.ops),
                 "duration_ms": round(duration * 1000, 3),
-            },
+            }},
         )
         return Response(dumps(result.review), media_type="application/json")
 

@@ -13,7 +13,11 @@ _STANDARD = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) 
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"time": ..., "level": ..., "logger": ..., "msg": ..., <extra fields>}``."""
+    """``{"time": ..., "level": ..., "logger": ..., "msg": ..., <extra fields>}``.
+
+    Extra fields come from ``extra={...}`` (names must not clash with LogRecord attributes) or,
+    for any name, from ``extra={"fields": {...}}``.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -23,7 +27,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key, value in record.__dict__.items():
-            if key not in _STANDARD:
+            if key == "fields" and isinstance(value, dict):
+                out.update(value)  # ``extra={"fields": {...}}`` may use any key, "name" included
+            elif key not in _STANDARD:
                 out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)

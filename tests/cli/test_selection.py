@@ -43,7 +43,7 @@ def test_every_unknown_service_is_reported_at_once() -> None:
 def test_unknown_namespace() -> None:
     with pytest.raises(SelectionError, match="namespace not found: ghost"):
         select_services(Selection(namespace="ghost"), SERVICES, NAMESPACES)
-    with pytest.raises(SelectionError, match="namespace not found: ghost"):
+    with pytest.raises(SelectionError, match=r"Service not found: ghost/web \(no namespace ghost\)"):
         select_services(Selection(names=("ghost/web",)), SERVICES, NAMESPACES)
 
 

@@ -106,7 +106,7 @@ def test_ports_probes_and_service_agree_with_the_program(default_objs: list[Obj]
 def test_env_is_what_the_program_understands(default_objs: list[Obj]) -> None:
     """Every LIGHTPATH_* variable is one `lightpath-webhook --help` documents, and parses to its default."""
     env = env_of(container(one(default_objs, "Deployment", "lightpath-webhook")))
-    documented = set(re.findall(r"env (LIGHTPATH_[A-Z_]+)", build_parser().format_help()))
+    documented = set(re.findall(r"env\s+(LIGHTPATH_[A-Z_]+)", build_parser().format_help()))
     assert set(env) <= documented, f"unknown variables: {set(env) - documented}"
     assert parse_settings([], environ=env) == Settings(), "the manifest spells out the defaults; keep them in step"
 

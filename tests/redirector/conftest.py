@@ -65,3 +65,25 @@ def marked_connect(ip: str, port: int, mark: int | None, timeout: float = 2.0) -
         except OSError as exc:
             return type(exc).__name__
         return json.loads(line) if line else "closed"
+
+
+def _json_list(table: str) -> str:
+    import nftables
+
+    n = nftables.Nftables()
+    n.set_json_output(True)
+    rc, out, err = n.cmd(f"list table inet {table}")
+    if rc != 0:
+        raise RuntimeError(err)
+    return str(out)
+
+
+def handles(netns: str, table: str = "lightpath") -> list[tuple[str, int]]:
+    """(kind, handle) of every table/chain/set/rule of our table: equal before and after = nothing recreated."""
+    import json
+
+    from sandbox.netns import run_in_netns
+
+    items = json.loads(run_in_netns(netns, _json_list, table))["nftables"]
+    return sorted((kind, item[kind]["handle"]) for item in items for kind in ("table", "chain", "set", "rule")
+                  if kind in item)

@@ -10,38 +10,7 @@ from hypothesis import strategies as st
 
 from redirector.desired import DesiredIndex, desired_state, parse_ip, service_entries
 from redirector.model import Key, Owner, UnservedPort, diff
-from shared import constants as c
-
-
-def svc(
-    name: str = "web",
-    namespace: str = "shop",
-    *,
-    type_: str = "ClusterIP",
-    cluster_ips: list[str] | None = None,
-    families: list[str] | None = None,
-    ports: list[dict[str, Any]] | None = None,
-    external_ips: list[str] | None = None,
-    ingress: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    ips = ["10.96.0.10"] if cluster_ips is None else cluster_ips
-    spec: dict[str, Any] = {
-        "type": type_,
-        "clusterIP": ips[0] if ips else None,
-        "clusterIPs": ips,
-        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}] if ports is None else ports,
-    }
-    if families is not None:
-        spec["ipFamilies"] = families
-    if external_ips:
-        spec["externalIPs"] = external_ips
-    service: dict[str, Any] = {
-        "metadata": {"name": name, "namespace": namespace, "labels": {c.SERVICE_PROXY_NAME_LABEL: c.DEFAULT_PROXY_NAME}},
-        "spec": spec,
-    }
-    if ingress is not None:
-        service["status"] = {"loadBalancer": {"ingress": ingress}}
-    return service
+from tests.redirector.factories import service as svc
 
 
 def keys_of(service: dict[str, Any]) -> set[Key]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 from redirector.model import BackendError, Delta, Key
 from sandbox.netns import Topology, nft, run_in_netns
 from sandbox.traffic import Listener, TrafficError, tcp_listener, tcp_request, udp_listener, udp_request
-from tests.redirector.conftest import marked_connect, nft_backend
+from tests.redirector.conftest import handles, marked_connect, nft_backend
 
 pytestmark = pytest.mark.root
 PROXY = 1666
@@ -40,38 +39,15 @@ def lands_on_proxy(netns: Any, ip: str, port: int) -> bool:
     return reply["server"] == "proxy" and reply["original_dst"] == [ip, port]
 
 
-def _json_list(netns: str) -> str:
-    def run() -> str:
-        import nftables
-
-        n = nftables.Nftables()
-        n.set_json_output(True)
-        rc, out, err = n.cmd("list table inet lightpath")
-        assert rc == 0, err
-        return str(out)
-
-    return run_in_netns(netns, run)
-
-
-def handles(topo: Topology) -> list[tuple[str, int]]:
-    items = json.loads(_json_list(topo.node.name))["nftables"]
-    found = []
-    for item in items:
-        for kind in ("table", "chain", "set", "rule"):
-            if kind in item:
-                found.append((kind, item[kind]["handle"]))
-    return sorted(found)
-
-
 def test_ensure_creates_the_table_and_a_second_ensure_changes_nothing(topo: Topology) -> None:
     keys = {Key(4, CLUSTER_IP, 80), Key(6, CLUSTER_IP6, 80), Key(4, None, 30080), Key(6, None, 30080)}
     backend = nft_backend(topo.node.name)
     assert backend.ensure(keys) is True
     assert backend.read() == keys
     assert backend.shape_ok()
-    before = handles(topo)
+    before = handles(topo.node.name)
     assert backend.ensure(keys) is False  # the listed shape compares equal to ours: no churn every resync
-    assert handles(topo) == before
+    assert handles(topo.node.name) == before
     text = nft(topo.node.name, "list table inet lightpath")
     assert "priority dstnat - 10" in text and "redirect to :1666" in text
     assert text.count("comment") >= 8  # every rule says who it is for
@@ -147,13 +123,13 @@ def test_apply_adds_and_deletes_elements_in_one_transaction(topo: Topology, prox
 def test_ensure_adopts_an_existing_table_and_repairs_only_the_elements(topo: Topology) -> None:
     keys = {Key(4, "10.96.0.1", 80), Key(4, "10.96.0.2", 80)}
     nft_backend(topo.node.name).ensure(keys)
-    before = handles(topo)
+    before = handles(topo.node.name)
     nft(topo.node.name, "add element inet lightpath svc4 { 10.96.9.9 . 99 }\n"
                         "delete element inet lightpath svc4 { 10.96.0.2 . 80 }")
     fresh = nft_backend(topo.node.name)  # a restarted agent
     assert fresh.ensure(keys) is True
     assert fresh.read() == keys
-    assert handles(topo) == before  # adopted: same chains, rules and sets, nothing flushed or recreated
+    assert handles(topo.node.name) == before  # adopted: same chains, rules and sets, nothing flushed or recreated
 
 
 @pytest.mark.parametrize(

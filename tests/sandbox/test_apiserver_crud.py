@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import kubernetes
 import pytest
+import urllib3
 from kubernetes.client import (
     AdmissionregistrationV1Api,
     ApiException,
@@ -358,7 +359,7 @@ def test_kubeconfig_and_restart_on_same_port(server: SandboxApiServer, core: Cor
     assert [n.metadata.name for n in api.list_namespace().items] == ["demo"]
     url = server.url
     server.stop()
-    with pytest.raises(Exception):
+    with pytest.raises(urllib3.exceptions.MaxRetryError):
         CoreV1Api(server.api_client()).list_namespace(_request_timeout=2)
     server.start()
     assert server.url == url

@@ -66,7 +66,8 @@ def test_mutate_health_ready_and_metrics(webhook: Webhook, caplog: pytest.LogCap
         assert r.status_code == 200 and r.headers["content-type"] == "application/json"
         body = r.json()
         assert body["response"]["uid"] == "abc-123" and body["response"]["allowed"] is True
-        assert patch_ops(body)[0]["path"] == "/metadata/labels"
+        assert patch_ops(body)[0] == {"op": "add", "path": "/metadata/labels/service.kubernetes.io~1service-proxy-name",
+                                      "value": c.DEFAULT_PROXY_NAME}
 
         assert webhook.request(client, "GET", "/healthz").status_code == 200
         ready = webhook.request(client, "GET", "/readyz")
@@ -84,6 +85,7 @@ def test_mutate_health_ready_and_metrics(webhook: Webhook, caplog: pytest.LogCap
     lines = [r for r in caplog.records if r.getMessage() == "admission"]
     assert len(lines) == 1
     logged = json.loads(JsonFormatter().format(lines[0]))
+    assert logged["msg"] == "admission" and logged["level"] == "INFO"
     assert {k: logged[k] for k in ("uid", "namespace", "name", "operation", "decision")} == {
         "uid": "abc-123", "namespace": "default", "name": "web", "operation": "CREATE", "decision": "label"}
     assert logged["reason"].startswith("Service opted in") and logged["duration_ms"] >= 0

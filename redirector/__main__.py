@@ -1,0 +1,164 @@
+"""``lightpath-redirector run|cleanup|version``: the node agent's command line.
+
+``run`` keeps the kernel redirects in sync with the labelled Services until SIGTERM/SIGINT, then exits
+leaving the rules in place (an upgrade or restart must not drop a redirect). ``cleanup`` removes what the
+chosen backend owns and nothing else. Bad flags or env values: a clear message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from types import FrameType
+from typing import Any
+
+from redirector import config, logs
+from shared import constants as c
+
+log = logging.getLogger("redirector")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightpath-redirector",
+        description="Node agent: keeps nftables/iptables REDIRECT rules sending labelled Services' TCP "
+                    "traffic to the node-local proxy.",
+        epilog="Every flag can also be set by the environment variable shown; a flag wins over the environment.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,cleanup,version}")
+    run = sub.add_parser("run", help="watch Services and keep the kernel rules in sync (until SIGTERM)")
+    config.add_arguments(run)
+    cleanup = sub.add_parser("cleanup", help="remove the rules the chosen backend owns, nothing else")
+    config.add_arguments(cleanup)
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def version() -> str:
+    try:
+        return metadata.version("lightpath")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        print(f"lightpath-redirector {version()}")
+        return 0
+    try:
+        settings = config.settings_from(args)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits 2
+    logs.configure(settings.log_level)
+    if args.command == "cleanup":
+        return cleanup(settings)
+    return run(settings)
+
+
+def cleanup(settings: config.Settings) -> int:
+    from redirector.backends import make_backend
+
+    try:
+        backend = make_backend(settings)
+        backend.cleanup()
+    except Exception as exc:  # noqa: BLE001 - report and fail
+        log.error("cleanup failed", extra={"backend": settings.backend, "error": str(exc)})
+        return 1
+    log.info("cleanup done: our rules are removed", extra={"backend": settings.backend})
+    return 0
+
+
+def run(settings: config.Settings) -> int:
+    from kubernetes import client
+
+    from redirector.agent import Agent
+    from redirector.backends import make_backend
+    from redirector.watch import ServiceWatcher
+
+    # Fewer, later collections: the agent holds ~100k small long-lived objects at 10,000 Services, and the
+    # default thresholds would walk them all many times during a full sync.
+    gc.set_threshold(50_000, 20, 20)
+    try:
+        backend = make_backend(settings)
+        api = client.CoreV1Api(api_client(settings))
+    except Exception as exc:  # noqa: BLE001
+        log.error("cannot start", extra={"backend": settings.backend, "error": str(exc)})
+        return 1
+    agent = Agent(backend, proxy_label=(c.SERVICE_PROXY_NAME_LABEL, settings.proxy_name),
+                  resync_period=settings.resync_period, batch_idle=settings.batch_idle, batch_max=settings.batch_max)
+    watcher = ServiceWatcher(api, agent.tracker, proxy_name=settings.proxy_name, server_timeout=settings.watch_timeout,
+                             read_timeout=settings.watch_read_timeout)
+    agent.watcher = watcher
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal received: stopping, the rules stay in place", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    threads = [threading.Thread(target=watcher.run, name="watch", daemon=True),
+               threading.Thread(target=agent.run, name="sync", daemon=True)]
+    for thread in threads:
+        thread.start()
+    stop_debug = start_debug_server(agent, settings)
+    log.info("redirector running", extra={"backend": backend.name, "proxy_name": settings.proxy_name,
+                                          "node": settings.node, "proxy_port": settings.proxy_port,
+                                          "version": version()})
+    while not stop.wait(1.0):
+        if not all(t.is_alive() for t in threads):
+            log.error("an agent thread died: exiting")
+            break
+    watcher.stop()
+    agent.stop()
+    for thread in threads:
+        thread.join(timeout=5)
+    if stop_debug is not None:
+        stop_debug()
+    return 0 if stop.is_set() else 1
+
+
+def api_client(settings: config.Settings) -> Any:
+    """A ``kubernetes.client.ApiClient`` from --kubeconfig when given, else in-cluster, else the usual
+    kubeconfig lookup ($KUBECONFIG, ~/.kube/config)."""
+    from kubernetes import client
+    from kubernetes import config as kube_config
+
+    if settings.kubeconfig is not None:
+        return kube_config.new_client_from_config(config_file=str(settings.kubeconfig))
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        cfg = client.Configuration()
+        kube_config.load_incluster_config(client_configuration=cfg)
+        return client.ApiClient(cfg)
+    return kube_config.new_client_from_config()
+
+
+def start_debug_server(agent: object, settings: config.Settings) -> Callable[[], None] | None:
+    """Hook for the debug server (issue 5): ``redirector.debug.start(agent, host, port)`` returning a stop
+    function. Absent module or port 0: no debug server."""
+    if settings.debug_port == 0:
+        return None
+    try:
+        from redirector import debug  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        log.info("debug server not available in this build")
+        return None
+    try:
+        stop: Callable[[], None] = debug.start(agent, settings.debug_address, settings.debug_port)
+    except Exception as exc:  # noqa: BLE001 - the agent works without its debug server
+        log.error("debug server failed to start", extra={"error": str(exc)})
+        return None
+    return stop
+
+
+if __name__ == "__main__":
+    sys.exit(main())

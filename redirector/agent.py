@@ -1,0 +1,356 @@
+"""The node agent: watched Services -> desired state -> kernel, kube-proxy style.
+
+- The watch thread only records changes (``ChangeTracker``): the latest object per Service and when its
+  first pending change arrived. Nothing else happens on the watch thread.
+- One sync thread does all the work. It does nothing until the first list completed (so a restarting agent
+  never programs a half-known state over the rules it inherited). Then:
+  * a pending change is applied after a short coalescing window (``batch_idle`` of quiet, at most
+    ``batch_max`` after the first change): one change is live in a few ms, a burst of N changes becomes
+    a handful of transactions;
+  * incremental sync = recompute the changed Services only, apply the key delta (ONE transaction);
+  * full sync (first, after a failed transaction, every ``resync_period``) = ``backend.ensure(all keys)``,
+    which compares with what the kernel really holds; a periodic one that had to repair counts as drift.
+- SIGTERM (``stop``) leaves the rules in place.
+
+``Agent`` is also the one object a debug server reads: ``snapshot()``, ``desired()``, ``metrics.registry``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redirector.desired import DesiredIndex, ServiceEntries, ServiceId, service_id
+from redirector.metrics import Metrics
+from redirector.model import Backend, Delta, DesiredState, Key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    service: dict[str, Any] | None  # None: deleted
+    since: float  # monotonic time the first still-pending change of this Service arrived
+
+
+class ChangeTracker:
+    """What the watch reported since the last sync. Thread-safe; every call is O(1) (``replace``: O(n))."""
+
+    def __init__(self, proxy_label: tuple[str, str]) -> None:
+        self._label_key, self._label_value = proxy_label
+        self._cond = threading.Condition()
+        self._changes: dict[ServiceId, _Pending] = {}
+        self._relist: tuple[list[dict[str, Any]], float] | None = None
+        self.listed = threading.Event()  # set once the first list completed
+        self.restarts: list[str] = []
+        self.last_event = 0.0  # monotonic time of the newest change
+
+    # WatchSink
+    def replace(self, services: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        with self._cond:
+            self._relist = ([s for s in services if self._ours(s)], now)
+            self._changes.clear()  # the list supersedes them
+            self.last_event = now
+            self.listed.set()
+            self._cond.notify_all()
+
+    def upsert(self, service: dict[str, Any]) -> None:
+        self._record(service_id(service), service if self._ours(service) else None)
+
+    def delete(self, service: dict[str, Any]) -> None:
+        self._record(service_id(service), None)
+
+    def restarted(self, reason: str) -> None:
+        with self._cond:
+            self.restarts.append(reason)
+            self._cond.notify_all()
+
+    def _ours(self, service: dict[str, Any]) -> bool:
+        """A label-selector watch sends DELETED when the label goes; checking here too costs nothing."""
+        labels = (service.get("metadata") or {}).get("labels") or {}
+        return isinstance(labels, dict) and labels.get(self._label_key) == self._label_value
+
+    def _record(self, sid: ServiceId, service: dict[str, Any] | None) -> None:
+        now = time.monotonic()
+        with self._cond:
+            previous = self._changes.get(sid)
+            self._changes[sid] = _Pending(service, previous.since if previous else now)
+            self.last_event = now
+            self._cond.notify_all()
+
+    # sync side
+    def has_work(self) -> bool:
+        return bool(self._changes) or self._relist is not None or bool(self.restarts)
+
+    def take(self) -> tuple[tuple[list[dict[str, Any]], float] | None, dict[ServiceId, _Pending], list[str]]:
+        with self._cond:
+            relist, changes, restarts = self._relist, self._changes, self.restarts
+            self._relist, self._changes, self.restarts = None, {}, []
+            return relist, changes, restarts
+
+    @property
+    def cond(self) -> threading.Condition:
+        return self._cond
+
+
+@dataclass
+class SyncStatus:
+    """Facts about the last syncs, for health and debug endpoints (wall-clock times)."""
+
+    first_sync_done: bool = False
+    last_full_sync: float | None = None
+    last_incremental_sync: float | None = None
+    last_success: float | None = None
+    last_error: str | None = None
+    last_error_time: float | None = None
+    full_sync_pending: bool = True
+    transactions: int = 0
+    changes_applied: int = 0
+    history: list[str] = field(default_factory=list)  # restart reasons, newest last (bounded)
+
+
+class Agent:
+    """Runs the sync loop against ``backend``; ``tracker`` is fed by a ``ServiceWatcher``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        proxy_label: tuple[str, str],
+        resync_period: float = 30.0,
+        batch_idle: float = 0.002,
+        batch_max: float = 0.010,
+        retry_min: float = 0.2,
+        retry_max: float = 10.0,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if resync_period <= 0 or batch_idle < 0 or batch_max < batch_idle:
+            raise ValueError("resync_period must be > 0 and 0 <= batch_idle <= batch_max")
+        self.backend = backend
+        self.tracker = ChangeTracker(proxy_label)
+        self.metrics = metrics or Metrics()
+        self.status = SyncStatus()
+        self.index = DesiredIndex()
+        self.resync_period = resync_period
+        self.batch_idle, self.batch_max = batch_idle, batch_max
+        self.retry_min, self.retry_max = retry_min, retry_max
+        self._clock = clock
+        self._applied: set[Key] = set()  # what we believe the kernel holds (after our last success)
+        self._lock = threading.Lock()  # index + applied, against readers (debug server)
+        self._stop = threading.Event()
+        self._next_full = 0.0  # monotonic deadline of the next periodic full sync
+        self._retry_delay = retry_min
+        self._retry_at = 0.0
+        self._counts = {(f, m): 0 for f in ("ipv4", "ipv6") for m in ("address", "nodePort")}
+        self.watcher: Any = None  # the ServiceWatcher, when one is attached (debug endpoints)
+
+    # -- reading (debug server) -----------------------------------------------------------------------
+
+    def desired(self) -> DesiredState:
+        with self._lock:
+            return self.index.state()
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-able summary of the agent's state."""
+        with self._lock:
+            services, keys = len(self.index), len(self.index.keys())
+            applied = len(self._applied)
+            unserved, errors = self.index.unserved_count, self.index.error_count
+        s = self.status
+        return {
+            "backend": getattr(self.backend, "name", type(self.backend).__name__),
+            "listed": self.tracker.listed.is_set(),
+            "services": services,
+            "desired_entries": keys,
+            "applied_entries": applied,
+            "unserved_ports": unserved,
+            "services_with_errors": errors,
+            "first_sync_done": s.first_sync_done,
+            "full_sync_pending": s.full_sync_pending,
+            "last_full_sync": s.last_full_sync,
+            "last_incremental_sync": s.last_incremental_sync,
+            "last_success": s.last_success,
+            "last_error": s.last_error,
+            "last_error_time": s.last_error_time,
+            "transactions": s.transactions,
+            "resource_version": getattr(self.watcher, "resource_version", None),
+            "watch_connected": getattr(self.watcher, "connected", None),
+        }
+
+    # -- running --------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self.tracker.cond:
+            self.tracker.cond.notify_all()
+
+    def run(self) -> None:
+        """The sync loop (call in its own thread). Returns after ``stop()``; the kernel rules stay."""
+        cond = self.tracker.cond
+        while not self._stop.is_set():
+            with cond:
+                while not self._stop.is_set() and not self._due():
+                    cond.wait(timeout=self._wait_time())
+            if self._stop.is_set():
+                break
+            self._coalesce()
+            self.sync_once()
+
+    def _due(self) -> bool:
+        if not self.tracker.listed.is_set():
+            return False
+        now = time.monotonic()
+        if self.status.full_sync_pending or now >= self._next_full:
+            return now >= self._retry_at if self.status.last_error_time is not None else True
+        return self.tracker.has_work()
+
+    def _wait_time(self) -> float:
+        if not self.tracker.listed.is_set():
+            return 1.0
+        deadline = self._next_full if not self.status.full_sync_pending else self._retry_at
+        return max(0.0, min(1.0, deadline - time.monotonic()))
+
+    def _coalesce(self) -> None:
+        """Wait until the stream has been quiet for ``batch_idle``, or ``batch_max`` after the first change."""
+        if self.batch_max <= 0:
+            return
+        cond = self.tracker.cond
+        with cond:
+            start = time.monotonic()
+            while not self._stop.is_set():
+                now = time.monotonic()
+                quiet_until = self.tracker.last_event + self.batch_idle
+                give_up = start + self.batch_max
+                if now >= quiet_until or now >= give_up:
+                    return
+                cond.wait(timeout=min(quiet_until, give_up) - now)
+
+    def sync_once(self) -> None:
+        """Fold pending changes into the desired state and program the kernel (one or two transactions)."""
+        relist, changes, restarts = self.tracker.take()
+        for reason in restarts:
+            self.metrics.watch_restarts.labels(reason).inc()
+        started = time.perf_counter()
+        with self._lock:
+            touched: set[Key] = set()
+            if relist is not None:
+                delta = self.index.replace_all(relist[0])
+                touched |= delta.add | delta.delete
+            for sid, change in changes.items():
+                before = self.index.get(sid)
+                delta = self.index.upsert(change.service) if change.service is not None else self.index.remove(sid)
+                touched |= delta.add | delta.delete
+                after = self.index.get(sid)
+                if after is not None and (after.unserved or after.errors) and after != before:
+                    self._log_problems(sid, after)
+            add = frozenset(k for k in touched if self.index.has_key(k) and k not in self._applied)
+            delete = frozenset(k for k in touched if k in self._applied and not self.index.has_key(k))
+        arrivals = [c.since for c in changes.values()] + ([relist[1]] if relist else [])
+        self.metrics.batch_size.observe(len(changes) + (len(relist[0]) if relist else 0))
+        now = time.monotonic()
+        periodic = now >= self._next_full and not self.status.full_sync_pending
+        if self.status.full_sync_pending or periodic:
+            if periodic and (add or delete):  # apply the fresh changes first, so they never count as drift
+                if not self._incremental(Delta(add, delete), started, arrivals):
+                    return
+                arrivals, started = [], time.perf_counter()
+            self._full(started, arrivals, periodic=periodic)
+        elif add or delete or arrivals:
+            self._incremental(Delta(add, delete), started, arrivals)
+
+    # -- the two kinds of sync ------------------------------------------------------------------------
+
+    def _incremental(self, delta: Delta, started: float, arrivals: list[float]) -> bool:
+        try:
+            if delta:
+                self.backend.apply(delta)
+        except Exception as exc:  # noqa: BLE001 - any failure: the kernel state is unknown, resync it all
+            self._failed("incremental", exc)
+            return False
+        with self._lock:
+            self._applied -= delta.delete
+            self._applied |= delta.add
+            self._count(delta.delete, -1)
+            self._count(delta.add, +1)
+        self._succeeded("incremental", started, arrivals, bool(delta))
+        return True
+
+    def _full(self, started: float, arrivals: list[float], *, periodic: bool) -> None:
+        with self._lock:
+            keys = self.index.keys()
+        try:
+            repaired = self.backend.ensure(keys)
+        except Exception as exc:  # noqa: BLE001
+            self._failed("full", exc)
+            return
+        with self._lock:
+            self._applied = set(keys)
+            self._counts = dict.fromkeys(self._counts, 0)
+            self._count(keys, +1)
+        if periodic and repaired:
+            self.metrics.drift_repairs.inc()
+            log.warning("resync repaired drift in the kernel rules", extra={"entries": len(keys)})
+        self.status.full_sync_pending = False
+        self._next_full = time.monotonic() + self.resync_period
+        self._succeeded("full", started, arrivals, True)
+
+    def _succeeded(self, kind: str, started: float, arrivals: list[float], wrote: bool) -> None:
+        done = time.monotonic()
+        elapsed = time.perf_counter() - started
+        now = self._clock()
+        for since in arrivals:
+            self.metrics.event_to_rule.observe(max(0.0, done - since))
+        if wrote:
+            self.metrics.sync_duration.labels(kind).observe(elapsed)
+            self.status.transactions += 1
+        self.metrics.last_sync.labels(kind).set(now)
+        s = self.status
+        if kind == "full":
+            s.last_full_sync = now
+        else:
+            s.last_incremental_sync = now
+        s.last_success, s.first_sync_done, s.last_error_time = now, True, None
+        s.changes_applied += len(arrivals)
+        self._retry_delay = self.retry_min
+        self._update_gauges()
+        if kind == "full":
+            log.info("full sync done", extra={"entries": len(self._applied), "seconds": round(elapsed, 4)})
+
+    def _failed(self, kind: str, exc: BaseException) -> None:
+        self.metrics.sync_errors.labels(kind).inc()
+        s = self.status
+        s.full_sync_pending = True
+        s.last_error, s.last_error_time = f"{kind} sync: {exc}", self._clock()
+        self._retry_at = time.monotonic() + self._retry_delay
+        log.error("sync failed: full sync scheduled", extra={"kind": kind, "error": str(exc)[:500],
+                                                             "retry_in_s": round(self._retry_delay, 3)})
+        self._retry_delay = min(self.retry_max, self._retry_delay * 2)
+
+    def _count(self, keys: Any, sign: int) -> None:
+        counts = self._counts
+        for key in keys:
+            counts["ipv4" if key.family == 4 else "ipv6", "address" if key.ip else "nodePort"] += sign
+
+    def _update_gauges(self) -> None:
+        with self._lock:
+            counts = dict(self._counts)
+            services, unserved, errors = len(self.index), self.index.unserved_count, self.index.error_count
+        for (family, match), n in counts.items():
+            self.metrics.entries.labels(family, match).set(n)
+        self.metrics.services.set(services)
+        self.metrics.unserved_ports.set(unserved)
+        self.metrics.service_errors.set(errors)
+
+    def _log_problems(self, sid: ServiceId, found: ServiceEntries) -> None:
+        if found.unserved:
+            log.warning("labelled Service has ports the proxy cannot serve (not TCP)",
+                        extra={"service": sid, "ports": [f"{u.protocol}/{u.port}" for u in found.unserved]})
+        if found.errors:
+            log.warning("labelled Service has errors: those entries are skipped",
+                        extra={"service": sid, "errors": list(found.errors)})

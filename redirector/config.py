@@ -1,0 +1,161 @@
+"""The redirector's configuration: one typed object from flags, then ``LIGHTPATH_*`` env, then defaults.
+
+Every value is validated while parsing, so a bad flag or env value stops the agent at start-up with a
+clear message and exit status 2 (argparse's usage-error convention), never half-way through a sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared import constants as c
+
+ENV_PREFIX = "LIGHTPATH_"
+BACKENDS = ("nftables", "iptables")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the agent needs to know."""
+
+    backend: str = "nftables"
+    proxy_port: int = c.DEFAULT_PROXY_PORT
+    proxy_name: str = c.DEFAULT_PROXY_NAME
+    node_name: str = ""  # default: $NODE_NAME (downward API), else the hostname
+    resync_period: float = 30.0
+    proxy_uid: int | None = None
+    proxy_mark: int | None = c.DEFAULT_PROXY_MARK
+    nft_table: str = c.DEFAULT_NFT_TABLE
+    iptables_chain: str = c.DEFAULT_IPTABLES_CHAIN
+    debug_address: str = c.REDIRECTOR_DEBUG_ADDRESS
+    debug_port: int = c.REDIRECTOR_DEBUG_PORT  # 0 disables the debug server
+    kubeconfig: Path | None = None  # None: in-cluster configuration
+    watch_timeout: int = 300  # server-side timeoutSeconds of one watch request
+    watch_read_timeout: float = 90.0  # client read timeout: above the ~60 s bookmark period
+    batch_idle: float = 0.002
+    batch_max: float = 0.010
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.proxy_uid is None and self.proxy_mark is None:
+            raise ValueError("set --proxy-mark and/or --proxy-uid: the proxy's own traffic must never be redirected")
+        if self.batch_max < self.batch_idle:
+            raise ValueError("--batch-max must be >= --batch-idle")
+
+    @property
+    def node(self) -> str:
+        return self.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def _choice(values: Sequence[str], *, upper: bool = False) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        value = text.upper() if upper else text.lower()
+        if value not in values:
+            raise ValueError(f"must be one of {', '.join(values)}")
+        return value
+
+    return convert
+
+
+def _int_range(lo: int, hi: int, what: str) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise ValueError(f"must be an integer {what}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return convert
+
+
+def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def wrapped(text: str) -> Any:
+        return None if text.strip().lower() in ("", "none", "off") else convert(text)
+
+    return wrapped
+
+
+def _seconds(minimum: float) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("must be a number of seconds") from None
+        if not value >= minimum or value == float("inf"):
+            raise ValueError(f"must be a number of seconds >= {minimum}")
+        return value
+
+    return convert
+
+
+def _name(text: str) -> str:
+    if not text or len(text) > 63 or not text.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError("must be 1-63 letters, digits, '-', '_' or '.'")
+    return text
+
+
+# (flag, env suffix, field, converter, help)
+OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
+    ("--backend", "BACKEND", "backend", _choice(BACKENDS), "kernel backend: nftables (default) or iptables"),
+    ("--proxy-port", "PROXY_PORT", "proxy_port", _int_range(1, 65535, "port"), "local port the proxy listens on"),
+    ("--proxy-name", "PROXY_NAME", "proxy_name", _name,
+     "watch Services labelled service.kubernetes.io/service-proxy-name=<this>"),
+    ("--node-name", "NODE_NAME", "node_name", _name, "this node's name (default: $NODE_NAME, else the hostname)"),
+    ("--resync-period", "RESYNC_PERIOD", "resync_period", _seconds(0.05),
+     "seconds between full resyncs against the kernel (drift repair)"),
+    ("--proxy-uid", "PROXY_UID", "proxy_uid", _optional(_int_range(0, 2**32 - 1, "uid")),
+     "traffic of this uid is never redirected (output path); 'none' to disable"),
+    ("--proxy-mark", "PROXY_MARK", "proxy_mark", _optional(_int_range(1, 2**32 - 1, "fwmark")),
+     "packets with this fwmark (set by the proxy) are never redirected; 'none' to disable"),
+    ("--nft-table", "NFT_TABLE", "nft_table", _name, "nftables table (family inet) the agent owns"),
+    ("--iptables-chain", "IPTABLES_CHAIN", "iptables_chain", _name, "iptables nat chain the agent owns"),
+    ("--debug-address", "DEBUG_ADDRESS", "debug_address", str, "address of the read-only debug server"),
+    ("--debug-port", "DEBUG_PORT", "debug_port", _int_range(0, 65535, "port"), "debug server port (0: off)"),
+    ("--kubeconfig", "KUBECONFIG", "kubeconfig", Path, "kubeconfig file"),
+    ("--watch-timeout", "WATCH_TIMEOUT", "watch_timeout", _int_range(1, 3600, "number of seconds"),
+     "server-side timeout of one watch request"),
+    ("--watch-read-timeout", "WATCH_READ_TIMEOUT", "watch_read_timeout", _seconds(0.1),
+     "client read timeout of the watch stream: a stream silent for longer is restarted"),
+    ("--batch-idle", "BATCH_IDLE", "batch_idle", _seconds(0.0), "quiet time that ends a batch of changes"),
+    ("--batch-max", "BATCH_MAX", "batch_max", _seconds(0.0), "longest a change waits for its batch"),
+    ("--log-level", "LOG_LEVEL", "log_level", _choice(LOG_LEVELS, upper=True), f"one of {', '.join(LOG_LEVELS)}"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Settings()
+    for flag, env, name, _conv, help_text in OPTIONS:
+        default = getattr(defaults, name)
+        shown = "in-cluster configuration" if default is None and name == "kubeconfig" else default
+        if name == "proxy_mark" and isinstance(default, int):
+            shown = hex(default)
+        parser.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
+                            help=f"{help_text} [env {ENV_PREFIX}{env}; default: {shown}]")
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags win over the environment, which wins over the defaults. Raises ValueError with the culprit."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for flag, suffix, name, convert, _help in OPTIONS:
+        raw = getattr(args, name, None)
+        source = flag
+        if raw is None:
+            raw = env.get(ENV_PREFIX + suffix)
+            source = ENV_PREFIX + suffix
+        if raw is None:
+            continue
+        try:
+            values[name] = convert(str(raw))
+        except ValueError as exc:
+            raise ValueError(f"{source}={raw!r}: {exc}") from None
+    return Settings(**values)

@@ -1,0 +1,214 @@
+"""The CLI end to end: real main(argv) -> official kubernetes client -> sandbox API server (test double)
+-> the real webhook over TLS, which adds/removes the handoff label on each Service UPDATE."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from cli.plan import TOUCH_ANNOTATION
+from shared import constants as c
+from tests.cli.cluster import DISABLED, ENABLED, mixed_cluster, namespace, port, service
+from tests.cli.conftest import Cluster
+
+OURS = c.DEFAULT_PROXY_NAME
+
+
+def _rows(result_out: str) -> dict[str, dict]:
+    doc = json.loads(result_out)
+    return {f"{i['namespace']}/{i['name']}": i for i in doc["items"]}
+
+
+def test_status_rows_for_a_mixed_cluster(cluster: Cluster) -> None:
+    namespaces, services = mixed_cluster()
+    services.append(service("cart", "shop", port(80, name="http", app="http"), labels=ENABLED))  # migrated on CREATE
+    cluster.create(namespaces, services)
+    assert cluster.handoff("shop", "cart") == OURS
+
+    result = cluster.run("status", "-A", "-o", "json")
+    assert result.code == 0, result.err
+    rows = _rows(result.out)
+    assert "lightpath-system/x" not in rows and len(rows) == 8
+    assert rows["shop/cart"]["handledBy"] == "lightpath" and rows["shop/cart"]["portsText"] == "80/TCP(http)"
+    assert rows["shop/web"]["handledBy"] == "kube-proxy" and "not opted in" in rows["shop/web"]["reason"]
+    assert rows["shop/api"]["portsText"] == "8080/TCP(http),8443/TCP(http)"
+    assert rows["infra/dns"]["portsText"] == "53/UDP" and "dns/UDP 53" in rows["infra/dns"]["reason"]
+    assert rows["infra/dns-mixed"]["portsText"] == "53/TCP,53/UDP" and not rows["infra/dns-mixed"]["eligible"]
+    assert "headless" in rows["shop/db"]["reason"]
+    assert rows["shop/mesh"]["handledBy"] == "other:cilium"
+    assert "excluded" in rows["kube-system/metrics"]["reason"]
+    assert not any(r["pending"] for r in rows.values())
+    assert json.loads(result.out)["summary"] == {
+        "total": 8, "lightpath": 1, "kubeProxy": 6, "otherProxy": 1, "pending": 0, "ineligible": 5,
+    }
+
+    table = cluster.run("status", "-A")
+    assert table.code == 0 and "\033[" not in table.out  # piped: plain
+    assert table.out.splitlines()[0].split() == ["NAMESPACE", "NAME", "TYPE", "PORTS", "HANDLED-BY", "WANTS", "PENDING", "REASON"]
+    assert table.out.rstrip().splitlines()[-1].startswith("8 Services: 1 on lightpath, 6 on kube-proxy")
+    assert yaml.safe_load(cluster.run("status", "-n", "infra", "-o", "yaml").out)["summary"]["total"] == 2
+    coloured = cluster.run("status", "-n", "shop", "--color", "always")
+    assert "\033[32mlightpath\033[0m" in coloured.out
+
+
+def test_migrate_by_name_then_rollback(cluster: Cluster) -> None:
+    namespaces, services = mixed_cluster()
+    cluster.create(namespaces, services)
+
+    result = cluster.run("migrate", "shop/web", "api", "-n", "shop")
+    assert result.code == 0, result.err
+    assert "migrated  shop/web -> lightpath" in result.out and "migrated  shop/api -> lightpath" in result.out
+    assert cluster.handoff("shop", "web") == OURS and cluster.handoff("shop", "api") == OURS
+    assert cluster.labels("shop", "web")[c.OPT_LABEL] == c.OPT_ENABLED
+    assert cluster.handoff("shop", "mesh") == "cilium"
+
+    before = cluster.resource_versions()
+    again = cluster.run("migrate", "shop/web", "shop/api")  # idempotent: nothing to write
+    assert again.code == 0 and "2 unchanged" in again.out
+    assert cluster.resource_versions() == before
+
+    back = cluster.run("rollback", "-A")
+    assert back.code == 0, back.err
+    assert "rolled back shop/web -> kube-proxy" in back.out
+    status = _rows(cluster.run("status", "-A", "-o", "json").out)
+    assert {k for k, r in status.items() if r["handledBy"] == "lightpath"} == set()
+    assert status["shop/web"]["wants"] == "kube-proxy" and not any(r["pending"] for r in status.values())
+    assert cluster.labels("shop", "web")[c.OPT_LABEL] == c.OPT_DISABLED
+    assert status["shop/mesh"]["handledBy"] == "other:cilium"  # another proxy's Service is never touched
+
+
+def test_migrate_skips_what_the_policy_refuses(cluster: Cluster) -> None:
+    namespaces, services = mixed_cluster()
+    cluster.create(namespaces, services)
+    before = cluster.resource_versions()
+
+    result = cluster.run("migrate", "infra/dns", "infra/dns-mixed", "shop/db", "shop/mesh", "kube-system/metrics")
+    assert result.code == 0, result.err
+    assert "5 skipped" in result.out and "dns/UDP 53" in result.out and "headless" in result.out
+    assert cluster.resource_versions() == before
+
+
+def test_migrate_a_namespace_in_batches(cluster: Cluster) -> None:
+    cluster.create([namespace("shop")], [service(f"svc{i}", "shop") for i in range(7)])
+    result = cluster.run("migrate", "-n", "shop", "--batch", "3", "-o", "json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["ok"] and len(report["verified"]) == 7 and report["failed"] == []
+    assert all(cluster.handoff("shop", f"svc{i}") == OURS for i in range(7))
+
+
+def test_migrate_with_namespace_label(cluster: Cluster) -> None:
+    cluster.create(
+        [namespace("shop"), namespace("team")],
+        [
+            service("web", "shop"),
+            service("api", "shop"),
+            service("pinned", "shop", labels=DISABLED),
+            service("dns", "shop", port(53, "UDP")),
+            service("other", "team"),
+        ],
+    )
+    result = cluster.run("migrate", "shop", "--namespace-label")
+    assert result.code == 0, result.err
+    assert "labelled  namespace shop lightpath.cloud/proxy=enabled" in result.out
+    ns = cluster.core.read_namespace("shop")
+    assert ns.metadata.labels[c.OPT_LABEL] == c.OPT_ENABLED
+    assert cluster.handoff("shop", "web") == OURS and cluster.handoff("shop", "api") == OURS
+    assert c.OPT_LABEL not in cluster.labels("shop", "web")  # the Namespace label did it
+    assert TOUCH_ANNOTATION in (cluster.core.read_namespaced_service("web", "shop").metadata.annotations or {})
+    assert cluster.handoff("shop", "pinned") is None and cluster.handoff("shop", "dns") is None
+    assert cluster.handoff("team", "other") is None
+
+    back = cluster.run("rollback", "-n", "shop", "--namespace-label")
+    assert back.code == 0, back.err
+    assert cluster.handoff("shop", "web") is None and cluster.handoff("shop", "api") is None
+
+
+def test_batch_verification_stops_when_the_webhook_is_down(cluster: Cluster) -> None:
+    cluster.create([namespace("shop")], [service(f"svc{i}", "shop") for i in range(6)])
+    first = cluster.run("migrate", "shop/svc0", "shop/svc1")
+    assert first.code == 0
+    cluster.stop_webhook()
+
+    result = cluster.run("migrate", "-n", "shop", "--batch", "2")
+    assert result.code == 1
+    # svc0, svc1 are already done; the first batch written while the webhook is down is svc2, svc3.
+    assert "shop/svc2: expected lightpath, but the handoff label service.kubernetes.io/service-proxy-name" in result.err
+    assert "Services changed (written) before stopping: shop/svc2, shop/svc3" in result.out
+    assert "Not attempted: 2" in result.out
+    assert cluster.labels("shop", "svc4").get(c.OPT_LABEL) is None  # the run stopped before svc4
+    assert cluster.handoff("shop", "svc2") is None
+
+    status = _rows(cluster.run("status", "-n", "shop", "-o", "json").out)
+    assert status["shop/svc2"]["pending"] and status["shop/svc3"]["pending"] and not status["shop/svc4"]["pending"]
+
+    keep_going = cluster.run("migrate", "-n", "shop", "--continue-on-error", "-o", "json")
+    report = json.loads(keep_going.out)
+    assert keep_going.code == 1 and {f["service"] for f in report["failed"]} == {f"shop/svc{i}" for i in range(2, 6)}
+
+    cluster.start_webhook()
+    healed = cluster.run("migrate", "-n", "shop")  # re-run: pending Services are touched, the rest unchanged
+    assert healed.code == 0, healed.err
+    assert all(cluster.handoff("shop", f"svc{i}") == OURS for i in range(6))
+
+
+def test_reconcile_fixes_services_created_while_the_webhook_was_down(cluster: Cluster) -> None:
+    cluster.create([namespace("shop", ENABLED)], [service("early", "shop")])
+    assert cluster.handoff("shop", "early") == OURS
+    cluster.stop_webhook()
+    cluster.create([], [service("late", "shop"), service("late-udp", "shop", port(53, "UDP")), service("pinned", "shop", labels=ENABLED)])
+    assert cluster.handoff("shop", "late") is None
+
+    dry = cluster.run("reconcile", "-A", "--dry-run")
+    assert dry.code == 0 and "shop/late" in dry.out and "shop/pinned" in dry.out and "late-udp" not in dry.out
+    assert cluster.handoff("shop", "late") is None
+
+    # Webhook still down: the touch does nothing, so reconcile writes the handoff label itself.
+    direct = cluster.run("reconcile", "-n", "shop")
+    assert direct.code == 0, direct.err
+    assert "reconciled shop/late -> lightpath (direct)" in direct.out
+    assert cluster.handoff("shop", "late") == OURS and cluster.handoff("shop", "late-udp") is None
+
+    # Webhook back: a Service admitted while it was down is fixed by the webhook itself on the touch.
+    cluster.create([], [service("latest", "shop")])
+    cluster.start_webhook()
+    via_webhook = cluster.run("reconcile", "-A", "-o", "json")
+    report = json.loads(via_webhook.out)
+    assert via_webhook.code == 0 and report["paths"] == {"shop/latest": "webhook"}
+    assert cluster.handoff("shop", "latest") == OURS
+    assert not any(r["pending"] for r in _rows(cluster.run("status", "-A", "-o", "json").out).values())
+
+
+def test_unknown_names_change_nothing(cluster: Cluster) -> None:
+    namespaces, services = mixed_cluster()
+    cluster.create(namespaces, services)
+    before = cluster.resource_versions()
+    for argv in (
+        ("migrate", "shop/web", "shop/nope", "ghost/web"),
+        ("migrate", "-n", "ghost"),
+        ("rollback", "ghost", "--namespace-label"),
+        ("status", "-n", "ghost"),
+        ("reconcile", "-n", "ghost"),
+    ):
+        result = cluster.run(*argv)
+        assert result.code == 2, argv
+        assert "not found" in result.err and "nothing was changed" in result.err
+    assert "Services not found: shop/nope, ghost/web" in cluster.run("migrate", "shop/web", "shop/nope", "ghost/web").err
+    assert cluster.resource_versions() == before
+
+
+def test_dry_run_and_plan_change_nothing(cluster: Cluster) -> None:
+    namespaces, services = mixed_cluster()
+    cluster.create(namespaces, services)
+    before = cluster.resource_versions()
+    plan = cluster.run("plan", "-A", "-o", "json")
+    assert plan.code == 0
+    actions = {(s["namespace"], s["name"]): s["action"] for s in json.loads(plan.out)["services"]}
+    assert actions[("shop", "web")] == "label" and actions[("infra", "dns")] == "skip"
+    dry = cluster.run("migrate", "-A", "--dry-run")
+    assert dry.code == 0 and "(dry run: nothing was changed)" in dry.out
+    assert cluster.run("rollback", "-A", "--dry-run").code == 0
+    assert cluster.run("migrate", "shop", "--namespace-label", "--dry-run").code == 0
+    assert cluster.resource_versions() == before
+    assert c.OPT_LABEL not in (cluster.core.read_namespace("shop").metadata.labels or {})

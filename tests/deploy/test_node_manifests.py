@@ -1,0 +1,128 @@
+"""The node-level pieces (redirector and example proxy) fit each other and the program's defaults."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import yaml
+
+from redirector.config import ENV_PREFIX, OPTIONS, Settings, settings_from
+from shared import constants as c
+from tests.deploy.manifests import Obj, container, one, port_number
+
+
+def _redirector(objs: list[Obj]) -> Obj:
+    return one(objs, "DaemonSet", "lightpath-redirector")
+
+
+def _plain_env(ctr: Obj) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in ctr.get("env", []) if "value" in e}
+
+
+def _redirector_settings(objs: list[Obj]) -> Settings:
+    return settings_from(argparse.Namespace(), environ=_plain_env(container(_redirector(objs))))
+
+
+def test_redirector_daemonset_runs_on_every_node_with_only_netfilter_capabilities(default_objs: list[Obj]) -> None:
+    ds = _redirector(default_objs)
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert {"operator": "Exists"} in pod["tolerations"]
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    ctr = container(ds)
+    sc = ctr["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    assert {"cpu", "memory"} <= set(ctr["resources"]["limits"])
+    lock = next(v for v in pod["volumes"] if v.get("hostPath", {}).get("path") == "/run/xtables.lock")
+    assert lock["hostPath"]["type"] == "FileOrCreate"
+    assert {"name": lock["name"], "mountPath": "/run/xtables.lock"} in ctr["volumeMounts"]
+    node = next(e for e in ctr["env"] if e["name"] == "LIGHTPATH_NODE_NAME")
+    assert node["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert pod["serviceAccountName"] == "lightpath-redirector"
+
+
+def test_redirector_env_is_what_the_program_understands(default_objs: list[Obj]) -> None:
+    known = {ENV_PREFIX + suffix for _flag, suffix, *_ in OPTIONS}
+    env = {e["name"] for e in container(_redirector(default_objs))["env"]}
+    assert env <= known, f"unknown variables: {env - known}"
+    settings = _redirector_settings(default_objs)
+    assert settings.proxy_name == c.DEFAULT_PROXY_NAME
+    assert settings.backend == "nftables"
+
+
+def test_redirector_probes_hit_its_debug_server(default_objs: list[Obj]) -> None:
+    settings = _redirector_settings(default_objs)
+    ctr = container(_redirector(default_objs))
+    assert settings.debug_address == c.REDIRECTOR_DEBUG_ADDRESS == "127.0.0.1"
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = ctr[probe]["httpGet"]
+        assert get["host"] == settings.debug_address and get["path"] == path
+        assert port_number(ctr, get["port"]) == settings.debug_port == c.REDIRECTOR_DEBUG_PORT
+    assert port_number(ctr, "debug") == settings.debug_port
+
+
+def test_redirector_command_is_a_real_subcommand(default_objs: list[Obj]) -> None:
+    args = container(_redirector(default_objs))["args"]
+    assert args == ["run"]
+    proc = subprocess.run([sys.executable, "-m", "redirector", "--help"], capture_output=True, text=True, timeout=60, check=False)
+    if "No module named redirector.__main__" in proc.stderr:
+        pytest.skip("redirector/__main__.py does not exist yet; cannot check the `run` subcommand")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\brun\b", proc.stdout), proc.stdout
+
+
+def _proxy(objs: list[Obj]) -> Obj:
+    return one(objs, "DaemonSet", "lightpath-proxy")
+
+
+def _envoy_files(objs: list[Obj]) -> dict[str, Any]:
+    return {k: yaml.safe_load(v) for k, v in one(objs, "ConfigMap", "lightpath-proxy")["data"].items()}
+
+
+def test_proxy_listens_where_the_redirector_sends_traffic(default_objs: list[Obj]) -> None:
+    settings = _redirector_settings(default_objs)
+    files = _envoy_files(default_objs)
+    (listener,) = files["lds.yaml"]["resources"]
+    addr = listener["address"]["socket_address"]
+    assert addr == {"address": "0.0.0.0", "port_value": settings.proxy_port}
+    assert settings.proxy_port == c.DEFAULT_PROXY_PORT
+    assert [f["name"] for f in listener["listener_filters"]] == ["envoy.filters.listener.original_dst"]
+    ctr = container(_proxy(default_objs))
+    assert port_number(ctr, "proxy") == settings.proxy_port
+
+
+def test_proxy_traffic_is_exempt_from_redirects(default_objs: list[Obj]) -> None:
+    """Envoy's own upstream connections must not be redirected back to Envoy: its UID is the exempt one."""
+    settings = _redirector_settings(default_objs)
+    pod = _proxy(default_objs)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == settings.proxy_uid
+    assert settings.proxy_mark == c.DEFAULT_PROXY_MARK
+
+
+def test_proxy_admin_is_loopback_only_and_probed(default_objs: list[Obj]) -> None:
+    admin = _envoy_files(default_objs)["envoy.yaml"]["admin"]["address"]["socket_address"]
+    assert admin == {"address": "127.0.0.1", "port_value": c.ENVOY_ADMIN_PORT}
+    ctr = container(_proxy(default_objs))
+    assert ctr["readinessProbe"]["httpGet"] == {"host": "127.0.0.1", "path": "/ready", "port": c.ENVOY_ADMIN_PORT}
+    assert ctr["livenessProbe"]["tcpSocket"] == {"host": "127.0.0.1", "port": c.ENVOY_ADMIN_PORT}
+    pod = _proxy(default_objs)["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and {"operator": "Exists"} in pod["tolerations"]
+    mount = next(m for m in ctr["volumeMounts"] if m["name"] == "config")
+    assert "subPath" not in mount, "watched_directory needs the whole ConfigMap directory (atomic symlink swap)"
+    bootstrap = _envoy_files(default_objs)["envoy.yaml"]
+    for source in ("lds_config", "cds_config"):
+        pcs = bootstrap["dynamic_resources"][source]["path_config_source"]
+        assert pcs["path"].startswith(mount["mountPath"] + "/") and pcs["watched_directory"]["path"] == mount["mountPath"]
+
+
+def test_ports_do_not_collide(default_objs: list[Obj]) -> None:
+    """Host ports of the hostNetwork pods are distinct and none is kube-proxy's."""
+    ports = [p["containerPort"] for ds in (_redirector(default_objs), _proxy(default_objs)) for p in container(ds).get("ports", [])]
+    assert len(ports) == len(set(ports))
+    assert not set(ports) & {10249, 10256}

@@ -1,0 +1,137 @@
+"""RBAC grants exactly what the code calls.
+
+The calls are read from the source: every attribute of a `kubernetes.client` API class (e.g.
+`CoreV1Api.list_namespace`) that webhook/ or redirector/ uses, turned into (apiGroup, resource, verb):
+`read_*` is get, `list_*` is list (watch when called with watch=True, both when passed un-called to
+`Watch().stream`), and so on. A new API call without a matching rule, or a rule nothing uses, fails.
+`get` may accompany `list` on the same resource: it reveals nothing that list does not.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import kubernetes.client
+import pytest
+
+from tests.deploy.manifests import REPO, Obj, one
+
+Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
+
+# snake_case kind in the client's method names -> (API group, resource). Extend when the code grows.
+RESOURCES: dict[str, tuple[str, str]] = {
+    "namespace": ("", "namespaces"),
+    "service": ("", "services"),
+    "service_status": ("", "services/status"),
+    "endpoints": ("", "endpoints"),
+    "endpoint_slice": ("discovery.k8s.io", "endpointslices"),
+    "node": ("", "nodes"),
+    "pod": ("", "pods"),
+    "event": ("", "events"),
+    "config_map": ("", "configmaps"),
+    "secret": ("", "secrets"),
+    "lease": ("coordination.k8s.io", "leases"),
+    "mutating_webhook_configuration": ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"),
+}
+VERBS = {"read": "get", "list": "list", "create": "create", "patch": "patch", "replace": "update",
+         "delete_collection": "deletecollection", "delete": "delete"}
+_METHOD = re.compile(r"^(read|list|create|patch|replace|delete_collection|delete)_(?:namespaced_)?(\w+?)(?:_for_all_namespaces)?$")
+
+
+def api_methods() -> set[str]:
+    """Every public method of every API class in kubernetes.client (CoreV1Api, DiscoveryV1Api, ...)."""
+    names: set[str] = set()
+    for cls_name, cls in inspect.getmembers(kubernetes.client, inspect.isclass):
+        if cls_name.endswith("Api") and cls_name != "ApiClient":
+            names |= {n for n in vars(cls) if _METHOD.match(n) and not n.endswith("_with_http_info")}
+    return names
+
+
+def called(package: str) -> set[Grant]:
+    """(group, resource, verb) for every Kubernetes API call in the package's source."""
+    methods = api_methods()
+    grants: set[Grant] = set()
+    calls: dict[int, ast.Call] = {}
+    for path in sorted((REPO / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                calls[id(node.func)] = node
+            if isinstance(node, ast.Attribute) and node.attr in ("call_api", "DynamicClient"):
+                pytest.fail(f"{path}: {node.attr} bypasses the typed client; extend this test to read its calls")
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and node.attr in methods):
+                continue
+            verb_word, kind = _METHOD.match(node.attr).groups()  # type: ignore[union-attr]
+            assert kind in RESOURCES, f"{path}: {node.attr}: add {kind!r} to RESOURCES in {Path(__file__).name}"
+            group, resource = RESOURCES[kind]
+            verbs = {VERBS[verb_word]}
+            call = calls.get(id(node))
+            if verb_word == "list":
+                watch = next((k.value for k in call.keywords if k.arg == "watch"), None) if call else None
+                if call is None:  # passed un-called, e.g. Watch().stream(api.list_x): lists, then watches
+                    verbs = {"list", "watch"}
+                elif isinstance(watch, ast.Constant):
+                    verbs = {"watch"} if watch.value else {"list"}
+                elif watch is not None:
+                    verbs = {"list", "watch"}
+            grants |= {(group, resource, v) for v in verbs}
+    return grants
+
+
+def granted(objs: list[Obj], role: str) -> set[Grant]:
+    rules = one(objs, "ClusterRole", role)["rules"]
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def _check(objs: list[Obj], role: str, package: str) -> None:
+    used = called(package)
+    if not used:
+        pytest.skip(f"{package}/ makes no Kubernetes API call yet; nothing to compare {role}'s RBAC with")
+    have = granted(objs, role)
+    missing = used - have
+    implied_get = {(g, r, "get") for (g, r, v) in have if v == "list"}
+    unused = have - used - implied_get
+    assert not missing, f"{package}/ calls {sorted(missing)} but ClusterRole {role} does not grant it"
+    assert not unused, f"ClusterRole {role} grants {sorted(unused)} that {package}/ never uses"
+    assert not any("*" in part for grant in have for part in grant), "no wildcards"
+
+
+def test_webhook_rbac_matches_its_calls(default_objs: list[Obj]) -> None:
+    assert called("webhook") == {("", "namespaces", v) for v in ("get", "list", "watch")}
+    _check(default_objs, "lightpath-webhook", "webhook")
+
+
+def test_redirector_rbac_matches_its_calls(default_objs: list[Obj]) -> None:
+    _check(default_objs, "lightpath-redirector", "redirector")
+
+
+def test_no_namespaced_roles_and_nothing_else_is_bound(default_objs: list[Obj]) -> None:
+    assert not [o for o in default_objs if o["kind"] in ("Role", "RoleBinding")]
+    bound = {(b["roleRef"]["name"], s["name"]) for b in default_objs if b["kind"] == "ClusterRoleBinding" for s in b["subjects"]}
+    assert bound == {("lightpath-webhook", "lightpath-webhook"), ("lightpath-redirector", "lightpath-redirector")}
+    # The example proxy talks to no API server: no token in its pods.
+    proxy = one(default_objs, "DaemonSet", "lightpath-proxy")["spec"]["template"]["spec"]
+    assert proxy.get("automountServiceAccountToken") is False
+
+
+def test_the_scanner_reads_calls_the_way_they_are_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: plain calls, watch=True, and a method handed to Watch().stream are all seen."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "m.py").write_text(
+        "def f(api, w, flag):\n"
+        "    api.read_namespaced_service('a', 'b')\n"
+        "    api.list_namespace(watch=True)\n"
+        "    w.stream(api.list_namespaced_endpoint_slice, 'ns')\n"
+        "    api.patch_namespaced_service('a', 'b', {})\n"
+        "    api.list_node(watch=flag)\n"
+    )
+    monkeypatch.setattr("tests.deploy.test_rbac.REPO", tmp_path)
+    assert called("pkg") == {
+        ("", "services", "get"), ("", "namespaces", "watch"), ("discovery.k8s.io", "endpointslices", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"), ("", "services", "patch"), ("", "nodes", "list"), ("", "nodes", "watch"),
+    }

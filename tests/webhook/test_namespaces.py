@@ -1,0 +1,119 @@
+"""The namespace cache against the sandbox apiserver: list+watch, 410 re-list, API restarts, a
+stalled stream, and the GET fallback."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+import pytest
+from kubernetes import client
+
+from sandbox.apiserver import SandboxApiServer
+from tests.webhook.conftest import wait_for
+from webhook.namespaces import NamespaceCache
+
+NAME_LABEL = "kubernetes.io/metadata.name"
+_ids = itertools.count()
+
+
+@pytest.fixture
+def api() -> Iterator[SandboxApiServer]:
+    with SandboxApiServer(bookmark_interval=0.2) as server:
+        yield server
+
+
+@pytest.fixture
+def core(api: SandboxApiServer) -> client.CoreV1Api:
+    return client.CoreV1Api(api.api_client())
+
+
+def make_cache(api: SandboxApiServer, **kwargs: float) -> NamespaceCache:
+    options = {"watch_timeout": 30, "inactivity_timeout": 5.0, "max_backoff": 0.5, "page_size": 2, **kwargs}
+    cache = NamespaceCache(api.api_client(), **options)  # type: ignore[arg-type]
+    cache.start()
+    return cache
+
+
+def ns_name() -> str:
+    return f"ns-{os.getpid()}-{next(_ids)}"
+
+
+def sees(cache: NamespaceCache, name: str, labels: dict[str, str] | None) -> bool:
+    want = None if labels is None else {**labels, NAME_LABEL: name}
+    return cache.labels(name) == want
+
+
+def test_list_pages_then_watch_adds_modifies_deletes(api: SandboxApiServer, core: client.CoreV1Api) -> None:
+    names = [ns_name() for _ in range(5)]
+    for name in names:  # more than one page (page_size=2)
+        core.create_namespace({"metadata": {"name": name, "labels": {"team": "a"}}})
+    cache = make_cache(api)
+    try:
+        assert cache.wait_synced(10)
+        assert all(sees(cache, n, {"team": "a"}) for n in names)
+        core.patch_namespace(names[0], {"metadata": {"labels": {"team": "b"}}})
+        core.delete_namespace(names[1])
+        added = ns_name()
+        core.create_namespace({"metadata": {"name": added}})
+        wait_for(lambda: sees(cache, names[0], {"team": "b"}) and sees(cache, names[1], None) and sees(cache, added, {}),
+                 "watch events to reach the cache")
+    finally:
+        cache.stop()
+
+
+def test_expired_resource_version_relists(api: SandboxApiServer, core: client.CoreV1Api) -> None:
+    name = ns_name()
+    core.create_namespace({"metadata": {"name": name}})
+    cache = make_cache(api, watch_timeout=1)  # re-watch every second from the last resourceVersion
+    try:
+        assert cache.wait_synced(10)
+        api.compact()
+        wait_for(lambda: cache.relists >= 1, "a 410 to trigger a re-list")
+        core.patch_namespace(name, {"metadata": {"labels": {"after": "compaction"}}})
+        wait_for(lambda: sees(cache, name, {"after": "compaction"}), "the cache to follow changes after the re-list")
+    finally:
+        cache.stop()
+
+
+def test_recovers_when_the_api_comes_back(api: SandboxApiServer, core: client.CoreV1Api) -> None:
+    name = ns_name()
+    core.create_namespace({"metadata": {"name": name}})
+    cache = make_cache(api)
+    try:
+        assert cache.wait_synced(10)
+        api.stop()
+        wait_for(lambda: cache.restarts >= 1, "the watch to notice the API is gone")
+        api.start()
+        core.patch_namespace(name, {"metadata": {"labels": {"while": "away"}}})
+        wait_for(lambda: sees(cache, name, {"while": "away"}), "the cache to catch up after the API came back")
+        assert cache.synced
+    finally:
+        cache.stop()
+
+
+def test_stalled_stream_is_detected_and_replaced(api: SandboxApiServer, core: client.CoreV1Api) -> None:
+    name = ns_name()
+    core.create_namespace({"metadata": {"name": name}})
+    cache = make_cache(api, inactivity_timeout=1.0)
+    try:
+        assert cache.wait_synced(10)
+        api.stall_watches(True)
+        core.patch_namespace(name, {"metadata": {"labels": {"seen": "by-relist"}}})
+        # The stream stays open but silent; only the read timeout and a fresh list can bring the change.
+        wait_for(lambda: sees(cache, name, {"seen": "by-relist"}), "a re-list after the stream went silent")
+        assert cache.restarts >= 1
+    finally:
+        api.stall_watches(False)
+        cache.stop()
+
+
+def test_fetch_fills_a_gap_and_a_missing_namespace_has_no_labels(api: SandboxApiServer, core: client.CoreV1Api) -> None:
+    cache = NamespaceCache(api.api_client())  # not started: nothing cached
+    name = ns_name()
+    core.create_namespace({"metadata": {"name": name, "labels": {"x": "y"}}})
+    assert cache.labels(name) is None and not cache.synced
+    assert cache.fetch(name) == {"x": "y", NAME_LABEL: name}
+    assert cache.labels(name) == {"x": "y", NAME_LABEL: name}
+    assert cache.fetch("does-not-exist") == {}
