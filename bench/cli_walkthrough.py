@@ -50,14 +50,31 @@ def cluster_objects() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 class Walkthrough:
     def __init__(self, env: Cluster) -> None:
         self.env = env
-        self.environ = {**os.environ, "KUBECONFIG": str(env.kubeconfig), "PATH": f"{BIN}:{os.environ['PATH']}"}
+        self.environ = {
+            **os.environ,
+            "KUBECONFIG": str(env.kubeconfig),
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+        }
 
     def say(self, text: str) -> None:
         print(f"\n### {text}\n", flush=True)
 
     def run(self, *argv: str) -> int:
         print(f"$ lightpath {shlex.join(argv)}", flush=True)
-        done = subprocess.run([str(BIN / "lightpath"), *argv], capture_output=True, text=True, env=self.environ, check=False)
+        done = subprocess.run(
+            [str(BIN / "lightpath"), *argv], capture_output=True, text=True, env=self.environ, check=False
+        )
+        sys.stdout.write(done.stdout + done.stderr)
+        if done.returncode:
+            print(f"(exit code {done.returncode})")
+        return done.returncode
+
+    def shell(self, line: str) -> int:
+        """A pipeline as typed in bash (e.g. into jq), run with the same environment."""
+        print(f"$ {line}", flush=True)
+        done = subprocess.run(
+            ["bash", "-c", line], capture_output=True, text=True, env=self.environ, check=False
+        )
         sys.stdout.write(done.stdout + done.stderr)
         if done.returncode:
             print(f"(exit code {done.returncode})")
@@ -71,10 +88,17 @@ def main() -> int:
         folder = Path(tmp)
         (folder / "tls.crt").write_bytes(pair.cert_pem)
         (folder / "tls.key").write_bytes(pair.key_pem)
-        settings = Settings(tls_cert_file=folder / "tls.crt", tls_key_file=folder / "tls.key", bind_address="127.0.0.1", port=0)
+        settings = Settings(
+            tls_cert_file=folder / "tls.crt",
+            tls_key_file=folder / "tls.key",
+            bind_address="127.0.0.1",
+            port=0,
+        )
         env = Cluster(api, api.write_kubeconfig(folder / "kubeconfig"), folder, settings)
         env.core.create_namespace({"metadata": {"name": WEBHOOK_NAMESPACE}})
-        client.AdmissionregistrationV1Api(api.api_client()).create_mutating_webhook_configuration(webhook_configuration(ca))
+        client.AdmissionregistrationV1Api(api.api_client()).create_mutating_webhook_configuration(
+            webhook_configuration(ca)
+        )
         env.start_webhook()
         env.create(*cluster_objects())
         w = Walkthrough(env)
@@ -85,7 +109,7 @@ def main() -> int:
             w.run("plan", "shop/web", "shop/api", "infra/dns")
             w.say("3. Migrate the canary")
             w.run("migrate", "shop/web")
-            w.run("status", "-n", "shop")
+            w.shell("kubectl lightpath status -n shop")
             w.say("4. A whole namespace, by its Namespace label, in batches")
             w.run("plan", "payments", "--namespace-label")
             w.run("migrate", "payments", "--namespace-label", "--batch", "1", "--pause", "1")
@@ -94,6 +118,9 @@ def main() -> int:
             w.run("migrate", "shop/api", "shop/cart", "--batch", "1")
             env.create([], [service("search", "payments", port(9200, name="http", app="http"))])
             w.run("status", "-A")
+            w.shell(
+                "lightpath status -A -o json | jq -r '.items[] | select(.pending) | \"\\(.namespace)/\\(.name): \\(.reason)\"'"
+            )
             w.say("6. The webhook is back: catch up")
             env.start_webhook()
             w.run("reconcile", "-A", "--dry-run")
@@ -106,7 +133,8 @@ def main() -> int:
             w.say("8. Mistakes are caught before anything changes")
             w.run("migrate", "shop/web", "shop/wbe", "ghost/api")
             w.say("9. Machine-readable")
-            w.run("status", "-n", "payments", "-o", "json")
+            w.shell("lightpath status -A -o json | jq -c .summary")
+            w.shell("lightpath status -n payments -o json | jq '.items[0]'")
         finally:
             env.stop_webhook()
     return 0

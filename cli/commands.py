@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from cli import render
 from cli.execute import Report, Runner, now_stamp, summary_lines
 from cli.kube import Cluster, connect
-from cli.plan import Direction, Plan, Step, plan_namespaces, plan_reconcile, plan_services
+from cli.plan import Direction, Plan, plan_namespaces, plan_reconcile, plan_services
 from cli.rows import build_rows, namespace_labels, summarize
 from cli.selection import Selection, check_namespaces, select_namespaces, select_services
 from shared.policy import PolicyConfig
@@ -135,9 +135,6 @@ def _execute(
             out.write(line + "\n")
             out.flush()
 
-    for item in the_plan.services:
-        if item.step is Step.SKIP and as_text:
-            say(f"skipped   {item.ref}: {item.reason}")
     runner = Runner(
         cluster=cluster,
         config=policy_config(args),

@@ -92,6 +92,8 @@ class Runner:
             if not self._namespaces(plan.namespaces, report):
                 report.not_attempted.extend(i.ref for i in todo)
                 return report
+            for ref, reason in report.skipped:
+                self.say(f"skipped   {ref}: {reason}")
             for start in range(0, len(todo), max(self.batch, 1)):
                 chunk = todo[start : start + max(self.batch, 1)]
                 if start and self.pause > 0:
@@ -123,7 +125,7 @@ class Runner:
                 stored = self.cluster.patch_namespace(item.ref.name, item.patch)
             except ClusterError as exc:
                 report.failures.append((item.ref, f"namespace {item.ref.name}: {exc}"))
-                self.say(f"FAILED    namespace {item.ref.name}: {exc}")
+                self.say(f"FAILED    namespace {item.ref.name} (see the error below)")
                 if not self.continue_on_error:
                     return False
                 continue
@@ -144,7 +146,7 @@ class Runner:
                 self.cluster.patch_service(item.ref.namespace, item.ref.name, item.patch)
             except ClusterError as exc:
                 report.failures.append((item.ref, f"{item.ref}: {exc}"))
-                self.say(f"FAILED    {item.ref}: {exc}")
+                self.say(f"FAILED    {item.ref} (see the error below)")
                 if not self.continue_on_error:
                     stop = True
                     break
@@ -158,7 +160,7 @@ class Runner:
                 self.say(f"{PAST.get(verb, verb):<9} {item.ref} -> {display_handler(item.expect)}{how}")
             else:
                 report.failures.append((item.ref, problem))
-                self.say(f"FAILED    {problem}")
+                self.say(f"FAILED    {item.ref} (see the error below)")
                 stop = stop or not self.continue_on_error
         return stop
 

@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args))
     except SelectionError as exc:
-        print(f"error: {exc} (nothing was changed)", file=sys.stderr)
+        print(f"error: {exc}; nothing was changed", file=sys.stderr)
         return commands.EXIT_USAGE
     except ValueError as exc:  # a bad policy flag (PolicyConfig validates)
         print(f"error: {exc}", file=sys.stderr)

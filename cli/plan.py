@@ -112,7 +112,7 @@ def plan_service(
         and opt_now != c.OPT_ENABLED
         and (current.wants_proxy is not True)
     ):
-        return Item(ref, Step.UNCHANGED, f"{already} ({current.reason})", KUBE_PROXY)
+        return Item(ref, Step.UNCHANGED, f"{already}: {current.reason}", KUBE_PROXY)
     if opt_now == direction.opt_value:
         if current.handled_by == direction.target:
             return Item(ref, Step.UNCHANGED, already, expect, opt=direction.opt_value)

@@ -110,7 +110,7 @@ def run(settings: config.Settings) -> int:
                threading.Thread(target=agent.run, name="sync", daemon=True)]
     for thread in threads:
         thread.start()
-    stop_debug = start_debug_server(agent, settings)
+    stop_debug = start_debug_server(agent, settings, threads[1])
     log.info("redirector running", extra={"backend": backend.name, "proxy_name": settings.proxy_name,
                                           "node": settings.node, "proxy_port": settings.proxy_port,
                                           "version": version()})
@@ -134,17 +134,19 @@ def api_client(settings: config.Settings) -> Any:
     from kubernetes import config as kube_config
 
     if settings.kubeconfig is not None:
-        return kube_config.new_client_from_config(config_file=str(settings.kubeconfig))
+        return kube_config.new_client_from_config(config_file=str(settings.kubeconfig))  # type: ignore[no-untyped-call]
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         cfg = client.Configuration()
-        kube_config.load_incluster_config(client_configuration=cfg)
+        kube_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
         return client.ApiClient(cfg)
-    return kube_config.new_client_from_config()
+    return kube_config.new_client_from_config()  # type: ignore[no-untyped-call]
 
 
-def start_debug_server(agent: object, settings: config.Settings) -> Callable[[], None] | None:
-    """Hook for the debug server (issue 5): ``redirector.debug.start(agent, host, port)`` returning a stop
-    function. Absent module or port 0: no debug server."""
+def start_debug_server(
+    agent: object, settings: config.Settings, sync_thread: threading.Thread
+) -> Callable[[], None] | None:
+    """Hook for the debug server: ``redirector.debug.start(agent, host, port, settings=, sync_thread=)``
+    returning a stop function. Absent module or port 0: no debug server."""
     if settings.debug_port == 0:
         return None
     try:
@@ -153,7 +155,8 @@ def start_debug_server(agent: object, settings: config.Settings) -> Callable[[],
         log.info("debug server not available in this build")
         return None
     try:
-        stop: Callable[[], None] = debug.start(agent, settings.debug_address, settings.debug_port)
+        stop: Callable[[], None] = debug.start(agent, settings.debug_address, settings.debug_port,
+                                               settings=settings, sync_thread=sync_thread)
     except Exception as exc:  # noqa: BLE001 - the agent works without its debug server
         log.error("debug server failed to start", extra={"error": str(exc)})
         return None

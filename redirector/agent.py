@@ -20,82 +20,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redirector.desired import DesiredIndex, ServiceEntries, ServiceId, service_id
+from redirector.changes import ChangeTracker
+from redirector.desired import DesiredIndex, ServiceEntries, ServiceId
 from redirector.metrics import Metrics
 from redirector.model import Backend, Delta, DesiredState, Key
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Pending:
-    service: dict[str, Any] | None  # None: deleted
-    since: float  # monotonic time the first still-pending change of this Service arrived
-
-
-class ChangeTracker:
-    """What the watch reported since the last sync. Thread-safe; every call is O(1) (``replace``: O(n))."""
-
-    def __init__(self, proxy_label: tuple[str, str]) -> None:
-        self._label_key, self._label_value = proxy_label
-        self._cond = threading.Condition()
-        self._changes: dict[ServiceId, _Pending] = {}
-        self._relist: tuple[list[dict[str, Any]], float] | None = None
-        self.listed = threading.Event()  # set once the first list completed
-        self.restarts: list[str] = []
-        self.last_event = 0.0  # monotonic time of the newest change
-
-    # WatchSink
-    def replace(self, services: list[dict[str, Any]]) -> None:
-        now = time.monotonic()
-        with self._cond:
-            self._relist = ([s for s in services if self._ours(s)], now)
-            self._changes.clear()  # the list supersedes them
-            self.last_event = now
-            self.listed.set()
-            self._cond.notify_all()
-
-    def upsert(self, service: dict[str, Any]) -> None:
-        self._record(service_id(service), service if self._ours(service) else None)
-
-    def delete(self, service: dict[str, Any]) -> None:
-        self._record(service_id(service), None)
-
-    def restarted(self, reason: str) -> None:
-        with self._cond:
-            self.restarts.append(reason)
-            self._cond.notify_all()
-
-    def _ours(self, service: dict[str, Any]) -> bool:
-        """A label-selector watch sends DELETED when the label goes; checking here too costs nothing."""
-        labels = (service.get("metadata") or {}).get("labels") or {}
-        return isinstance(labels, dict) and labels.get(self._label_key) == self._label_value
-
-    def _record(self, sid: ServiceId, service: dict[str, Any] | None) -> None:
-        now = time.monotonic()
-        with self._cond:
-            previous = self._changes.get(sid)
-            self._changes[sid] = _Pending(service, previous.since if previous else now)
-            self.last_event = now
-            self._cond.notify_all()
-
-    # sync side
-    def has_work(self) -> bool:
-        return bool(self._changes) or self._relist is not None or bool(self.restarts)
-
-    def take(self) -> tuple[tuple[list[dict[str, Any]], float] | None, dict[ServiceId, _Pending], list[str]]:
-        with self._cond:
-            relist, changes, restarts = self._relist, self._changes, self.restarts
-            self._relist, self._changes, self.restarts = None, {}, []
-            return relist, changes, restarts
-
-    @property
-    def cond(self) -> threading.Condition:
-        return self._cond
+__all__ = ["Agent", "ChangeTracker", "SyncStatus"]
 
 
 @dataclass
@@ -148,6 +84,8 @@ class Agent:
         self._retry_delay = retry_min
         self._retry_at = 0.0
         self._counts = {(f, m): 0 for f in ("ipv4", "ipv6") for m in ("address", "nodePort")}
+        # The newest event-to-rule latencies (seconds), exact, for debug endpoints and benchmarks.
+        self.latencies: deque[float] = deque(maxlen=4096)
         self.watcher: Any = None  # the ServiceWatcher, when one is attached (debug endpoints)
 
     # -- reading (debug server) -----------------------------------------------------------------------
@@ -305,7 +243,9 @@ class Agent:
         elapsed = time.perf_counter() - started
         now = self._clock()
         for since in arrivals:
-            self.metrics.event_to_rule.observe(max(0.0, done - since))
+            latency = max(0.0, done - since)
+            self.metrics.event_to_rule.observe(latency)
+            self.latencies.append(latency)
         if wrote:
             self.metrics.sync_duration.labels(kind).observe(elapsed)
             self.status.transactions += 1

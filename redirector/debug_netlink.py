@@ -94,7 +94,7 @@ def _enter(netns: str) -> None:
 
 
 def _listeners(port: int) -> list[ListeningSocket]:
-    from pyroute2 import DiagSocket
+    from pyroute2 import DiagSocket  # type: ignore[import-untyped,unused-ignore]
 
     found: set[ListeningSocket] = set()
     with DiagSocket() as diag:
@@ -107,7 +107,7 @@ def _listeners(port: int) -> list[ListeningSocket]:
 
 
 def _local_prefixes() -> list[str]:
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute  # type: ignore[import-untyped,unused-ignore]
 
     prefixes: list[str] = []
     with IPRoute() as ipr:

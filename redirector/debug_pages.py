@@ -75,12 +75,12 @@ def paginate(
 ) -> Page[T]:
     """One page of ``items`` (any order; sorted here by ``sort_key``), after the token's position."""
     size = check_limit(limit)
-    ordered = sorted(items, key=sort_key)  # type: ignore[arg-type]
+    ordered = sorted(items, key=sort_key)
     start = 0
     if token is not None:
         after = decode_token(kind, token)
         keys = [sort_key(item) for item in ordered]
-        start = bisect.bisect_right(keys, after)  # type: ignore[arg-type]
+        start = bisect.bisect_right(keys, after)
     chunk = ordered[start:start + size]
     more = start + size < len(ordered)
     return Page(chunk, len(ordered), encode_token(kind, sort_key(chunk[-1])) if more and chunk else None)

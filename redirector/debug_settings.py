@@ -94,7 +94,7 @@ def config_view(settings: DebugSettings) -> dict[str, Any]:
 
 
 def settings_mapping(settings: object) -> dict[str, Any]:
-    """Any settings object (dataclass, pydantic model, mapping) as a plain dict."""
+    """Any settings object (dataclass, pydantic model, mapping, plain object) as a plain dict."""
     if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
         out = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
     elif hasattr(settings, "model_dump"):
@@ -102,7 +102,7 @@ def settings_mapping(settings: object) -> dict[str, Any]:
     elif isinstance(settings, Mapping):
         out = dict(settings)
     else:
-        out = {}
+        out = {k: v for k, v in vars(settings).items() if not k.startswith("_")} if hasattr(settings, "__dict__") else {}
     for name in ("node",):  # computed properties worth showing
         value = getattr(settings, name, None)
         if isinstance(value, str) and name not in out:

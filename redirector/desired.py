@@ -56,13 +56,14 @@ def service_entries(service: Mapping[str, Any]) -> ServiceEntries:
 
     addresses: list[tuple[Kind, Family, str]] = []
     for kind, raw in _addresses(spec, service):
-        parsed = parse_ip(raw)
+        parsed = _IP_CACHE.get(raw) or parse_ip(raw)
         if parsed is None:
             errors.append(f"{kind} {raw!r} is not an IP address: skipped")
             continue
         addresses.append((kind, parsed[0], parsed[1]))
 
-    families = _families(spec, addresses)
+    node_ports = svc_type in NODE_PORT_TYPES
+    families = _families(spec, addresses) if node_ports else ()
     by_key: dict[Key, Entry] = {}
     unserved: list[UnservedPort] = []
     raw_ports = spec.get("ports")
@@ -79,7 +80,7 @@ def service_entries(service: Mapping[str, Any]) -> ServiceEntries:
             key = Key(family, ip, port.port)
             if key not in by_key:
                 by_key[key] = Entry(key, kind, owner)
-        if svc_type in NODE_PORT_TYPES and index < len(raw_ports):
+        if node_ports and index < len(raw_ports):
             node_port = _mapping(raw_ports[index]).get("nodePort")
             if node_port is None:
                 continue
@@ -148,24 +149,27 @@ class DesiredIndex:
 
     def upsert(self, service: Mapping[str, Any]) -> Delta:
         """(Re)compute one Service. Returns how the SET of desired keys changed."""
-        return self._set(service_id(service), service_entries(service))
+        touched: dict[Key, bool] = {}
+        self._set(service_id(service), service_entries(service), touched)
+        return self._delta(touched)
 
     def remove(self, sid: ServiceId) -> Delta:
         """Forget a Service (deleted, or no longer labelled)."""
-        return self._set(sid, None)
+        touched: dict[Key, bool] = {}
+        self._set(sid, None, touched)
+        return self._delta(touched)
 
     def replace_all(self, services: Iterable[Mapping[str, Any]]) -> Delta:
         """A fresh list: upsert every listed Service and remove the ones that are gone."""
         seen: set[ServiceId] = set()
-        add: set[Key] = set()
-        delete: set[Key] = set()
+        touched: dict[Key, bool] = {}
         for service in services:
             sid = service_id(service)
             seen.add(sid)
-            _merge(add, delete, self._set(sid, service_entries(service)))
+            self._set(sid, service_entries(service), touched)
         for sid in [s for s in self._services if s not in seen]:
-            _merge(add, delete, self._set(sid, None))
-        return Delta(frozenset(add), frozenset(delete))
+            self._set(sid, None, touched)
+        return self._delta(touched)
 
     def keys(self) -> frozenset[Key]:
         return frozenset(self._claims)
@@ -191,23 +195,19 @@ class DesiredIndex:
                 errors[sid] = f"{errors[sid]}; {message}" if sid in errors else message
         return DesiredState(entries=entries, unserved=unserved, errors=errors)
 
-    def _set(self, sid: ServiceId, new: ServiceEntries | None) -> Delta:
+    def _set(self, sid: ServiceId, new: ServiceEntries | None, touched: dict[Key, bool]) -> None:
+        """Replace one Service's entries. ``touched`` records, for each key whose claims changed, whether
+        it was desired BEFORE its first change in this batch (so a batch's net delta is exact)."""
         old = self._services.get(sid)
         if old is None and new is None:
-            return _NO_CHANGE
+            return
         if old is not None and new is not None and old == new:
-            return _NO_CHANGE
+            return
         claims = self._claims
         if old is not None:
             self.unserved_count -= len(old.unserved)
             self.error_count -= bool(old.errors)
-        if new is not None:
-            self.unserved_count += len(new.unserved)
-            self.error_count += bool(new.errors)
-        add: list[Key] = []
-        delete: list[Key] = []
-        new_keys = {e.key for e in new.entries} if new is not None else set()
-        if old is not None:
+            new_keys = {e.key for e in new.entries} if new is not None else set()
             for entry in old.entries:
                 key = entry.key
                 if key in new_keys:
@@ -216,24 +216,34 @@ class DesiredIndex:
                 del claimants[sid]
                 if not claimants:
                     del claims[key]
-                    delete.append(key)
+                    touched.setdefault(key, True)
                 elif len(claimants) == 1:
                     self._contested.discard(key)
         if new is None:
             del self._services[sid]
-        else:
-            self._services[sid] = new
-            for entry in new.entries:
-                key = entry.key
-                claimants = claims.get(key)
-                if claimants is None:
-                    claims[key] = {sid: entry}
-                    add.append(key)
-                else:
-                    claimants[sid] = entry
-                    if len(claimants) > 1:
-                        self._contested.add(key)
-        return Delta(frozenset(add), frozenset(delete))
+            return
+        self._services[sid] = new
+        self.unserved_count += len(new.unserved)
+        self.error_count += bool(new.errors)
+        for entry in new.entries:
+            key = entry.key
+            found = claims.get(key)
+            if found is None:
+                claims[key] = {sid: entry}
+                touched.setdefault(key, False)
+            else:
+                claimants = found
+                claimants[sid] = entry
+                if len(claimants) > 1:
+                    self._contested.add(key)
+
+    def _delta(self, touched: dict[Key, bool]) -> Delta:
+        if not touched:
+            return _NO_CHANGE
+        claims = self._claims
+        add = frozenset(k for k, before in touched.items() if not before and k in claims)
+        delete = frozenset(k for k, before in touched.items() if before and k not in claims)
+        return Delta(add, delete)
 
 
 _NO_CHANGE = Delta()
@@ -245,37 +255,23 @@ def _winner(claimants: Mapping[ServiceId, Entry]) -> Entry:
     return min(claimants.values(), key=lambda e: (e.owner, e.kind))
 
 
-def _merge(add: set[Key], delete: set[Key], delta: Delta) -> None:
-    """Fold ``delta`` into a running (add, delete) pair: a key added then deleted cancels out."""
-    for key in delta.add:
-        if key in delete:
-            delete.discard(key)
-        else:
-            add.add(key)
-    for key in delta.delete:
-        if key in add:
-            add.discard(key)
-        else:
-            delete.add(key)
-
-
-def _addresses(spec: Mapping[str, Any], service: Mapping[str, Any]) -> Iterator[tuple[Kind, str]]:
+def _addresses(spec: Mapping[str, Any], service: Mapping[str, Any]) -> list[tuple[Kind, str]]:
     cluster_ips = spec.get("clusterIPs")
-    if not isinstance(cluster_ips, list) or not cluster_ips:
+    if type(cluster_ips) is not list or not cluster_ips:
         single = spec.get("clusterIP")
         cluster_ips = [single] if single else []
-    for ip in cluster_ips:
-        if ip and ip != "None":
-            yield "clusterIP", str(ip)
+    found: list[tuple[Kind, str]] = [("clusterIP", str(ip)) for ip in cluster_ips if ip and ip != "None"]
     external = spec.get("externalIPs")
-    for ip in external if isinstance(external, list) else []:
-        yield "externalIP", str(ip)
-    status = _mapping(service.get("status"))
-    ingress = _mapping(status.get("loadBalancer")).get("ingress")
-    for item in ingress if isinstance(ingress, list) else []:
-        ip = _mapping(item).get("ip")
-        if ip:  # hostname-only ingress has nothing to match on
-            yield "loadBalancer", str(ip)
+    if external:
+        found += [("externalIP", str(ip)) for ip in (external if isinstance(external, list) else [])]
+    status = service.get("status")
+    if status:
+        ingress = _mapping(_mapping(status).get("loadBalancer")).get("ingress")
+        for item in ingress if isinstance(ingress, list) else []:
+            ip = _mapping(item).get("ip")
+            if ip:  # hostname-only ingress has nothing to match on
+                found.append(("loadBalancer", str(ip)))
+    return found
 
 
 def _families(spec: Mapping[str, Any], addresses: list[tuple[Kind, Family, str]]) -> tuple[Family, ...]:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from redirector.model import BackendError, Delta, Key, diff
-from redirector.nftshape import Command, Layout
+from redirector.nftshape import Command, Layout, dumps
 from shared import constants as c
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,12 @@ class NftBackend:
         proxy_mark: int | None = c.DEFAULT_PROXY_MARK,
         proxy_uid: int | None = None,
     ) -> None:
-        import nftables  # Debian python3-nftables: imported here so the rest of the agent imports without it
+        import nftables  # type: ignore[import-untyped]  # Debian python3-nftables: imported here so the rest of the agent imports without it
 
         self.layout = Layout(table=table, proxy_port=proxy_port, proxy_mark=proxy_mark, proxy_uid=proxy_uid)
         # libnftables opens its netlink socket here: the objects belong to the caller's network namespace.
         self._writer = nftables.Nftables()
+        self._writer.set_json_output(True)  # libnftables 1.0 parses its input as JSON when this is on
         self._reader = nftables.Nftables()
         self._text = nftables.Nftables()
         self._text.set_terse_output(True)  # describe(): rules without the (possibly huge) element lists
@@ -119,7 +120,7 @@ class NftBackend:
     def _run(self, commands: list[Command]) -> None:
         if not commands:
             return
-        rc, _, err = self._writer.json_cmd({"nftables": commands})
+        rc, _, err = self._writer.cmd(dumps(commands))
         if rc != 0:
             raise BackendError(f"nftables transaction of {len(commands)} commands failed: {_first_lines(err)}")
 

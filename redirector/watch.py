@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import urllib3
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from shared import constants as c
 
@@ -136,7 +136,7 @@ class ServiceWatcher:
             if token:
                 kwargs["_continue"] = token
             try:
-                resp = self.api.list_service_for_all_namespaces(
+                resp: Any = self.api.list_service_for_all_namespaces(
                     _preload_content=False, _request_timeout=(self.connect_timeout, max(self.read_timeout, 60)),
                     **kwargs)
             except ApiException as exc:
@@ -163,7 +163,7 @@ class ServiceWatcher:
 
     def _watch(self, rv: str) -> str:
         try:
-            resp = self.api.list_service_for_all_namespaces(
+            resp: Any = self.api.list_service_for_all_namespaces(
                 watch=True, label_selector=self.selector, resource_version=rv, allow_watch_bookmarks=True,
                 timeout_seconds=self.server_timeout, _preload_content=False,
                 _request_timeout=(self.connect_timeout, self.read_timeout))

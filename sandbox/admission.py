@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from sandbox.errors import ApiError
 from sandbox.patching import apply_json_patch
 from sandbox.resources import NAMESPACES, ResourceType
-from sandbox.selectors import from_label_selector_object, matches
+from sandbox.label_selectors import from_label_selector_object, matches
 
 USER_INFO = {"username": "sandbox-admin", "uid": "sandbox-admin", "groups": ["system:masters", "system:authenticated"]}
 
@@ -210,6 +210,18 @@ def _decode_patch(response: Mapping[str, Any], name: str) -> list[Any] | None:
     return ops
 
 
+def _apply(obj: dict[str, Any], ops: list[Any], name: str) -> dict[str, Any]:
+    try:
+        out = apply_json_patch(obj, ops)
+    except ApiError as exc:
+        raise ApiError(500, f'Internal error occurred: admission webhook "{name}" returned a patch that '
+                       f"does not apply: {exc.message}", reason="InternalError") from exc
+    if not isinstance(out, dict):
+        raise ApiError(500, f'Internal error occurred: admission webhook "{name}" patched the object into a '
+                       "non-object", reason="InternalError")
+    return out
+
+
 def admit(
     req: Request,
     configurations: list[dict[str, Any]],
@@ -251,15 +263,14 @@ def admit(
                 message = status.get("message") or "without explanation"
                 raise ApiError(max(code, 400), f'admission webhook "{name}" denied the request: {message}',
                                reason=status.get("reason") or None)
-            try:
+            try:  # a bad patch is the webhook's bug: 500 whatever the failurePolicy, as in kube-apiserver
                 ops = _decode_patch(response, name)
                 if ops is not None:
-                    obj = apply_json_patch(obj, ops)
+                    obj = _apply(obj, ops, name)
                     entry["patched"] = True
             except ApiError as exc:
                 entry["error"] = exc.message
                 log(entry)
-                raise ApiError(500, f'Internal error occurred: admission webhook "{name}" patch failed: '
-                               f"{exc.message}", reason="InternalError") from exc
+                raise
             log(entry)
     return obj, warnings

@@ -163,8 +163,8 @@ class SandboxApiServer:
         with self._gate:
             if on:
                 self.stalled.set()
-                while self._sending:
-                    self._gate.wait()
+                # bounded: a stream blocked writing to a client that stopped reading never finishes
+                self._gate.wait_for(lambda: not self._sending, timeout=5)
             else:
                 self.stalled.clear()
 

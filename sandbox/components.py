@@ -181,12 +181,6 @@ def netns_get(netns: NetNS, url: str, timeout: float = 3) -> tuple[int, str]:
     return run_in_netns(netns.name, _http_get, url, timeout, timeout=timeout + 10)
 
 
-def _table_in_shape() -> bool:
-    from redirector.nft import NftBackend  # in the forked child, inside the node namespace
-
-    return NftBackend().shape_ok()
-
-
 class RedirectorProcess:
     """``lightpath-redirector run`` (nftables backend) inside the node namespace."""
 
@@ -200,18 +194,24 @@ class RedirectorProcess:
     def start(self, timeout: float = 20) -> RedirectorProcess:
         argv = [*tool("lightpath-redirector"), "run", "--kubeconfig", str(self.kubeconfig),
                 "--backend", "nftables", "--node-name", "sandbox-node", *self.extra_args]
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as out:
             self.proc = self.node.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         self.starts += 1
-        poll(lambda: self._alive() and self.ready(), timeout, "redirector ready")
+        poll(lambda: self._alive() and self.ready(offset), timeout, "redirector ready")
         return self
 
-    def ready(self) -> bool:
-        """/healthz of the debug server says so; without a debug server: our nftables table is in shape."""
+    def ready(self, log_offset: int = 0) -> bool:
+        """THIS process synced once (its log says so: the rules of an earlier run survive a restart, so the
+        table alone proves nothing), and its debug server's /healthz agrees when there is one."""
+        with self.log_path.open("rb") as f:
+            f.seek(log_offset)
+            if b'"full sync done"' not in f.read():
+                return False
         try:
             return self.debug("/healthz")[0] == 200
-        except OSError:  # URLError included: nothing listens on the debug port
-            return bool(run_in_netns(self.node.name, _table_in_shape))
+        except OSError:  # URLError included: no debug server in this build
+            return True
 
     def _alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

@@ -40,6 +40,7 @@ CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 JsonDict = dict[str, Any]
 UNMATCHED = "lightpath_unmatched"
 REJECTION_STATS = ("cluster_manager.cds.update_rejected", "listener_manager.lds.update_rejected")
+VERSION_STATS = {"cds": "cluster_manager.cds.version_text", "lds": "listener_manager.lds.version_text"}
 
 
 @dataclass(frozen=True)
@@ -257,23 +258,19 @@ def _write_atomic(path: Path, data: JsonDict) -> None:
 
 
 class EnvoyConfig:
-    """The files Envoy watches. ``write`` rewrites them only when the translation changed."""
+    """The two files Envoy watches, each replaced by an atomic rename, with the version they carry."""
 
     def __init__(self, config_dir: Path) -> None:
         self.dir = config_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.version = 0
-        self.current: EnvoyResources | None = None
+        self.current: EnvoyResources | None = None  # what Envoy was last seen to serve
 
-    def write(self, resources: EnvoyResources) -> bool:
-        """Clusters first, then listeners (a chain never points at a cluster Envoy has not seen)."""
-        if resources == self.current:
-            return False
-        self.version += 1
+    def write_clusters(self, resources: EnvoyResources) -> None:
         _write_atomic(self.dir / "cds.json", discovery_response(resources.clusters, str(self.version)))
+
+    def write_listeners(self, resources: EnvoyResources) -> None:
         _write_atomic(self.dir / "lds.json", discovery_response(resources.listeners, str(self.version)))
-        self.current = resources
-        return True
 
 
 def _admin_get(url: str, timeout: float) -> str:
@@ -297,13 +294,16 @@ class EnvoyProcess:
         self.base_id = (os.getpid() % 100_000) * 100 + EnvoyProcess._seq % 100
 
     def start(self, resources: EnvoyResources, timeout: float = 30) -> EnvoyProcess:
-        self.config.write(resources)
+        self.config.version += 1
+        self.config.write_clusters(resources)
+        self.config.write_listeners(resources)  # Envoy reads CDS before LDS at start-up
         path = self.workdir / "bootstrap.json"
         path.write_text(json.dumps(bootstrap(self.config.dir, admin_port=self.admin_port), indent=1))
         argv = [str(self.binary), "-c", str(path), "--base-id", str(self.base_id), "--concurrency", "1"]
         argv += ["--log-path", str(self.log_path), "--log-level", "info"]
         self.proc = self.netns.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.wait_applied(timeout)
+        self.config.current = resources
         return self
 
     def admin(self, path: str, timeout: float = 5) -> str:
@@ -325,14 +325,25 @@ class EnvoyProcess:
         return int(value) if value is not None and value.isdigit() else 0
 
     def update(self, resources: EnvoyResources, timeout: float = 10) -> bool:
-        """Write new config (if it changed) and wait until Envoy serves it."""
-        if not self.config.write(resources):
+        """Serve ``resources`` if they changed: clusters first and, once Envoy has them, listeners.
+
+        WHY the wait in between: Envoy handles the two watched files independently, so a listener whose
+        route names a cluster from a CDS update not yet applied is rejected ("unknown cluster"). After a
+        failure nothing counts as served, so the next call writes everything again.
+        """
+        if resources == self.config.current:
             return False
+        self.config.current = None
+        self.config.version += 1
+        self.config.write_clusters(resources)
+        self.wait_applied(timeout, ("cds",))
+        self.config.write_listeners(resources)
         self.wait_applied(timeout)
+        self.config.current = resources
         return True
 
-    def wait_applied(self, timeout: float = 10) -> None:
-        """Poll admin until Envoy is live and both files' current version is loaded and warm.
+    def wait_applied(self, timeout: float = 10, kinds: tuple[str, ...] = ("cds", "lds")) -> None:
+        """Poll admin until Envoy is live and the files' current version is loaded (listeners warm).
 
         A rejected update leaves the old version in place: fail at once with Envoy's log, not at the deadline.
         """
@@ -347,10 +358,10 @@ class EnvoyProcess:
             except Exception as exc:  # noqa: BLE001 - admin not up yet
                 last = repr(exc)
             else:
-                versions = (stats.get("cluster_manager.cds.version_text"), stats.get("listener_manager.lds.version_text"))
+                versions = {k: stats.get(VERSION_STATS[k]) for k in kinds}
                 warming = stats.get("listener_manager.total_listeners_warming", "0")
                 last = f"versions={versions} warming={warming}"
-                if versions == (want, want) and warming == "0":
+                if all(v == want for v in versions.values()) and warming == "0":
                     return
                 rejected = [k for k in REJECTION_STATS if stats.get(k, "0") != self._rejected.get(k, "0")]
                 if rejected:

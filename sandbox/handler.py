@@ -18,9 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from sandbox import routes
+from sandbox import routes, tables
 from sandbox.errors import ApiError
-from sandbox.selectors import object_filter, parse_field_selector, parse_label_selector
+from sandbox.label_selectors import object_filter, parse_field_selector, parse_label_selector
 from sandbox.store import WatchExpired
 from sandbox.watch import bookmark, gone
 
@@ -69,7 +69,7 @@ def _int(query: dict[str, list[str]], name: str) -> int | None:
     if value in (None, ""):
         return None
     try:
-        return int(value)  # type: ignore[arg-type]
+        return int(value)
     except ValueError:
         raise ApiError(400, f"invalid {name} {value!r}: must be an integer") from None
 
@@ -97,7 +97,7 @@ class Handler(BaseHTTPRequestHandler):
     # ---- plumbing ----------------------------------------------------------------------------
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
@@ -141,13 +141,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         try:
-            raw = self._read_body()
+            try:
+                raw = self._read_body()
+            except ValueError as exc:
+                self.close_connection = True  # the framing is lost: do not reuse the connection
+                raise ApiError(400, f"malformed request body framing: {exc}") from exc
             url = urlsplit(self.path)
             query = parse_qs(url.query, keep_blank_values=True)
             self._route(method, url.path, query, raw)
         except ApiError as exc:
             self._safe_send(exc.code, exc.status())
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the client (or stop()) closed the connection under us
             self.close_connection = True
         except Exception as exc:  # a bug in the double: still answer like an API server would
             log.exception("internal error on %s %s", method, self.path)
@@ -196,10 +200,15 @@ class Handler(BaseHTTPRequestHandler):
             meta: dict[str, Any] = {"resourceVersion": rv}
             if cont:
                 meta["continue"], meta["remainingItemCount"] = cont, remaining
-            self._send_json(200, {"kind": rt.list_kind, "apiVersion": rt.api_version, "metadata": meta, "items": items})
+            if tables.wants_table(self.headers.get("Accept")):
+                self._send_json(200, tables.table(rt, items, meta))
+            else:
+                self._send_json(200, {"kind": rt.list_kind, "apiVersion": rt.api_version, "metadata": meta, "items": items})
         elif method == "GET":
             obj = sandbox.store.get(rt, ns, name or "")
-            self._send_json(200, obj)
+            as_table = tables.wants_table(self.headers.get("Accept"))
+            self._send_json(200, tables.table(rt, [obj], {"resourceVersion": obj["metadata"]["resourceVersion"]})
+                            if as_table else obj)
         elif method == "POST" and name is None:
             obj, warnings = ops.create(rt, ns, self._json_body(raw), dry_run=dry_run)
             self._send_json(201 if not dry_run else 200, obj, warnings)
@@ -230,6 +239,7 @@ class Handler(BaseHTTPRequestHandler):
         rv = _one(query, "resourceVersion") or ""
         timeout = _int(query, "timeoutSeconds")
         bookmarks = _flag(query, "allowWatchBookmarks")
+        as_table = tables.wants_table(self.headers.get("Accept"))
         try:
             watcher = sandbox.store.open_watch(rt, ns, accept, rv)
         except WatchExpired as exc:
@@ -259,7 +269,7 @@ class Handler(BaseHTTPRequestHandler):
                     continue
                 try:
                     for kind, obj in watcher.drain():
-                        self._chunk({"type": kind, "object": obj})
+                        self._chunk({"type": kind, "object": tables.table(rt, [obj]) if as_table else obj})
                     now = time.monotonic()
                     if now >= deadline:  # timeoutSeconds: end the stream cleanly
                         self.wfile.write(b"0\r\n\r\n")

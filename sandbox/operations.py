@@ -71,6 +71,13 @@ class Operations:
             return req.obj, []
         ns_labels = self.store.namespace_labels(req.namespace) if req.namespace else None
         obj, warnings = admission.admit(req, configs, ns_labels, self.resolve, self.log)
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        if not isinstance(meta, dict):
+            raise ApiError(500, "Internal error occurred: admission webhooks removed the object's metadata",
+                           reason="InternalError")
+        if (req.rt.namespaced and meta.get("namespace") != req.namespace) or (req.name and meta.get("name") != req.name):
+            raise ApiError(500, "Internal error occurred: admission webhooks may not change metadata.name or "
+                           "metadata.namespace", reason="InternalError")
         return apply_defaults(req.rt.kind, obj), warnings
 
     def _require_namespace(self, rt: ResourceType, namespace: str | None) -> None:

@@ -288,8 +288,8 @@ class Scenario:
         return time.monotonic() - start
 
     def wait_envoy_route(self, name: str, timeout: float = 10) -> None:
+        """Until Envoy serves a chain for ``name`` (EnvoySync only publishes routes Envoy has applied)."""
         comp.poll(lambda: any(r.startswith(f"{self.ips[name]}:") for r in self.envoy_sync.routes()), timeout, f"Envoy route for {name}")
-        self.envoy.wait_applied()
 
     def node_nft(self, table: str) -> str:
         return self.topo.node.run(["nft", "list", "table", *table.split()]).stdout

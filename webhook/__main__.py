@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from kubernetes import client, config
 
 from webhook import logs
-from webhook.app import create_app
+from webhook.app import NamespaceSource, create_app
 from webhook.certs import CertificateError, CertStore
 from webhook.namespaces import NamespaceCache
 from webhook.server import build_server
@@ -18,13 +20,33 @@ from webhook.settings import Settings, parse_settings
 log = logging.getLogger("lightpath.webhook")
 
 
-def kube_client(settings: Settings) -> client.ApiClient:
-    """From --kubeconfig when given, else the in-cluster service account."""
+class NoApiServer:
+    """Namespace labels when no Kubernetes API is configured (a local trial run): never ready, and
+    every review that needs namespace labels is allowed untouched (the fail-safe answer)."""
+
+    synced = False
+
+    def labels(self, name: str) -> dict[str, str] | None:
+        return None
+
+    def fetch(self, name: str) -> dict[str, str]:
+        raise RuntimeError("no Kubernetes API configured (pass --kubeconfig, or run in a cluster)")
+
+
+def kube_client(settings: Settings) -> client.ApiClient | None:
+    """--kubeconfig; else in-cluster; else $KUBECONFIG or ~/.kube/config like kubectl; else None."""
     configuration = client.Configuration()
     if settings.kubeconfig is not None:
-        config.load_kube_config(config_file=str(settings.kubeconfig), client_configuration=configuration)
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=str(settings.kubeconfig), client_configuration=configuration
+        )
+    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
-        config.load_incluster_config(client_configuration=configuration)
+        path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or str(Path.home() / ".kube" / "config")
+        if not Path(path).is_file():
+            return None
+        config.load_kube_config(config_file=path, client_configuration=configuration)  # type: ignore[no-untyped-call]
     return client.ApiClient(configuration)
 
 
@@ -40,10 +62,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         api = kube_client(settings)
     except Exception as exc:
-        log.error("no Kubernetes API configuration (pass --kubeconfig outside a cluster): %s", exc)
+        log.error("cannot load the Kubernetes configuration: %s", exc)
         return 1
-    namespaces = NamespaceCache(api)
-    namespaces.start()
+    namespaces: NamespaceSource
+    if api is None:
+        log.error("no Kubernetes API configured (no --kubeconfig, not in a cluster, no ~/.kube/config): "
+                  "namespace labels are unavailable, /readyz stays 503 and reviews are allowed untouched")
+        namespaces = NoApiServer()
+    else:
+        cache = NamespaceCache(api)
+        cache.start()
+        namespaces = cache
     certs.start()
     app = create_app(settings, namespaces, certs)
     log.info(
@@ -55,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_server(app, certs, host=settings.bind_address, port=settings.port).run()
     finally:
         certs.stop()
-        namespaces.stop()
+        if isinstance(namespaces, NamespaceCache):
+            namespaces.stop()
     return 0
 
 

@@ -1,7 +1,9 @@
 """The HTTP shell around the pure core: read the body, look up namespace labels, answer, log, count.
 
-``/mutate`` is a plain Starlette route on purpose: it takes the raw request and returns raw bytes, so
-the hot path pays for neither FastAPI's dependency solving nor pydantic (see docs/performance.md).
+``POST /mutate`` is served by a plain ASGI handler that the app dispatches to before FastAPI's
+middleware stack and router: kube-apiserver calls it for every Service write, and the stack (error,
+exception, body-limit and telemetry middleware, routing, Request objects) cost more CPU than the
+whole decision (docs/performance.md). The other endpoints are ordinary FastAPI routes.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from shared.policy import PolicyConfig
 from webhook.certs import CertStore
 from webhook.metrics import Metrics
 from webhook.review import Admission, InvalidReview, admit, allow_untouched, parse_review, skip_reason
@@ -27,6 +29,7 @@ from webhook.settings import Settings
 
 MAX_BODY_BYTES = 3 * 1024 * 1024  # kube-apiserver's own request limit; an AdmissionReview is far smaller
 log = logging.getLogger("lightpath.webhook")
+_JSON = [(b"content-type", b"application/json")]
 
 
 class NamespaceSource(Protocol):
@@ -44,22 +47,110 @@ class BadRequest(Exception):
     """Answered with HTTP 400 and this message."""
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+class ClientGone(Exception):
+    """The client disconnected before sending the whole body: nobody to answer."""
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
     """The body, refusing more than ``limit`` bytes before reading them (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest("invalid Content-Length")
-        if int(declared) > limit:
-            raise BadRequest(f"body of {declared} bytes exceeds the {limit}-byte limit")
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit():
+                raise BadRequest("invalid Content-Length")
+            if int(value) > limit:
+                raise BadRequest(f"body of {int(value)} bytes exceeds the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BadRequest(f"body exceeds the {limit}-byte limit")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class MutateHandler:
+    """ASGI handler of ``POST /mutate``."""
+
+    def __init__(self, policy: PolicyConfig, namespaces: NamespaceSource, metrics: Metrics) -> None:
+        self.policy = policy
+        self.namespaces = namespaces
+        self.metrics = metrics
+        self.dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await _send(send, 405, b'{"detail":"Method Not Allowed"}', [*_JSON, (b"allow", b"POST")])
+            return
+        started = time.perf_counter()
+        try:
+            body = await read_body(scope, receive)
+            try:
+                doc = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BadRequest(f"body is not valid JSON: {exc}") from None
+            req = parse_review(doc)
+        except ClientGone:
+            return
+        except (BadRequest, InvalidReview) as exc:
+            self.metrics.errors.labels("bad_request").inc()
+            log.warning("bad admission request", extra={"error": str(exc), "status": 400})
+            # Connection: close, so an unread remainder of an oversized body is never parsed as a request.
+            await _send(send, 400, self.dumps({"detail": str(exc)}).encode(), [*_JSON, (b"connection", b"close")])
+            return
+
+        try:
+            why_skip = skip_reason(req)
+            if why_skip is None:
+                labels = self.namespaces.labels(req.namespace)
+                if labels is None:
+                    try:
+                        labels = await run_in_threadpool(self.namespaces.fetch, req.namespace)
+                    except Exception:
+                        self.metrics.errors.labels("namespace_lookup").inc()
+                        raise
+                result: Admission = admit(req, labels, self.policy)
+            else:
+                result = allow_untouched(req.uid, why_skip)
+        except Exception as exc:
+            self.metrics.errors.labels("internal").inc()
+            log.exception("admission failed; allowing untouched", extra={"uid": req.uid})
+            result = allow_untouched(req.uid, f"internal error: {type(exc).__name__}: {exc}", decision="error")
+
+        await _send(send, 200, self.dumps(result.review).encode(), _JSON)
+        duration = time.perf_counter() - started
+        self.metrics.requests.labels(req.metric_operation, result.decision).inc()
+        self.metrics.latency.observe(duration)
+        if result.ops:
+            self.metrics.patched.inc()
+        log.info("admission", extra={"fields": {
+            "uid": req.uid, "namespace": req.namespace, "name": req.name, "operation": req.operation,
+            "dry_run": req.dry_run, "decision": result.decision, "reason": result.reason,
+            "patched": bool(result.ops), "duration_ms": round(duration * 1000, 3),
+        }})
+
+
+class WebhookApp(FastAPI):
+    """FastAPI, with ``/mutate`` dispatched to its handler ahead of the middleware stack."""
+
+    mutate: MutateHandler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/mutate":
+            await self.mutate(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 class _StateCollector(Collector):
@@ -90,68 +181,13 @@ class _StateCollector(Collector):
         yield synced
 
 
-def create_app(settings: Settings, namespace_cache: NamespaceSource, cert_store: CertStore) -> FastAPI:
+def create_app(settings: Settings, namespace_cache: NamespaceSource, cert_store: CertStore) -> WebhookApp:
     """The webhook ASGI app. Owns its metrics registry, so tests may create several."""
-    policy = settings.policy()
     metrics = Metrics()
     metrics.registry.register(_StateCollector(cert_store, namespace_cache))
-    dumps = json.JSONEncoder(separators=(",", ":")).encode
-
-    async def mutate(request: Request) -> Response:
-        started = time.perf_counter()
-        try:
-            body = await read_body(request)
-            try:
-                doc = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise BadRequest(f"body is not valid JSON: {exc}") from None
-            req = parse_review(doc)
-        except (BadRequest, InvalidReview) as exc:
-            metrics.errors.labels("bad_request").inc()
-            log.warning("bad admission request", extra={"error": str(exc), "status": 400})
-            return JSONResponse({"detail": str(exc)}, status_code=400, headers={"connection": "close"})
-
-        try:
-            why_skip = skip_reason(req)
-            if why_skip is None:
-                labels = namespace_cache.labels(req.namespace)
-                if labels is None:
-                    try:
-                        labels = await run_in_threadpool(namespace_cache.fetch, req.namespace)
-                    except Exception:
-                        metrics.errors.labels("namespace_lookup").inc()
-                        raise
-                result: Admission = admit(req, labels, policy)
-            else:
-                result = allow_untouched(req.uid, why_skip)
-        except Exception as exc:
-            metrics.errors.labels("internal").inc()
-            log.exception("admission failed; allowing untouched", extra={"uid": req.uid})
-            result = allow_untouched(req.uid, f"internal error: {type(exc).__name__}: {exc}", decision="error")
-
-        duration = time.perf_counter() - started
-        metrics.requests.labels(req.metric_operation, result.decision).inc()
-        metrics.latency.observe(duration)
-        if result.ops:
-            metrics.patched.inc()
-        log.info(
-            "admission",
-            extra={"fields": {
-                "uid": req.uid,
-                "namespace": req.namespace,
-                "name": req.name,
-                "operation": req.operation,
-                "dry_run": req.dry_run,
-                "decision": result.decision,
-                "reason": result.reason,
-                "patched": bool(result.ops),
-                "duration_ms": round(duration * 1000, 3),
-            }},
-        )
-        return Response(dumps(result.review), media_type="application/json")
-
-    app = FastAPI(title="lightpath-webhook", docs_url=None, redoc_url=None, openapi_url=None)
-    app.router.routes.append(Route("/mutate", mutate, methods=["POST"]))
+    app = WebhookApp(title="lightpath-webhook", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mutate = MutateHandler(settings.policy(), namespace_cache, metrics)
+    app.state.metrics = metrics
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -166,5 +202,4 @@ def create_app(settings: Settings, namespace_cache: NamespaceSource, cert_store:
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.state.metrics = metrics
     return app

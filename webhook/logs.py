@@ -9,7 +9,9 @@ import time
 from typing import Any, TextIO
 
 # Attributes every LogRecord has; anything else was passed through ``extra=`` and is emitted as a field.
-_STANDARD = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime", "taskName"}
+# "color_message" is uvicorn's ANSI-coloured copy of msg: noise in a JSON line.
+_STANDARD = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {
+    "message", "asctime", "taskName", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

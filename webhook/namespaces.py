@@ -2,8 +2,9 @@
 
 The watch loop follows kopf's layering: an endless loop that reconnects with backoff -> list (paged)
 then watch from the list's resourceVersion -> one watch request with bookmarks and a server-side
-timeout. A 410 Gone (history compacted) goes straight back to a fresh list. A client-side read
-timeout longer than the bookmark interval catches a stream that silently stalls.
+timeout. A broken stream is watched again from the last resourceVersion (client-go's reflector does
+the same); a 410 Gone (history compacted) goes back to a fresh list. A client-side read timeout longer
+than the bookmark interval catches a stream that silently stalls.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import json
 import logging
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 log = logging.getLogger("lightpath.webhook.namespaces")
@@ -75,7 +76,7 @@ class NamespaceCache:
         """GET one namespace (blocking). A missing namespace has no labels (the apiserver rejects
         the Service anyway). The result only fills a gap: the watch stays the source of truth."""
         try:
-            resp = self._api.read_namespace(name, _preload_content=False, _request_timeout=self.lookup_timeout)
+            resp: Any = self._api.read_namespace(name, _preload_content=False, _request_timeout=self.lookup_timeout)
         except ApiException as exc:
             if exc.status == 404:
                 return {}
@@ -104,21 +105,34 @@ class NamespaceCache:
             self._thread = None
 
     def _run(self) -> None:
+        """Like client-go's reflector: after a broken or silent stream, watch again from the last
+        resourceVersion seen (cheap, nothing missed); list again only on 410 or a failed list."""
         backoff = 0.5
+        rv: str | None = None
         while not self._stop.is_set():
+            events = 0
             try:
-                rv = self._list()
-                backoff = 0.5
-                while not self._stop.is_set():
-                    rv = self._watch(rv)
+                if rv is None:
+                    rv = self._list()
+                for seen in self._watch(rv):
+                    rv = seen
+                    events += 1
+                if events:
+                    backoff = 0.5
+                    continue
+                self._stop.wait(backoff)  # a stream that ends at once, empty: do not spin
+                backoff = min(backoff * 2, self.max_backoff)
             except _Gone:
                 self.relists += 1
+                rv = None
                 log.info("namespace watch expired (410 Gone); re-listing")
             except Exception as exc:
                 if self._stop.is_set():
                     return
                 self.restarts += 1
                 log.warning("namespace watch failed; retrying", extra={"error": repr(exc), "backoff_s": backoff})
+                if events:
+                    backoff = 0.5
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
 
@@ -131,7 +145,7 @@ class NamespaceCache:
             if token:
                 kwargs["_continue"] = token
             try:
-                resp = self._api.list_namespace(**kwargs)
+                resp: Any = self._api.list_namespace(**kwargs)
             except ApiException as exc:
                 if exc.status == 410:
                     raise _Gone() from None  # continue token expired
@@ -147,10 +161,10 @@ class NamespaceCache:
                 log.info("namespace cache synced", extra={"namespaces": len(fresh)})
                 return str(meta.get("resourceVersion") or "")
 
-    def _watch(self, rv: str) -> str:
-        """One watch request, until the server ends it; returns the last resourceVersion seen."""
+    def _watch(self, rv: str) -> Iterator[str]:
+        """One watch request until the server ends it; yields the resourceVersion after each event."""
         try:
-            resp = self._api.list_namespace(
+            resp: Any = self._api.list_namespace(
                 watch=True,
                 resource_version=rv,
                 allow_watch_bookmarks=True,
@@ -166,14 +180,14 @@ class NamespaceCache:
         try:
             for event in self._events(resp):
                 rv = self._apply(event, rv)
+                yield rv
         finally:
             self._response = None
             resp.release_conn()
-        return rv
 
     @staticmethod
     def _events(resp: Any) -> Iterator[dict[str, Any]]:
-        for line in iter_resp_lines(resp):
+        for line in cast(Iterator[str], iter_resp_lines(resp)):  # type: ignore[no-untyped-call]
             if line.strip():
                 yield json.loads(line)
 

@@ -8,6 +8,7 @@ patched Service), so that admitting the patched Service again yields no patch at
 from __future__ import annotations
 
 from collections.abc import Mapping
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from shared import constants as c
 from shared.policy import Action, Decision, PolicyConfig, decide, wants_proxy
 
 Op = dict[str, Any]
+_NOT_PRINTABLE = re.compile(r"[^ -~]")
 
 
 def escape(token: str) -> str:
@@ -108,5 +110,5 @@ def _warning(service: Mapping[str, Any], decision: Decision, asked: bool) -> str
 
 def _printable(text: str, limit: int = 256) -> str:
     """Warnings travel as HTTP Warning headers: printable ASCII, bounded length."""
-    clean = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    clean = _NOT_PRINTABLE.sub("?", text)
     return clean if len(clean) <= limit else clean[: limit - 3] + "..."

@@ -12,8 +12,14 @@ DISABLED = {c.OPT_LABEL: c.OPT_DISABLED}
 LABELLED = {c.SERVICE_PROXY_NAME_LABEL: OURS}
 
 
-def port(number: int, protocol: str = "TCP", name: str | None = None, app: str | None = None) -> dict[str, Any]:
-    p: dict[str, Any] = {"name": name or f"p{number}-{protocol.lower()}", "port": number, "protocol": protocol}
+def port(
+    number: int, protocol: str = "TCP", name: str | None = None, app: str | None = None
+) -> dict[str, Any]:
+    p: dict[str, Any] = {
+        "name": name or f"p{number}-{protocol.lower()}",
+        "port": number,
+        "protocol": protocol,
+    }
     if app:
         p["appProtocol"] = app
     return p
@@ -48,7 +54,12 @@ def mixed_cluster() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     namespaces = [namespace("shop"), namespace("infra"), namespace("kube-system")]
     services = [
         service("web", "shop", port(80, name="http")),
-        service("api", "shop", port(8080, name="http", app="http"), port(8443, name="grpc", app="kubernetes.io/h2c")),
+        service(
+            "api",
+            "shop",
+            port(8080, name="http", app="http"),
+            port(8443, name="grpc", app="kubernetes.io/h2c"),
+        ),
         service("dns", "infra", port(53, "UDP", name="dns")),
         service("dns-mixed", "infra", port(53, "TCP", name="dns-tcp"), port(53, "UDP", name="dns")),
         service("db", "shop", port(5432, name="pg"), headless=True),

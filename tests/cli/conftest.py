@@ -66,7 +66,12 @@ def webhook_configuration(ca: KeyPair, failure_policy: str = "Ignore") -> dict[s
                 "failurePolicy": failure_policy,
                 "timeoutSeconds": 5,
                 "clientConfig": {
-                    "service": {"namespace": WEBHOOK_NAMESPACE, "name": WEBHOOK_SERVICE, "path": "/mutate", "port": 443},
+                    "service": {
+                        "namespace": WEBHOOK_NAMESPACE,
+                        "name": WEBHOOK_SERVICE,
+                        "path": "/mutate",
+                        "port": 443,
+                    },
                     "caBundle": base64.b64encode(ca.cert_pem).decode(),
                 },
                 "rules": [

@@ -22,7 +22,8 @@ def _rows(result_out: str) -> dict[str, dict]:
 
 def test_status_rows_for_a_mixed_cluster(cluster: Cluster) -> None:
     namespaces, services = mixed_cluster()
-    services.append(service("cart", "shop", port(80, name="http", app="http"), labels=ENABLED))  # migrated on CREATE
+    # Opted in at CREATE: the webhook labels it on admission.
+    services.append(service("cart", "shop", port(80, name="http", app="http"), labels=ENABLED))
     cluster.create(namespaces, services)
     assert cluster.handoff("shop", "cart") == OURS
 
@@ -40,12 +41,26 @@ def test_status_rows_for_a_mixed_cluster(cluster: Cluster) -> None:
     assert "excluded" in rows["kube-system/metrics"]["reason"]
     assert not any(r["pending"] for r in rows.values())
     assert json.loads(result.out)["summary"] == {
-        "total": 8, "lightpath": 1, "kubeProxy": 6, "otherProxy": 1, "pending": 0, "ineligible": 5,
+        "total": 8,
+        "lightpath": 1,
+        "kubeProxy": 6,
+        "otherProxy": 1,
+        "pending": 0,
+        "ineligible": 5,
     }
 
     table = cluster.run("status", "-A")
     assert table.code == 0 and "\033[" not in table.out  # piped: plain
-    assert table.out.splitlines()[0].split() == ["NAMESPACE", "NAME", "TYPE", "PORTS", "HANDLED-BY", "WANTS", "PENDING", "REASON"]
+    assert table.out.splitlines()[0].split() == [
+        "NAMESPACE",
+        "NAME",
+        "TYPE",
+        "PORTS",
+        "HANDLED-BY",
+        "WANTS",
+        "PENDING",
+        "REASON",
+    ]
     assert table.out.rstrip().splitlines()[-1].startswith("8 Services: 1 on lightpath, 6 on kube-proxy")
     assert yaml.safe_load(cluster.run("status", "-n", "infra", "-o", "yaml").out)["summary"]["total"] == 2
     coloured = cluster.run("status", "-n", "shop", "--color", "always")
@@ -83,7 +98,9 @@ def test_migrate_skips_what_the_policy_refuses(cluster: Cluster) -> None:
     cluster.create(namespaces, services)
     before = cluster.resource_versions()
 
-    result = cluster.run("migrate", "infra/dns", "infra/dns-mixed", "shop/db", "shop/mesh", "kube-system/metrics")
+    result = cluster.run(
+        "migrate", "infra/dns", "infra/dns-mixed", "shop/db", "shop/mesh", "kube-system/metrics"
+    )
     assert result.code == 0, result.err
     assert "5 skipped" in result.out and "dns/UDP 53" in result.out and "headless" in result.out
     assert cluster.resource_versions() == before
@@ -116,7 +133,9 @@ def test_migrate_with_namespace_label(cluster: Cluster) -> None:
     assert ns.metadata.labels[c.OPT_LABEL] == c.OPT_ENABLED
     assert cluster.handoff("shop", "web") == OURS and cluster.handoff("shop", "api") == OURS
     assert c.OPT_LABEL not in cluster.labels("shop", "web")  # the Namespace label did it
-    assert TOUCH_ANNOTATION in (cluster.core.read_namespaced_service("web", "shop").metadata.annotations or {})
+    assert TOUCH_ANNOTATION in (
+        cluster.core.read_namespaced_service("web", "shop").metadata.annotations or {}
+    )
     assert cluster.handoff("shop", "pinned") is None and cluster.handoff("shop", "dns") is None
     assert cluster.handoff("team", "other") is None
 
@@ -134,18 +153,27 @@ def test_batch_verification_stops_when_the_webhook_is_down(cluster: Cluster) -> 
     result = cluster.run("migrate", "-n", "shop", "--batch", "2")
     assert result.code == 1
     # svc0, svc1 are already done; the first batch written while the webhook is down is svc2, svc3.
-    assert "shop/svc2: expected lightpath, but the handoff label service.kubernetes.io/service-proxy-name" in result.err
+    assert (
+        "shop/svc2: expected lightpath, but the handoff label service.kubernetes.io/service-proxy-name"
+        in result.err
+    )
     assert "Services changed (written) before stopping: shop/svc2, shop/svc3" in result.out
     assert "Not attempted: 2" in result.out
     assert cluster.labels("shop", "svc4").get(c.OPT_LABEL) is None  # the run stopped before svc4
     assert cluster.handoff("shop", "svc2") is None
 
     status = _rows(cluster.run("status", "-n", "shop", "-o", "json").out)
-    assert status["shop/svc2"]["pending"] and status["shop/svc3"]["pending"] and not status["shop/svc4"]["pending"]
+    assert (
+        status["shop/svc2"]["pending"]
+        and status["shop/svc3"]["pending"]
+        and not status["shop/svc4"]["pending"]
+    )
 
     keep_going = cluster.run("migrate", "-n", "shop", "--continue-on-error", "-o", "json")
     report = json.loads(keep_going.out)
-    assert keep_going.code == 1 and {f["service"] for f in report["failed"]} == {f"shop/svc{i}" for i in range(2, 6)}
+    assert keep_going.code == 1 and {f["service"] for f in report["failed"]} == {
+        f"shop/svc{i}" for i in range(2, 6)
+    }
 
     cluster.start_webhook()
     healed = cluster.run("migrate", "-n", "shop")  # re-run: pending Services are touched, the rest unchanged
@@ -157,7 +185,14 @@ def test_reconcile_fixes_services_created_while_the_webhook_was_down(cluster: Cl
     cluster.create([namespace("shop", ENABLED)], [service("early", "shop")])
     assert cluster.handoff("shop", "early") == OURS
     cluster.stop_webhook()
-    cluster.create([], [service("late", "shop"), service("late-udp", "shop", port(53, "UDP")), service("pinned", "shop", labels=ENABLED)])
+    cluster.create(
+        [],
+        [
+            service("late", "shop"),
+            service("late-udp", "shop", port(53, "UDP")),
+            service("pinned", "shop", labels=ENABLED),
+        ],
+    )
     assert cluster.handoff("shop", "late") is None
 
     dry = cluster.run("reconcile", "-A", "--dry-run")
@@ -194,7 +229,10 @@ def test_unknown_names_change_nothing(cluster: Cluster) -> None:
         result = cluster.run(*argv)
         assert result.code == 2, argv
         assert "not found" in result.err and "nothing was changed" in result.err
-    assert "Services not found: shop/nope, ghost/web" in cluster.run("migrate", "shop/web", "shop/nope", "ghost/web").err
+    assert (
+        "Services not found: shop/nope, ghost/web"
+        in cluster.run("migrate", "shop/web", "shop/nope", "ghost/web").err
+    )
     assert cluster.resource_versions() == before
 
 
@@ -212,3 +250,34 @@ def test_dry_run_and_plan_change_nothing(cluster: Cluster) -> None:
     assert cluster.run("migrate", "shop", "--namespace-label", "--dry-run").code == 0
     assert cluster.resource_versions() == before
     assert c.OPT_LABEL not in (cluster.core.read_namespace("shop").metadata.labels or {})
+
+
+def test_emergency_rollback_while_the_webhook_is_down(cluster: Cluster) -> None:
+    cluster.create(
+        [namespace("shop")], [service("web", "shop", labels=ENABLED), service("api", "shop", labels=ENABLED)]
+    )
+    assert cluster.handoff("shop", "web") == OURS and cluster.handoff("shop", "api") == OURS
+    cluster.stop_webhook()
+
+    stuck = cluster.run("rollback", "-n", "shop", "--continue-on-error")
+    assert stuck.code == 1
+    assert (
+        "shop/api: expected kube-proxy, but the handoff label service.kubernetes.io/service-proxy-name=lightpath.cloud is still there"
+        in stuck.err
+    )
+    assert "Services changed (written) before stopping: shop/api, shop/web" in stuck.out
+
+    # The webhook does not act on the touch, so reconcile removes the handoff label directly.
+    fixed = cluster.run("reconcile", "-n", "shop")
+    assert fixed.code == 0, fixed.err
+    assert "reconciled shop/web -> kube-proxy (direct)" in fixed.out
+    assert cluster.handoff("shop", "web") is None and cluster.handoff("shop", "api") is None
+
+
+def test_reconcile_reports_a_webhook_that_disagrees_with_the_cli_config(cluster: Cluster) -> None:
+    cluster.create([namespace("shop")], [service("web", "shop")])
+    # The CLI is told opt-out, the webhook runs opt-in: the direct write is undone by the webhook on that UPDATE.
+    result = cluster.run("--mode", "opt-out", "reconcile", "-n", "shop")
+    assert result.code == 1
+    assert "shop/web: expected lightpath" in result.err and "same --proxy-name/--mode" in result.err
+    assert cluster.handoff("shop", "web") is None

@@ -35,7 +35,10 @@ def test_global_flags_before_or_after_the_command() -> None:
     assert defaults.kubeconfig is None and defaults.proxy_name == c.DEFAULT_PROXY_NAME
     config = policy_config(defaults)
     assert config.excluded_namespaces == frozenset(c.DEFAULT_EXCLUDED_NAMESPACES)
-    assert policy_config(parser.parse_args(["status", "--excluded-namespaces", ""])).excluded_namespaces == frozenset()
+    assert (
+        policy_config(parser.parse_args(["status", "--excluded-namespaces", ""])).excluded_namespaces
+        == frozenset()
+    )
 
 
 def test_bad_flags_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -101,14 +101,21 @@ def test_namespace_mode_labels_namespaces_then_touches_services() -> None:
     assert ns["kube-system"].step is Step.SKIP and "excluded" in ns["kube-system"].reason
     items = _by_name(plan)
     assert set(items) == {"web", "dns", "pinned-out", "done"}
-    assert items["web"].step is Step.TOUCH and items["web"].settle and "namespace opted in" in items["web"].reason
+    assert (
+        items["web"].step is Step.TOUCH
+        and items["web"].settle
+        and "namespace opted in" in items["web"].reason
+    )
     assert items["dns"].step is Step.SKIP
     assert items["pinned-out"].step is Step.SKIP and "Service opted out" in items["pinned-out"].reason
     assert items["done"].step is Step.UNCHANGED
 
 
 def test_namespace_mode_rollback_respects_service_opt_in() -> None:
-    svcs = [service("web", "shop", labels=LABELLED), service("pinned", "shop", labels={**ENABLED, **LABELLED})]
+    svcs = [
+        service("web", "shop", labels=LABELLED),
+        service("pinned", "shop", labels={**ENABLED, **LABELLED}),
+    ]
     plan = plan_namespaces(Direction.ROLLBACK, ["shop"], svcs, {"shop": ENABLED}, CFG, NOW)
     items = _by_name(plan)
     assert plan.namespaces[0].patch == label_patch(c.OPT_LABEL, c.OPT_DISABLED)

@@ -77,7 +77,9 @@ def test_plan_table_and_document() -> None:
     namespaces, services = mixed_cluster()
     plan = plan_services(Direction.MIGRATE, services, namespace_labels(namespaces), CFG, "now")
     text = render.plan_table(plan, colour=False)
-    assert text.startswith("Plan for migrate: 2 Service(s) to change (2 label, 0 touch), 0 unchanged, 5 skipped")
+    assert text.startswith(
+        "Plan for migrate: 2 Service(s) to change (2 label, 0 touch), 0 unchanged, 5 skipped"
+    )
     assert any(line.split()[:3] == ["label", "shop/web", "lightpath"] for line in text.splitlines())
     doc = json.loads(render.dump(render.plan_document(plan), "json"))
     assert {(s["name"], s["action"]) for s in doc["services"]} >= {("web", "label"), ("dns", "skip")}

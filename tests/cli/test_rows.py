@@ -71,7 +71,9 @@ def test_summary_counts() -> None:
         "pending": 1,
         "ineligible": 5,
     }
-    assert summary.text().startswith("9 Services: 1 on lightpath, 7 on kube-proxy, 1 on other proxies; 1 PENDING")
+    assert summary.text().startswith(
+        "9 Services: 1 on lightpath, 7 on kube-proxy, 1 on other proxies; 1 PENDING"
+    )
 
 
 def test_row_dict_is_plain_json() -> None:

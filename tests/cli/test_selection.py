@@ -28,9 +28,15 @@ def test_bare_names_use_dash_n() -> None:
 
 
 def test_namespace_and_all() -> None:
-    assert _names(select_services(Selection(namespace="shop"), SERVICES, NAMESPACES)) == ["shop/api", "shop/web"]
+    assert _names(select_services(Selection(namespace="shop"), SERVICES, NAMESPACES)) == [
+        "shop/api",
+        "shop/web",
+    ]
     everything = select_services(Selection(all_namespaces=True), SERVICES, NAMESPACES)
-    assert _names(everything) == ["infra/dns", "shop/api", "shop/web"] and Selection(all_namespaces=True).scope() is None
+    assert (
+        _names(everything) == ["infra/dns", "shop/api", "shop/web"]
+        and Selection(all_namespaces=True).scope() is None
+    )
     assert select_services(Selection(namespace="empty"), SERVICES, NAMESPACES) == []
 
 

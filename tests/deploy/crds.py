@@ -7,6 +7,7 @@ validation): that is how a typo such as `renewbefore:` gets caught.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> the openAPIV3Schema of every served version in ../shared/testdata."""
     if not CRD_DIR.is_dir():
         pytest.skip(f"cert-manager CRDs not found at {CRD_DIR} (the checkout's ../shared/testdata); cannot validate Certificate/Issuer")
+    return _load()
+
+
+@functools.cache
+def _load() -> dict[tuple[str, str], dict[str, Any]]:
     schemas: dict[tuple[str, str], dict[str, Any]] = {}
     for path in sorted(Path(CRD_DIR).glob("*.yaml")):
         for crd in yaml.safe_load_all(path.read_text()):

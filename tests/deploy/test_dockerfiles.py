@@ -167,9 +167,9 @@ def _imported_modules(package: str) -> set[str]:
                 mods |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 mods.add(node.module.split(".")[0])
-            elif isinstance(node, ast.keyword) and node.arg in ("loop", "http") and isinstance(node.value, ast.Constant):
-                if node.value.value in ("uvloop", "httptools"):
-                    mods.add(str(node.value.value))
+            elif (isinstance(node, ast.keyword) and node.arg in ("loop", "http") and isinstance(node.value, ast.Constant)
+                  and node.value.value in ("uvloop", "httptools")):
+                mods.add(str(node.value.value))
     return {m for m in mods if m not in sys.stdlib_module_names and m not in OWN_PACKAGES and m != "__future__"}
 
 

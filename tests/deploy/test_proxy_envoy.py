@@ -8,6 +8,7 @@ destination at once (never loop it), and pick up a ConfigMap update without a re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -116,10 +117,8 @@ def test_envoy_runs_the_example_configuration(envoy: tuple[str, Path, dict[str, 
     # An unknown destination is closed at once, never forwarded (no loop back into the redirect).
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
         conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        try:
+        with contextlib.suppress(ConnectionResetError):  # a reset is a close, too
             assert conn.recv(1024) == b""
-        except ConnectionResetError:
-            pass
     _poll("the unknown-destination counter", lambda: "tcp.unknown_destination.downstream_cx_total: 1" in _get(f"{admin}/stats?filter=unknown_destination"))
 
     # A ConfigMap update (kubelet's atomic ..data swap) reaches Envoy without a restart.

@@ -10,7 +10,7 @@ The calls are read from the source: every attribute of a `kubernetes.client` API
 from __future__ import annotations
 
 import ast
-import inspect
+import functools
 import re
 from pathlib import Path
 
@@ -36,18 +36,20 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "lease": ("coordination.k8s.io", "leases"),
     "mutating_webhook_configuration": ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"),
 }
+API_CLASSES = (kubernetes.client.CoreV1Api, kubernetes.client.DiscoveryV1Api, kubernetes.client.CoordinationV1Api,
+               kubernetes.client.AdmissionregistrationV1Api)
 VERBS = {"read": "get", "list": "list", "create": "create", "patch": "patch", "replace": "update",
          "delete_collection": "deletecollection", "delete": "delete"}
 _METHOD = re.compile(r"^(read|list|create|patch|replace|delete_collection|delete)_(?:namespaced_)?(\w+?)(?:_for_all_namespaces)?$")
 
 
-def api_methods() -> set[str]:
-    """Every public method of every API class in kubernetes.client (CoreV1Api, DiscoveryV1Api, ...)."""
+@functools.cache
+def api_methods() -> frozenset[str]:
+    """The resource methods of the API classes of the groups in RESOURCES (importing all 66 classes is slow)."""
     names: set[str] = set()
-    for cls_name, cls in inspect.getmembers(kubernetes.client, inspect.isclass):
-        if cls_name.endswith("Api") and cls_name != "ApiClient":
-            names |= {n for n in vars(cls) if _METHOD.match(n) and not n.endswith("_with_http_info")}
-    return names
+    for cls in API_CLASSES:
+        names |= {n for n in vars(cls) if _METHOD.match(n) and not n.endswith("_with_http_info")}
+    return frozenset(names)
 
 
 def called(package: str) -> set[Grant]:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import re
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cli import certs
+from sandbox.admission import Request, webhook_applies
+from sandbox.resources import SERVICES
 from shared import constants as c
+from shared.policy import Action, PolicyConfig, decide
 from tests.deploy.manifests import Obj, container, env_of, one, port_number
 from webhook.settings import Settings, build_parser, parse_settings
 
@@ -16,37 +24,82 @@ def _mwc(objs: list[Obj]) -> Obj:
     return one(objs, "MutatingWebhookConfiguration")
 
 
+def _webhooks(objs: list[Obj]) -> dict[str, Obj]:
+    return {w["name"]: w for w in _mwc(objs)["webhooks"]}
+
+
 def _webhook(objs: list[Obj]) -> Obj:
-    webhooks = _mwc(objs)["webhooks"]
-    assert len(webhooks) == 1
-    return dict(webhooks[0])
+    """The main registration."""
+    return _webhooks(objs)["services.lightpath.cloud"]
 
 
-def test_registration_follows_the_contract(default_objs: list[Obj]) -> None:
-    w = _webhook(default_objs)
-    assert w["admissionReviewVersions"] == ["v1"]
-    assert w["sideEffects"] == "None"
-    assert w["failurePolicy"] == "Ignore"
-    assert 1 <= w["timeoutSeconds"] <= 5
-    assert w["matchPolicy"] == "Equivalent"
-    assert w["reinvocationPolicy"] == "Never"
-    assert w["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
-                           "resources": ["services"], "scope": "Namespaced"}]
-    assert w["clientConfig"]["service"]["path"] == "/mutate"
-    assert "objectSelector" not in w
+def test_registrations_follow_the_contract(default_objs: list[Obj]) -> None:
+    hooks = _webhooks(default_objs)
+    assert tuple(hooks) == certs.WEBHOOK_NAMES, "lightpath certs generate patches caBundle into these, in this order"
+    for w in hooks.values():
+        assert w["admissionReviewVersions"] == ["v1"]
+        assert w["sideEffects"] == "None"
+        assert w["failurePolicy"] == "Ignore"
+        assert 1 <= w["timeoutSeconds"] <= 5
+        assert w["matchPolicy"] == "Equivalent"
+        assert w["reinvocationPolicy"] == "Never"
+        assert w["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
+                               "resources": ["services"], "scope": "Namespaced"}]
+        assert w["clientConfig"] == {"service": {"name": certs.WEBHOOK_SERVICE, "namespace": NS, "path": "/mutate", "port": 443}}
+    # Apart from the selectors, the three registrations are identical.
+    stripped = [{k: v for k, v in w.items() if k not in ("name", "namespaceSelector", "objectSelector")} for w in hooks.values()]
+    assert all(x == stripped[0] for x in stripped)
+    assert "objectSelector" not in _webhook(default_objs)
 
 
 def test_namespace_selector_excludes_what_the_webhook_excludes(default_objs: list[Obj]) -> None:
-    """The selector keeps away exactly the namespaces the program excludes, plus opted-out namespaces."""
-    exprs = {e["key"]: e for e in _webhook(default_objs)["namespaceSelector"]["matchExpressions"]}
-    by_name = exprs["kubernetes.io/metadata.name"]
-    assert by_name["operator"] == "NotIn"
-    assert set(by_name["values"]) == set(c.DEFAULT_EXCLUDED_NAMESPACES) == {"kube-system", "cert-manager", NS}
+    """Every registration keeps away exactly the namespaces the program excludes; the main one also
+    keeps away opted-out namespaces."""
     deployment_env = env_of(container(one(default_objs, "Deployment", "lightpath-webhook")))
-    assert set(deployment_env["LIGHTPATH_EXCLUDED_NAMESPACES"].split(",")) == set(by_name["values"])
-    assert exprs[c.OPT_LABEL] == {"key": c.OPT_LABEL, "operator": "NotIn", "values": [c.OPT_DISABLED]}
+    for w in _webhooks(default_objs).values():
+        exprs = {e["key"]: e for e in w["namespaceSelector"]["matchExpressions"]}
+        by_name = exprs["kubernetes.io/metadata.name"]
+        assert by_name["operator"] == "NotIn"
+        assert set(by_name["values"]) == set(c.DEFAULT_EXCLUDED_NAMESPACES) == {"kube-system", "cert-manager", NS}
+        assert set(deployment_env["LIGHTPATH_EXCLUDED_NAMESPACES"].split(",")) == set(by_name["values"])
+    main = {e["key"]: e for e in _webhook(default_objs)["namespaceSelector"]["matchExpressions"]}
+    assert main[c.OPT_LABEL] == {"key": c.OPT_LABEL, "operator": "NotIn", "values": [c.OPT_DISABLED]}
     own = one(default_objs, "Namespace", NS)
     assert own["metadata"]["labels"][c.OPT_LABEL] == c.OPT_DISABLED
+
+
+NAMESPACE_NAMES = st.sampled_from(["shop", "kube-system", "cert-manager", NS])
+OPT = st.sampled_from([None, c.OPT_ENABLED, c.OPT_DISABLED, "yes"])
+HANDOFF = st.sampled_from([None, c.DEFAULT_PROXY_NAME, "cilium"])
+PORTS = st.lists(st.sampled_from([{"port": 80, "protocol": "TCP"}, {"port": 53, "protocol": "UDP"}, {"port": 8080}]),
+                 min_size=1, max_size=3)
+
+
+def _labels(**kv: str | None) -> dict[str, str]:
+    return {k: v for k, v in kv.items() if v is not None}
+
+
+@given(ns=NAMESPACE_NAMES, ns_opt=OPT, svc_opt=OPT, handoff=HANDOFF, ports=PORTS,
+       op=st.sampled_from(["CREATE", "UPDATE"]), mode=st.sampled_from(c.MODES))
+def test_selectors_send_every_service_the_policy_would_change(
+    default_objs: list[Obj], ns: str, ns_opt: str | None, svc_opt: str | None, handoff: str | None,
+    ports: list[dict[str, Any]], op: str, mode: str,
+) -> None:
+    """Whenever shared.policy.decide would label or unlabel a Service, at least one registration sends
+    it to the webhook (checked with the sandbox's implementation of kube-apiserver's selector
+    matching); in an opted-out namespace only Services carrying our label or opting in are sent."""
+    ns_labels = {"kubernetes.io/metadata.name": ns, **_labels(**{c.OPT_LABEL: ns_opt})}
+    svc_labels = _labels(**{c.OPT_LABEL: svc_opt, c.SERVICE_PROXY_NAME_LABEL: handoff})
+    svc = {"metadata": {"name": "web", "namespace": ns, "labels": svc_labels}, "spec": {"ports": ports}}
+    req = Request(SERVICES, op, ns, "web", svc, copy.deepcopy(svc) if op == "UPDATE" else None)
+    sent = [w["name"] for w in _mwc(default_objs)["webhooks"] if webhook_applies(w, req, ns_labels)]
+    decision = decide(svc, ns_labels, PolicyConfig(mode=mode))
+    if decision.action is not Action.LEAVE:
+        assert sent, f"{decision.action} ({decision.reason}) but no registration sends the Service"
+    if ns in c.DEFAULT_EXCLUDED_NAMESPACES:
+        assert sent == []
+    if ns_opt == c.OPT_DISABLED and handoff != c.DEFAULT_PROXY_NAME and svc_opt != c.OPT_ENABLED:
+        assert sent == [], "an opted-out namespace keeps the webhook out of its ordinary Services"
 
 
 def test_inject_ca_from_names_the_serving_certificate(default_objs: list[Obj]) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -364,3 +367,56 @@ def test_kubeconfig_and_restart_on_same_port(server: SandboxApiServer, core: Cor
     server.start()
     assert server.url == url
     assert [n.metadata.name for n in api.list_namespace().items] == ["demo"]  # state survived
+
+
+def test_table_output_for_kubectl(server: SandboxApiServer, core: CoreV1Api) -> None:
+    core.create_namespaced_service("demo", svc("web", type="NodePort", selector={"app": "w"}))
+    accept = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+    table = httpx.get(f"{server.url}/api/v1/services", headers={"Accept": accept}).json()
+    assert table["kind"] == "Table"
+    assert [c["name"] for c in table["columnDefinitions"]] == [
+        "Name", "Type", "Cluster-IP", "External-IP", "Port(s)", "Age", "Selector"]
+    (row,) = table["rows"]
+    assert row["cells"][:3] == ["web", "NodePort", core.read_namespaced_service("web", "demo").spec.cluster_ip]
+    assert row["object"]["metadata"]["namespace"] == "demo"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_real_kubectl_works_against_the_double(server: SandboxApiServer, core: CoreV1Api, tmp_path: Path) -> None:
+    core.create_namespaced_service("demo", svc("web"))
+    kubeconfig = str(server.write_kubeconfig(tmp_path / "kubeconfig"))
+
+    def kubectl(*args: str) -> str:
+        done = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, *args], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "ClusterIP" in kubectl("get", "svc", "-n", "demo")
+    kubectl("label", "svc", "-n", "demo", "web", "lightpath.cloud/proxy=enabled")
+    assert core.read_namespaced_service("web", "demo").metadata.labels == {"lightpath.cloud/proxy": "enabled"}
+    kubectl("delete", "svc", "-n", "demo", "web")
+    assert core.list_namespaced_service("demo").items == []
+
+
+def test_generate_name(core: CoreV1Api) -> None:
+    made = core.create_namespaced_service("demo", {"metadata": {"generateName": "web-"}, "spec": {"ports": [{"port": 80}]}})
+    assert made.metadata.name.startswith("web-") and len(made.metadata.name) == len("web-") + 5
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this host")
+def test_serves_on_ipv6_loopback() -> None:
+    with SandboxApiServer(host="::1") as srv:
+        assert srv.url.startswith("http://[::1]:")
+        api = CoreV1Api(srv.api_client())
+        api.create_namespace({"metadata": {"name": "v6"}})
+        assert [n.metadata.name for n in api.list_namespace().items] == ["v6"]

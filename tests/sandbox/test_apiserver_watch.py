@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -280,3 +281,16 @@ def test_bad_watch_resource_version_is_400(server: SandboxApiServer, core: CoreV
     conn.close()
     with socket.create_connection((server.host, server.port)):
         pass
+
+
+def test_abandoned_watch_streams_are_reaped(server: SandboxApiServer, core: CoreV1Api) -> None:
+    rv = core.list_namespaced_service("demo").metadata.resource_version
+    raw = RawWatch(server, f"/api/v1/namespaces/demo/services?watch=true&resourceVersion={rv}")
+    deadline = time.monotonic() + 10
+    while not server.store.watchers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(server.store.watchers) == 1
+    raw.close()  # no bookmarks, no events: the server must notice the hang-up by itself
+    while server.store.watchers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server.store.watchers

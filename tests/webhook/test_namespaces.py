@@ -66,14 +66,18 @@ def test_list_pages_then_watch_adds_modifies_deletes(api: SandboxApiServer, core
 def test_expired_resource_version_relists(api: SandboxApiServer, core: client.CoreV1Api) -> None:
     name = ns_name()
     core.create_namespace({"metadata": {"name": name}})
-    cache = make_cache(api, watch_timeout=1)  # re-watch every second from the last resourceVersion
+    cache = make_cache(api, inactivity_timeout=1.0)
     try:
         assert cache.wait_synced(10)
-        api.compact()
-        wait_for(lambda: cache.relists >= 1, "a 410 to trigger a re-list")
+        api.stall_watches(True)  # the cache stops hearing anything...
         core.patch_namespace(name, {"metadata": {"labels": {"after": "compaction"}}})
-        wait_for(lambda: sees(cache, name, {"after": "compaction"}), "the cache to follow changes after the re-list")
+        api.compact()  # ...and the history it would resume from is gone
+        wait_for(lambda: cache.restarts >= 1, "the silent stream to be given up")
+        api.stall_watches(False)
+        wait_for(lambda: cache.relists >= 1, "the 410 on the next watch to trigger a re-list")
+        wait_for(lambda: sees(cache, name, {"after": "compaction"}), "the re-list to bring the change")
     finally:
+        api.stall_watches(False)
         cache.stop()
 
 
@@ -93,17 +97,20 @@ def test_recovers_when_the_api_comes_back(api: SandboxApiServer, core: client.Co
         cache.stop()
 
 
-def test_stalled_stream_is_detected_and_replaced(api: SandboxApiServer, core: client.CoreV1Api) -> None:
+def test_stalled_stream_is_detected_and_resumed_from_its_resource_version(
+    api: SandboxApiServer, core: client.CoreV1Api
+) -> None:
     name = ns_name()
     core.create_namespace({"metadata": {"name": name}})
     cache = make_cache(api, inactivity_timeout=1.0)
     try:
         assert cache.wait_synced(10)
-        api.stall_watches(True)
-        core.patch_namespace(name, {"metadata": {"labels": {"seen": "by-relist"}}})
-        # The stream stays open but silent; only the read timeout and a fresh list can bring the change.
-        wait_for(lambda: sees(cache, name, {"seen": "by-relist"}), "a re-list after the stream went silent")
-        assert cache.restarts >= 1
+        api.stall_watches(True)  # the stream stays open but silent: no events, no bookmarks, no end
+        core.patch_namespace(name, {"metadata": {"labels": {"seen": "after-stall"}}})
+        wait_for(lambda: cache.restarts >= 1, "the read timeout to give up the silent stream")
+        api.stall_watches(False)
+        wait_for(lambda: sees(cache, name, {"seen": "after-stall"}), "the new watch to replay the missed change")
+        assert cache.relists == 0  # resumed from its resourceVersion, no full list needed
     finally:
         api.stall_watches(False)
         cache.stop()
