@@ -175,9 +175,9 @@ def main_bench(argv: list[str] | None = None) -> int:
     print(f"API requests per `status -A`: {r['requests']}")
     print(f"summary: {r['summary']}")
     print(f"status -A (table, in-process):      {fmt(r['status_table'])}")
-    print(f"status -A -o json (in-process):     {fmt(r['status_json'])}")
-    print(f"  of which: 2 paginated lists       {fmt(r['listing'])}")
+    print(f"  of which: the 2 paginated lists   {fmt(r['listing'])}")
     print(f"  of which: policy + table (pure)   {fmt(r['pure'])}")
+    print(f"status -A -o json (in-process):     {fmt(r['status_json'])}")
     print(f"lightpath status -A (console script, incl. start-up): {fmt(r['console_script'])}")
     return 0
 

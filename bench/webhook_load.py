@@ -19,6 +19,7 @@ import json
 import ssl
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 HOSTNAME = "lightpath-webhook.lightpath-system.svc"
@@ -43,7 +44,7 @@ async def read_response(reader: asyncio.StreamReader) -> int:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    body = open(args.body, "rb").read()
+    body = Path(args.body).read_bytes()
     request = (
         f"POST /mutate?timeout=10s HTTP/1.1\r\nHost: {HOSTNAME}:443\r\nContent-Type: application/json\r\n"
         f"Accept: application/json\r\nContent-Length: {len(body)}\r\n\r\n"

@@ -86,7 +86,7 @@ def echo_listener(
     timeout: float = 20,
 ) -> Listener:
     """Start an echo server in ``netns`` and return once it accepts. ``name`` tags its replies."""
-    # -P: don't put sandbox/ on sys.path (sandbox/selectors.py would shadow the stdlib module).
+    # -P: keep sandbox/ off sys.path so no module of ours can shadow a stdlib one.
     argv = [sys.executable, "-P", str(ECHO_SERVER), "--port", str(port), "--family", str(family)]
     argv += ["--name", name or netns.name]
     if bind:

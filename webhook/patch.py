@@ -7,8 +7,8 @@ patched Service), so that admitting the patched Service again yields no patch at
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox.apiserver import SandboxApiServer
 from shared.tls import KeyPair, make_ca, make_serving_cert
@@ -39,6 +40,15 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of sample ``name`` with exactly ``labels`` in a Prometheus text exposition."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
 
 
 @dataclass
@@ -76,6 +86,10 @@ class Webhook:
             der = tls.getpeercert(binary_form=True)
         assert der is not None
         return x509.load_der_x509_certificate(der).serial_number
+
+    def metrics(self) -> str:
+        with self.client() as client:
+            return self.request(client, "GET", "/metrics").text
 
     def rotate(self, cert_pem: bytes, key_pem: bytes) -> None:
         self.volume.write({"tls.crt": cert_pem, "tls.key": key_pem})

@@ -15,7 +15,7 @@ import pytest
 from sandbox.apiserver import SandboxApiServer
 from shared import constants as c
 from shared.tls import KeyPair, make_serving_cert
-from tests.webhook.conftest import HOSTNAME, Webhook, start_webhook, stop_webhook, wait_for
+from tests.webhook.conftest import HOSTNAME, Webhook, metric, start_webhook, stop_webhook, wait_for
 from webhook.logs import JsonFormatter
 
 
@@ -74,13 +74,14 @@ def test_mutate_health_ready_and_metrics(webhook: Webhook, caplog: pytest.LogCap
         assert ready.status_code == 200 and ready.json() == {"certificate": True, "namespace_cache": True}
 
         text = webhook.request(client, "GET", "/metrics").text
-    assert 'lightpath_webhook_admission_requests_total{decision="label",operation="CREATE"} 1.0' in text
-    assert "lightpath_webhook_admission_duration_seconds_count 1.0" in text
-    assert "lightpath_webhook_patches_total 1.0" in text
-    not_after = webhook.pair.certificate.not_valid_after_utc.timestamp()
-    assert f"lightpath_webhook_certificate_not_after_timestamp_seconds {not_after:.9e}" in text
-    assert 'lightpath_webhook_certificate_reloads_total{result="success"} 0.0' in text
-    assert 'lightpath_webhook_errors_total{kind="internal"} 0.0' in text
+    assert metric(text, "lightpath_webhook_admission_requests_total", operation="CREATE", decision="label") == 1
+    assert metric(text, "lightpath_webhook_admission_duration_seconds_count") == 1
+    assert metric(text, "lightpath_webhook_patches_total") == 1
+    assert metric(text, "lightpath_webhook_certificate_not_after_timestamp_seconds") == \
+        webhook.pair.certificate.not_valid_after_utc.timestamp()
+    assert metric(text, "lightpath_webhook_certificate_reloads_total", result="success") == 0
+    assert metric(text, "lightpath_webhook_errors_total", kind="internal") == 0
+    assert metric(text, "lightpath_webhook_namespace_cache_synced") == 1
 
     lines = [r for r in caplog.records if r.getMessage() == "admission"]
     assert len(lines) == 1
@@ -121,9 +122,7 @@ def test_rotation_reaches_new_connections_without_disturbing_one_in_flight(webho
         der = inflight.getpeercert(binary_form=True)
     assert der is not None and old_serial != new.serial
     assert webhook.certs.reload_successes == 1
-    with webhook.client() as client:
-        assert 'lightpath_webhook_certificate_reloads_total{result="success"} 1.0' in webhook.request(
-            client, "GET", "/metrics").text
+    assert metric(webhook.metrics(), "lightpath_webhook_certificate_reloads_total", result="success") == 1
 
 
 def test_broken_pair_is_refused_and_the_old_one_keeps_serving(webhook: Webhook, ca: KeyPair) -> None:
@@ -135,7 +134,7 @@ def test_broken_pair_is_refused_and_the_old_one_keeps_serving(webhook: Webhook, 
         r = webhook.request(client, "POST", "/mutate", json=review(uid="still-serving"))
         assert r.status_code == 200 and r.json()["response"]["uid"] == "still-serving"
         text = webhook.request(client, "GET", "/metrics").text
-        assert 'lightpath_webhook_certificate_reloads_total{result="failure"} 1.0' in text
+        assert metric(text, "lightpath_webhook_certificate_reloads_total", result="failure") == 1
         assert webhook.request(client, "GET", "/readyz").status_code == 200
     webhook.rotate(a.cert_pem, a.key_pem)  # fixed by the issuer
     wait_for(lambda: webhook.served_serial() == a.serial, "the fixed pair to be served")
@@ -159,8 +158,9 @@ def test_without_a_namespace_cache_ready_fails_and_admission_is_allowed_untouche
             assert resp == {"uid": "no-cache", "allowed": True, "auditAnnotations": resp["auditAnnotations"]}
             assert resp["auditAnnotations"]["decision"] == "error"
             text = hook.request(client, "GET", "/metrics").text
-        assert 'lightpath_webhook_errors_total{kind="namespace_lookup"} 1.0' in text
-        assert 'lightpath_webhook_errors_total{kind="internal"} 1.0' in text
-        assert 'lightpath_webhook_admission_requests_total{decision="error",operation="CREATE"} 1.0' in text
+        assert metric(text, "lightpath_webhook_errors_total", kind="namespace_lookup") == 1
+        assert metric(text, "lightpath_webhook_errors_total", kind="internal") == 1
+        assert metric(text, "lightpath_webhook_admission_requests_total", operation="CREATE", decision="error") == 1
+        assert metric(text, "lightpath_webhook_namespace_cache_synced") == 0
     finally:
         stop_webhook(hook)

@@ -1,0 +1,87 @@
+"""The command line: typed settings from flags and env, clear errors with exit 2, version, cleanup."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from redirector import config
+from redirector.__main__ import build_parser, main
+from sandbox.netns import NetNS, nft
+
+BINARY = Path(sys.executable).parent / "lightpath-redirector"
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None) -> config.Settings:
+    args = build_parser().parse_args(["run", *argv])
+    return config.settings_from(args, env or {})
+
+
+def test_defaults_match_the_shared_constants() -> None:
+    s = parse([])
+    assert (s.backend, s.proxy_port, s.proxy_name, s.proxy_mark, s.proxy_uid) == (
+        "nftables", 1666, "lightpath.cloud", 0x1666, None)
+    assert (s.debug_address, s.debug_port, s.nft_table, s.iptables_chain) == ("127.0.0.1", 10666, "lightpath", "LIGHTPATH")
+    assert s.resync_period == 30.0 and s.kubeconfig is None
+
+
+def test_flags_win_over_env_which_wins_over_defaults() -> None:
+    env = {"LIGHTPATH_PROXY_PORT": "15001", "LIGHTPATH_BACKEND": "iptables", "LIGHTPATH_PROXY_MARK": "0x10",
+           "LIGHTPATH_RESYNC_PERIOD": "5"}
+    s = parse(["--proxy-port", "15006", "--proxy-uid", "1337"], env)
+    assert (s.proxy_port, s.backend, s.proxy_mark, s.proxy_uid, s.resync_period) == (15006, "iptables", 16, 1337, 5.0)
+    assert parse(["--proxy-mark", "none", "--proxy-uid", "0"]).proxy_mark is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "culprit"),
+    [
+        (["--proxy-port", "0"], {}, "--proxy-port"),
+        (["--backend", "ebpf"], {}, "--backend"),
+        (["--resync-period", "-1"], {}, "--resync-period"),
+        ([], {"LIGHTPATH_PROXY_UID": "root"}, "LIGHTPATH_PROXY_UID"),
+        (["--proxy-mark", "none"], {}, "proxy-mark"),  # nothing would stop the proxy's own traffic looping
+        (["--proxy-name", "has space"], {}, "--proxy-name"),
+    ],
+)
+def test_bad_values_name_the_culprit(argv: list[str], env: dict[str, str], culprit: str) -> None:
+    with pytest.raises(ValueError, match=culprit):
+        parse(argv, env)
+
+
+def test_bad_flags_exit_2_with_a_clear_message() -> None:
+    done = subprocess.run([str(BINARY), "run", "--proxy-port", "70000"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--proxy-port='70000': must be between 1 and 65535" in done.stderr
+    done = subprocess.run([str(BINARY), "frobnicate"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.startswith("lightpath-redirector ")
+
+
+def test_help_lists_every_setting_with_its_env_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["run", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    for flag, env, *_ in config.OPTIONS:
+        assert flag in text and f"LIGHTPATH_{env}" in text
+
+
+@pytest.mark.root
+def test_cleanup_removes_our_table_and_nothing_else() -> None:
+    import os
+
+    with NetNS(f"lpr-{os.getpid()}-0-cleanup") as ns:
+        nft(ns.name, "add table inet lightpath\nadd table inet keepme\nadd table ip nat")
+        done = ns.run([str(BINARY), "cleanup"], check=False)
+        assert done.returncode == 0, done.stderr
+        tables = nft(ns.name, "list tables")
+        assert "lightpath" not in tables and "keepme" in tables and "table ip nat" in tables
+        assert ns.run([str(BINARY), "cleanup"], check=False).returncode == 0  # idempotent
