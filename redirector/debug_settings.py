@@ -103,10 +103,6 @@ def settings_mapping(settings: object) -> dict[str, Any]:
         out = dict(settings)
     else:
         out = {k: v for k, v in vars(settings).items() if not k.startswith("_")} if hasattr(settings, "__dict__") else {}
-    for name in ("node",):  # computed properties worth showing
-        value = getattr(settings, name, None)
-        if isinstance(value, str) and name not in out:
-            out[name] = value
     return out
 
 

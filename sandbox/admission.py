@@ -22,9 +22,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sandbox.errors import ApiError
+from sandbox.label_selectors import from_label_selector_object, matches
 from sandbox.patching import apply_json_patch
 from sandbox.resources import NAMESPACES, ResourceType
-from sandbox.label_selectors import from_label_selector_object, matches
 
 USER_INFO = {"username": "sandbox-admin", "uid": "sandbox-admin", "groups": ["system:masters", "system:authenticated"]}
 

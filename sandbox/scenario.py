@@ -31,6 +31,7 @@ from sandbox.envoy import EnvoyProcess, cluster_name
 from sandbox.kubeproxy import TABLE as STANDIN_TABLE
 from sandbox.kubeproxy import StandinSync
 from sandbox.netns import Topology, run_in_netns
+from sandbox.nftwatch import Coverage, NftMonitor
 from sandbox.nsrelay import NetnsRelay
 from sandbox.traffic import http_listener, http_request, tcp_listener, tcp_request, udp_listener, udp_request
 from shared import constants as c
@@ -80,6 +81,7 @@ class Scenario:
         self.stack = ExitStack()
         self.ips: dict[str, str] = {}
         self.handovers: dict[str, Handover] = {}
+        self.kernel: dict[str, Coverage] = {}
         self.warnings: dict[str, list[str]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -139,6 +141,8 @@ class Scenario:
         self.topo = self.stack.enter_context(Topology(pods=2, prefix=self.prefix))
         self.backend, self.client = self.topo.pods
         self.show("namespaces", f"node {self.topo.node.name}; backend pod {self.topo.pod_ips[0]}; client pod {self.topo.pod_ips[1]}")
+        self.monitor = NftMonitor(self.topo.node)  # every rule change in the node, time-stamped
+        self.stack.callback(self.monitor.stop)
         relay = self.stack.enter_context(NetnsRelay(self.topo.node.name, ("127.0.0.1", self.api.port)))
         node_kubeconfig = comp.node_kubeconfig(self.workdir / "node-kubeconfig", relay.url)
         self.show("API from the node", f"{relay.url} (a relay into the node namespace; the host network is untouched)")
@@ -239,14 +243,15 @@ class Scenario:
         self.wait_handoff(WEB, lightpath=True, loop=loop)
         loop.wait_for(20)
         records = loop.stop()
-        self.handovers = {
-            "rollback (Envoy -> stand-in)": handover(records, t_rollback, "direct", end=t_migrate),
-            "migrate  (stand-in -> Envoy)": handover(records, t_migrate, "envoy"),
-        }
+        rollback, migrate = "rollback (Envoy -> stand-in)", "migrate  (stand-in -> Envoy)"
+        self.handovers = {rollback: handover(records, t_rollback, "direct", end=t_migrate),
+                          migrate: handover(records, t_migrate, "envoy")}
+        self.kernel = {rollback: self.monitor.coverage(self.ips[WEB], 80, t_rollback, t_migrate),
+                       migrate: self.monitor.coverage(self.ips[WEB], 80, t_migrate)}
         failed = sum(not r.ok for r in records)
         self.show("client loop", f"{len(records)} requests, {failed} failed in total")
         for name, h in self.handovers.items():
-            self.show(name, h.describe())
+            self.show(name, f"{h.describe()}\n{self.kernel[name].describe()}")
         return self.handovers
 
     def start_loop(self, timeout: float = 1.0) -> ClientLoop:

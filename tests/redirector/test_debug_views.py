@@ -180,3 +180,18 @@ def test_config_view_redacts_secrets() -> None:
     assert view["agent"] == {"backend": "nftables", "kubeconfig": "/etc/kubeconfig", "api_token": "<redacted>",
                              "password": ""}
     assert view["debug_server"]["port"] == 10666 and view["node"] == "n1"
+
+
+def test_answers_stay_bounded_at_ten_thousand_services() -> None:
+    desired = desired_state([numbered(i) for i in range(10_000)])  # 20,000 entries (dual-stack)
+    services = services_view(desired, limit=None, token=None)
+    assert len(services["services"]) == 500 and services["total_services"] == 10_000 and services["continue"]
+    rules = rules_view(desired.keys(), {"backend": "nftables"}, desired, limit=5000, token=None)
+    assert len(rules["entries"]) == 5000 and rules["total"] == 20_000
+    pages, token = 1, rules["continue"]
+    while token:
+        token = rules_view(desired.keys(), {}, desired, limit=5000, token=token)["continue"]
+        pages += 1
+    assert pages == 4
+    diff = diff_view(desired, frozenset(), limit=500)
+    assert len(diff["missing"]) == 500 and diff["missing_total"] == 20_000
