@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -254,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return commands.EXIT_INTERRUPTED
-    except BrokenPipeError:  # `lightpath status -A | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # `lightpath status -A | head`: stop quietly, no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return commands.EXIT_OK
 
 

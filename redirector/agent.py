@@ -178,11 +178,11 @@ class Agent:
         with self._lock:
             touched: set[Key] = set()
             if relist is not None:
-                delta = self.index.replace_all(relist[0])
+                delta = self.index.replace_entries(relist[0])
                 touched |= delta.add | delta.delete
             for sid, change in changes.items():
                 before = self.index.get(sid)
-                delta = self.index.upsert(change.service) if change.service is not None else self.index.remove(sid)
+                delta = self.index.put(sid, change.entries)
                 touched |= delta.add | delta.delete
                 after = self.index.get(sid)
                 if after is not None and (after.unserved or after.errors) and after != before:

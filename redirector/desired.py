@@ -155,18 +155,25 @@ class DesiredIndex:
 
     def remove(self, sid: ServiceId) -> Delta:
         """Forget a Service (deleted, or no longer labelled)."""
+        return self.put(sid, None)
+
+    def put(self, sid: ServiceId, entries: ServiceEntries | None) -> Delta:
+        """Set one Service's already computed entries (None: gone)."""
         touched: dict[Key, bool] = {}
-        self._set(sid, None, touched)
+        self._set(sid, entries, touched)
         return self._delta(touched)
 
     def replace_all(self, services: Iterable[Mapping[str, Any]]) -> Delta:
         """A fresh list: upsert every listed Service and remove the ones that are gone."""
+        return self.replace_entries((service_id(s), service_entries(s)) for s in services)
+
+    def replace_entries(self, listed: Iterable[tuple[ServiceId, ServiceEntries]]) -> Delta:
+        """``replace_all`` for already computed entries."""
         seen: set[ServiceId] = set()
         touched: dict[Key, bool] = {}
-        for service in services:
-            sid = service_id(service)
+        for sid, entries in listed:
             seen.add(sid)
-            self._set(sid, service_entries(service), touched)
+            self._set(sid, entries, touched)
         for sid in [s for s in self._services if s not in seen]:
             self._set(sid, None, touched)
         return self._delta(touched)

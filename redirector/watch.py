@@ -21,7 +21,7 @@ import logging
 import random
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import urllib3
@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 
 
 class WatchSink(Protocol):
-    """Where the watcher reports. Calls come from the watcher thread; implementations must be quick."""
+    """Where the watcher reports. Calls come from the watcher thread; implementations must be quick.
+    ``replace`` gets an iterable that fetches the list's pages as it is consumed (and may raise)."""
 
-    def replace(self, services: list[dict[str, Any]]) -> None: ...
+    def replace(self, services: Iterable[dict[str, Any]]) -> None: ...
     def upsert(self, service: dict[str, Any]) -> None: ...
     def delete(self, service: dict[str, Any]) -> None: ...
     def restarted(self, reason: str) -> None: ...
@@ -77,6 +78,7 @@ class ServiceWatcher:
         self.connected = False
         self.lists = 0  # completed lists (the first one unblocks the agent)
         self._stop = threading.Event()
+        self._list_rv = ""
         self._response: Any = None
         self._lock = threading.Lock()
 
@@ -128,9 +130,17 @@ class ServiceWatcher:
     # -- list -----------------------------------------------------------------------------------------
 
     def _list(self) -> str:
-        services: list[dict[str, Any]] = []
+        """Hand the sink a generator over the pages: each page is fetched, projected and dropped in turn."""
+        self._list_rv = ""
+        self.sink.replace(self._pages())
+        rv = self._list_rv
+        self.lists += 1
+        self.resource_version = rv
+        log.info("listed labelled Services", extra={"resource_version": rv, "lists": self.lists})
+        return rv
+
+    def _pages(self) -> Iterator[dict[str, Any]]:
         token: str | None = None
-        rv = ""
         while True:
             kwargs: dict[str, Any] = {"label_selector": self.selector, "limit": self.page_size}
             if token:
@@ -148,16 +158,13 @@ class ServiceWatcher:
             finally:
                 resp.release_conn()
             meta = page.get("metadata") or {}
-            rv = rv or str(meta.get("resourceVersion") or "")
-            services.extend(item for item in page.get("items") or [] if isinstance(item, dict))
+            self._list_rv = self._list_rv or str(meta.get("resourceVersion") or "")
+            items = page.get("items") or []
+            del page
+            yield from (item for item in items if isinstance(item, dict))
             token = meta.get("continue") or None
             if not token:
-                break
-        self.sink.replace(services)
-        self.lists += 1
-        self.resource_version = rv
-        log.info("listed labelled Services", extra={"services": len(services), "resource_version": rv})
-        return rv
+                return
 
     # -- watch ----------------------------------------------------------------------------------------
 

@@ -26,7 +26,8 @@ from typing import IO, Any
 import yaml
 from kubernetes import client
 
-from sandbox.envoy import EnvoyProcess, EnvoyResources, translate
+from sandbox.envoy import EnvoyResources, translate
+from sandbox.envoy_process import EnvoyProcess
 from sandbox.netns import NetNS, run_in_netns
 from shared import constants as c
 
@@ -228,7 +229,8 @@ class RedirectorProcess:
         except OSError as exc:
             return f"(no answer on {self.DEBUG}{path}: {exc}; debug server not in this build?)"
         body = body.strip()
-        return f"HTTP {status}: " + (body if len(body) <= limit else body[:limit] + " ...")
+        body = body if len(body) <= limit else body[:limit] + " ..."
+        return f"HTTP {status}" + ("\n" if "\n" in body else ": ") + body
 
     def stop(self) -> None:
         _stop_process(self.proc)

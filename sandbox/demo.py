@@ -73,7 +73,9 @@ def main() -> int:
     if status == 0:
         print(f"\nOK: every step behaved ({elapsed:.1f} s).")
         for name, h in scenario.handovers.items():
-            print(f"   {name}: {h.failed} failed request(s), outage {h.outage * 1000:.0f} ms")
+            window = scenario.kernel.get(name)
+            kernel = f"; kernel window with neither rule {window.uncovered * 1000:.1f} ms" if window else ""
+            print(f"   {name}: {h.failed} failed request(s), outage {h.outage * 1000:.0f} ms{kernel}")
         print("   A failed request during a handover is reported, not hidden: it is the baseline for zero-downtime work (docs/demo.md).")
     return status
 

@@ -27,7 +27,8 @@ from redirector.model import Key
 from sandbox import components as comp
 from sandbox.apiserver import SandboxApiServer
 from sandbox.client_loop import ClientLoop, Handover, Record, handover
-from sandbox.envoy import EnvoyProcess, cluster_name
+from sandbox.envoy import cluster_name
+from sandbox.envoy_process import EnvoyProcess
 from sandbox.kubeproxy import TABLE as STANDIN_TABLE
 from sandbox.kubeproxy import StandinSync
 from sandbox.netns import Topology, run_in_netns

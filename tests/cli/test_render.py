@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import jsonschema
 import pytest
 import yaml
 
@@ -14,6 +15,7 @@ from cli.progress import Progress, bar
 from cli.rows import build_rows, namespace_labels, summarize
 from shared.policy import PolicyConfig
 from tests.cli.cluster import ENABLED, mixed_cluster, service
+from tests.cli.schema import STATUS_SCHEMA
 
 CFG = PolicyConfig()
 
@@ -97,3 +99,13 @@ def test_progress_bar() -> None:
     p = Progress(loud, 4, "migrate", enabled=True)
     p.advance(4)
     assert loud.getvalue().endswith("[" + "#" * 30 + "] 4/4")
+
+
+def test_status_json_matches_its_schema() -> None:
+    namespaces, services = mixed_cluster()
+    services.append(service("late", "shop", labels=ENABLED))
+    rows = build_rows(services, namespace_labels(namespaces), CFG)
+    doc = json.loads(render.dump(render.status_document(rows, summarize(rows)), "json"))
+    jsonschema.validate(doc, STATUS_SCHEMA)
+    assert doc["summary"]["total"] == len(doc["items"]) == 8
+    assert sum(i["pending"] for i in doc["items"]) == doc["summary"]["pending"] == 1

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from sandbox.envoy import UNMATCHED, EnvoyProcess, served, translate
+from sandbox.envoy import UNMATCHED, served, translate
+from sandbox.envoy_process import EnvoyProcess
 from sandbox.netns import Topology, nft
 from sandbox.traffic import TrafficError, http_listener, http_request, tcp_listener, tcp_request, wait_until
 from shared import constants as c

@@ -33,12 +33,9 @@ class View:
         relist, changes, restarts = self.tracker.take()
         self.restarts += restarts
         if relist is not None:
-            self.index.replace_all(relist[0])
+            self.index.replace_entries(relist[0])
         for sid, change in changes.items():
-            if change.service is None:
-                self.index.remove(sid)
-            else:
-                self.index.upsert(change.service)
+            self.index.put(sid, change.entries)
         return set(self.index.service_ids())
 
 

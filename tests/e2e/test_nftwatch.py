@@ -1,0 +1,72 @@
+"""Replaying ``nft monitor`` generations: how long a Service port had neither the redirect nor the DNAT."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from sandbox.netns import Topology, nft
+from sandbox.nftwatch import NftMonitor, coverage
+
+IP, PORT = "10.96.1.1", 80
+ADD_REDIRECT = (f"add element inet lightpath svc4 {{ {IP} . {PORT} }}",)
+DEL_REDIRECT = (f"delete element inet lightpath svc4 {{ {IP} . {PORT} }}",)
+STANDIN_WITH = ("delete table inet kubeproxy-standin", "add table inet kubeproxy-standin",
+                f"add rule inet kubeproxy-standin services ip daddr {IP} tcp dport {PORT} goto svc-x comment \"x\"")
+STANDIN_WITHOUT = ("delete table inet kubeproxy-standin", "add table inet kubeproxy-standin",
+                   "add rule inet kubeproxy-standin services ip daddr 10.96.1.2 udp dport 53 goto svc-y")
+
+
+def test_rollback_with_a_gap() -> None:
+    gens = [(0.0, ADD_REDIRECT), (0.5, STANDIN_WITHOUT), (10.0, DEL_REDIRECT), (10.025, STANDIN_WITH)]
+    cov = coverage(gens, IP, PORT, start=9.0)
+    assert cov.uncovered == pytest.approx(0.025)
+    assert cov.redirect_changed == pytest.approx(1.0) and cov.standin_changed == pytest.approx(1.025)
+    assert "25.0 ms" in cov.describe()
+
+
+def test_migrate_redirect_first_has_no_gap_and_end_bounds_the_window() -> None:
+    gens = [(0.0, STANDIN_WITH), (2.0, ADD_REDIRECT), (2.01, STANDIN_WITHOUT), (5.0, DEL_REDIRECT)]
+    cov = coverage(gens, IP, PORT, start=1.0, end=4.0)
+    assert cov.uncovered == 0.0 and cov.redirect_changed == pytest.approx(1.0)
+    assert coverage(gens, IP, PORT, start=1.0).uncovered == 0.0  # never closed again: not counted
+    assert coverage(gens, IP, PORT, start=1.0).redirect_changed == pytest.approx(4.0)
+
+
+def test_redirect_table_created_with_elements_counts() -> None:
+    gens = [(0.0, (f"add set inet lightpath svc4 {{ type ipv4_addr . inet_service; elements = {{ {IP} . {PORT} }} }}",)),
+            (1.0, ("delete table inet lightpath",))]
+    assert coverage(gens, IP, PORT, start=0.5).redirect_changed == pytest.approx(0.5)
+
+
+def _wait(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.mark.root
+def test_monitor_stamps_real_transactions() -> None:
+    with Topology(pods=0, prefix="lpe2e") as topo:
+        monitor = NftMonitor(topo.node)
+        try:
+            # nft monitor needs a moment to subscribe: write until its first transaction shows up.
+            def probed() -> bool:
+                nft(topo.node.name, "add table inet probe")
+                return bool(monitor.generations)
+
+            _wait(probed, "nft monitor saw nothing")
+            nft(topo.node.name, "table inet lightpath { set svc4 { type ipv4_addr . inet_service; }; }")
+            nft(topo.node.name, f"add element inet lightpath svc4 {{ {IP} . {PORT} }}")
+            _wait(lambda: coverage(monitor.generations, IP, PORT, 0.0).redirect_changed is not None, "no add seen")
+            start = time.monotonic()
+            nft(topo.node.name, f"delete element inet lightpath svc4 {{ {IP} . {PORT} }}")
+            nft(topo.node.name, f"add element inet lightpath svc4 {{ {IP} . {PORT} }}")
+            _wait(lambda: coverage(monitor.generations, IP, PORT, start).uncovered > 0, "delete/add window not seen")
+            cov = coverage(monitor.generations, IP, PORT, start)
+            assert cov.redirect_changed is not None and cov.standin_changed is None
+        finally:
+            monitor.stop()
