@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -237,6 +238,7 @@ class Agent:
         self.status.full_sync_pending = False
         self._next_full = time.monotonic() + self.resync_period
         self._succeeded("full", started, arrivals, True)
+        _trim_heap()
 
     def _succeeded(self, kind: str, started: float, arrivals: list[float], wrote: bool) -> None:
         done = time.monotonic()
@@ -294,3 +296,20 @@ class Agent:
         if found.errors:
             log.warning("labelled Service has errors: those entries are skipped",
                         extra={"service": sid, "errors": list(found.errors)})
+
+
+def _trim_heap() -> None:
+    """Give the heap a full sync freed back to the OS (glibc ``malloc_trim``, ~2 ms): a full sync of 10,000
+    Services allocates tens of MB transiently, which would otherwise stay in the DaemonSet's RSS."""
+    global _libc
+    if _libc is False:
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        _libc = False
+
+
+_libc: Any = None
