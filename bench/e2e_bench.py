@@ -84,24 +84,45 @@ def _http_ok(ip: str, port: int) -> bool:
         return s.recv(64).startswith(b"HTTP/1.1 200")
 
 
+def _read_response(s: socket.socket) -> None:
+    """Until the whole response (headers + Content-Length body) is in: not until the server closes, which
+    Envoy delays by its delayed_close_timeout (1 s) waiting for the client to close first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed mid-response: {data!r}")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head)[1])  # type: ignore[index]
+    while len(body) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed mid-body")
+        body += chunk
+
+
 def _fresh(targets: list[str], rounds: int) -> dict[str, list[float]]:
     """Interleaved: one new connection per request, per target in turn (drift hits both alike)."""
     out: dict[str, list[float]] = {t: [] for t in targets}
-    request = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
     for _ in range(rounds):
         for ip in targets:
             t0 = time.perf_counter()
             with socket.create_connection((ip, 80), timeout=5) as s:
                 s.sendall(request)
-                while s.recv(4096):
-                    pass
+                _read_response(s)
             out[ip].append(time.perf_counter() - t0)
     return out
 
 
 def wrk(pod: NetNS, ip: str, connections: int, duration: int) -> dict[str, Any]:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", f"http://{ip}/"]
-    out = pod.run(argv, timeout=duration + 60).stdout
+    return parse_wrk(pod.run(argv, timeout=duration + 60).stdout)
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    """p50/p99 (seconds), req/s and errors from ``wrk --latency`` output."""
     lat = {m[1]: float(m[2]) * UNITS[m[3]] for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)}
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
@@ -116,7 +137,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run(duration: int, fresh_rounds: int) -> dict[str, Any]:
-    results: dict[str, Any] = {"duration_s": duration, "fresh_rounds": fresh_rounds, "nproc": os.cpu_count()}
+    results: dict[str, Any] = {"duration_s": duration, "fresh_rounds": fresh_rounds, "nproc": os.cpu_count(),
+                               "loadavg_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="lightpath-e2e-bench-") as tmp, Topology(pods=2, prefix="lpbench") as topo:
         backend, client = topo.pods
         boot = Path(tmp) / "backend.json"
@@ -154,6 +176,7 @@ def run(duration: int, fresh_rounds: int) -> dict[str, Any]:
                     r = wrk(client, ip, conns, duration)
                     results["wrk"][f"{name}/{conns}"] = {k: v for k, v in r.items() if k != "raw"}
             results["envoy_upstream_rq_total"] = envoy.counter("cluster.bench_envoy_80.upstream_rq_total")
+            results["loadavg_after"] = os.getloadavg()[0]
         finally:
             envoy.stop()
     return results
@@ -179,6 +202,8 @@ def table(r: dict[str, Any]) -> str:
             lines.append(f"- {conns} connection(s): DNAT p50 is {100 * (e - d) / e:.0f} % lower than redirect + Envoy "
                          f"(thesis: ~61 %); req/s ratio Envoy/DNAT "
                          f"{r['wrk'][f'envoy/{conns}']['rps'] / r['wrk'][f'direct/{conns}']['rps']:.2f}")
+    lines.append(f"- machine: {r['nproc']} CPUs, load average {r['loadavg_before']:.2f} before, {r['loadavg_after']:.2f} after; "
+                 f"wrk {r['duration_s']} s per run, {r['fresh_rounds']} new connections per path")
     fr = r["first_request_s"]
     lines.append(f"- first request of each path (cold, one sample): DNAT {ms(fr['direct'])}, Envoy {ms(fr['envoy'])}")
     return "\n".join(lines)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import threading
 import time
@@ -84,6 +85,7 @@ class Agent:
         self._next_full = 0.0  # monotonic deadline of the next periodic full sync
         self._retry_delay = retry_min
         self._retry_at = 0.0
+        self._cpu_started = 0.0
         self._counts = {(f, m): 0 for f in ("ipv4", "ipv6") for m in ("address", "nodePort")}
         # The newest event-to-rule latencies (seconds), exact, for debug endpoints and benchmarks.
         self.latencies: deque[float] = deque(maxlen=4096)
@@ -175,7 +177,7 @@ class Agent:
         relist, changes, restarts = self.tracker.take()
         for reason in restarts:
             self.metrics.watch_restarts.labels(reason).inc()
-        started = time.perf_counter()
+        started, self._cpu_started = time.perf_counter(), time.thread_time()
         with self._lock:
             touched: set[Key] = set()
             if relist is not None:
@@ -238,7 +240,7 @@ class Agent:
         self.status.full_sync_pending = False
         self._next_full = time.monotonic() + self.resync_period
         self._succeeded("full", started, arrivals, True)
-        _trim_heap()
+        _settle_memory()
 
     def _succeeded(self, kind: str, started: float, arrivals: list[float], wrote: bool) -> None:
         done = time.monotonic()
@@ -262,7 +264,8 @@ class Agent:
         self._retry_delay = self.retry_min
         self._update_gauges()
         if kind == "full":
-            log.info("full sync done", extra={"entries": len(self._applied), "seconds": round(elapsed, 4)})
+            log.info("full sync done", extra={"entries": len(self._applied), "seconds": round(elapsed, 4),
+                                              "cpu_seconds": round(time.thread_time() - self._cpu_started, 4)})
 
     def _failed(self, kind: str, exc: BaseException) -> None:
         self.metrics.sync_errors.labels(kind).inc()
@@ -298,9 +301,14 @@ class Agent:
                         extra={"service": sid, "errors": list(found.errors)})
 
 
-def _trim_heap() -> None:
-    """Give the heap a full sync freed back to the OS (glibc ``malloc_trim``, ~2 ms): a full sync of 10,000
-    Services allocates tens of MB transiently, which would otherwise stay in the DaemonSet's RSS."""
+def _settle_memory() -> None:
+    """After a full sync: move the surviving objects (the index: ~100k objects at 10,000 Services, free of
+    reference cycles) out of the GC's view, so a later collection does not rescan them in the middle of an
+    incremental sync; and give the heap the sync freed back to the OS (glibc ``malloc_trim``, ~2 ms): a full
+    sync allocates tens of MB transiently, which would otherwise stay in the DaemonSet's RSS. Garbage is
+    collected first (cheap: frozen objects are not scanned again), so no cycle is frozen in for good."""
+    gc.collect()
+    gc.freeze()
     global _libc
     if _libc is False:
         return

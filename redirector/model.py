@@ -6,19 +6,20 @@ over these types; backends are the thin imperative shell that reads and writes t
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 Family = Literal[4, 6]
 Kind = Literal["clusterIP", "externalIP", "loadBalancer", "nodePort"]
 
 
-@functools.total_ordering
-@dataclass(frozen=True)
-class Key:
-    """What the kernel matches on: TCP to (ip, port). ``ip`` is None for a NodePort (any local address)."""
+class Key(NamedTuple):
+    """What the kernel matches on: TCP to (ip, port). ``ip`` is None for a NodePort (any local address).
+
+    A NamedTuple rather than a dataclass: keys are hashed and compared millions of times (20,000 per full
+    sync, several dict operations each), and a tuple does both in C, several times faster.
+    """
 
     family: Family
     ip: str | None
@@ -32,6 +33,21 @@ class Key:
         if not isinstance(other, Key):
             return NotImplemented
         return self.sort_key() < other.sort_key()
+
+    def __le__(self, other: object) -> bool:
+        if not isinstance(other, Key):
+            return NotImplemented
+        return self.sort_key() <= other.sort_key()
+
+    def __gt__(self, other: object) -> bool:
+        if not isinstance(other, Key):
+            return NotImplemented
+        return self.sort_key() > other.sort_key()
+
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, Key):
+            return NotImplemented
+        return self.sort_key() >= other.sort_key()
 
     def __str__(self) -> str:
         host = "*local*" if self.ip is None else (f"[{self.ip}]" if self.family == 6 else self.ip)

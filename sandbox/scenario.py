@@ -272,8 +272,8 @@ class Scenario:
         want = c.DEFAULT_PROXY_NAME if lightpath else None
         comp.poll(lambda: self.label(name) == want, timeout, f"{name}: handoff label {want}")
         self.wait_redirect(name, present=lightpath, timeout=timeout)
-        if not lightpath:
-            self.standin.wait_for(lambda rs: self.ips[name] in rs, timeout)
+        # Hybrid mode: the stand-in, like kube-proxy, programs the Service exactly when it is not labelled.
+        self.standin.wait_for(lambda rs: (self.ips[name] in rs) != lightpath, timeout)
         if loop is not None:
             via = "envoy" if lightpath else "direct"
             start = len(loop.records)

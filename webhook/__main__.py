@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -80,8 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra={"address": settings.bind_address, "port": settings.port, "mode": settings.mode,
                "proxy_name": settings.proxy_name, "excluded_namespaces": sorted(settings.excluded_namespaces)},
     )
+    server = build_server(app, certs, host=settings.bind_address, port=settings.port)
+    # Everything imported and built so far lives as long as the process. Freezing it keeps the ~70k
+    # start-up objects out of every later full collection, which otherwise pauses the event loop for
+    # tens of milliseconds in the middle of an admission (docs/performance.md).
+    gc.collect()
+    gc.freeze()
     try:
-        build_server(app, certs, host=settings.bind_address, port=settings.port).run()
+        server.run()
     finally:
         certs.stop()
         if isinstance(namespaces, NamespaceCache):

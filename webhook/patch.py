@@ -72,7 +72,7 @@ def plan(
         new_labels = dict(labels)
         if decision.action is Action.LABEL:
             new_labels[c.SERVICE_PROXY_NAME_LABEL] = config.proxy_name
-            if "labels" in meta and isinstance(meta["labels"], Mapping):
+            if isinstance(meta.get("labels"), Mapping):
                 ops.append({"op": "add", "path": LABEL_PATH, "value": config.proxy_name})
             else:
                 ops.append({"op": "add", "path": "/metadata/labels", "value": dict(new_labels)})
@@ -88,7 +88,7 @@ def plan(
         return Plan()
 
     if current != steady.reason:
-        if "annotations" in meta and isinstance(meta["annotations"], Mapping):
+        if isinstance(meta.get("annotations"), Mapping):
             op = "replace" if c.REASON_ANNOTATION in annotations else "add"
             ops.append({"op": op, "path": REASON_PATH, "value": steady.reason})
         else:
