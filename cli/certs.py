@@ -240,7 +240,10 @@ def generate(args: argparse.Namespace) -> int:
             new_ca=not args.ca_cert,
             command=command,
         )
-        write(output_dir, files, force=args.force)
+        try:
+            write(output_dir, files, force=args.force)
+        except OSError as exc:  # unwritable or not a directory: a message, not a traceback
+            raise CertsError(f"cannot write to {output_dir}: {exc.strerror or exc}") from exc
     except CertsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

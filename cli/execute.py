@@ -149,6 +149,9 @@ class Runner:
                 self.say(f"FAILED    {item.ref} (see the error below)")
                 if not self.continue_on_error:
                     stop = True
+                    # The rest of this batch was never written: report it, or it vanishes from the counts.
+                    rest = chunk[chunk.index(item) + 1 :]
+                    report.not_attempted.extend(i.ref for i in rest)
                     break
                 continue
             written.append(item)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import shutil
 import socket
 import ssl
 import subprocess
@@ -141,7 +142,11 @@ class WebhookProcess:
 
 def webhook_configuration(ca_pem: bytes) -> dict[str, Any]:
     """The MutatingWebhookConfiguration exactly as ``kubectl kustomize deploy/default`` builds it, plus caBundle."""
-    built = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy" / "default")],
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise ComponentError("kubectl is not installed: its built-in kustomize builds the webhook registration "
+                             "from deploy/default (install kubectl, then run again)")
+    built = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "default")],
                            capture_output=True, text=True, timeout=60, check=False)
     if built.returncode != 0:
         raise ComponentError(f"kubectl kustomize deploy/default failed: {built.stderr.strip()}")
@@ -204,15 +209,16 @@ class RedirectorProcess:
 
     def ready(self, log_offset: int = 0) -> bool:
         """THIS process synced once (its log says so: the rules of an earlier run survive a restart, so the
-        table alone proves nothing), and its debug server's /healthz agrees when there is one."""
+        table alone proves nothing), and its debug server answers /healthz with 200 (it starts listening
+        a moment after the first sync; until then the connection is refused and we keep polling)."""
         with self.log_path.open("rb") as f:
             f.seek(log_offset)
             if b'"full sync done"' not in f.read():
                 return False
         try:
             return self.debug("/healthz")[0] == 200
-        except OSError:  # URLError included: no debug server in this build
-            return True
+        except OSError:  # URLError included: not listening yet
+            return False
 
     def _alive(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -227,7 +233,7 @@ class RedirectorProcess:
         try:
             status, body = self.debug(path)
         except OSError as exc:
-            return f"(no answer on {self.DEBUG}{path}: {exc}; debug server not in this build?)"
+            return f"(no answer on {self.DEBUG}{path}: {exc})"
         body = body.strip()
         body = body if len(body) <= limit else body[:limit] + " ..."
         return f"HTTP {status}" + ("\n" if "\n" in body else ": ") + body

@@ -38,7 +38,9 @@ def translate(
     """What a watch with this scope and filter sees of `event` (None: nothing).
 
     A MODIFIED object that stops matching is a DELETED for this watch, one that starts matching an
-    ADDED — exactly what the real watch cache sends.
+    ADDED — exactly what the real watch cache sends. Like kube-apiserver's cacheWatcher, that DELETED
+    carries the PREVIOUS object (the last state this watch matched) stamped with the event's
+    resourceVersion, so a client resuming from it neither replays nor skips an event.
     """
     meta = event.obj.get("metadata") or {}
     if namespace is not None and meta.get("namespace") != namespace:
@@ -52,8 +54,16 @@ def translate(
     if now:
         return ADDED, event.obj
     if before:
-        return DELETED, event.obj
+        assert event.old is not None
+        return DELETED, _with_rv(event.old, str(event.rv))
     return None
+
+
+def _with_rv(obj: Mapping[str, Any], rv: str) -> dict[str, Any]:
+    """A shallow copy of ``obj`` with metadata.resourceVersion = rv (stored objects are never mutated)."""
+    out = dict(obj)
+    out["metadata"] = {**(obj.get("metadata") or {}), "resourceVersion": rv}
+    return out
 
 
 class Watcher:

@@ -25,6 +25,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import nftables" 2>/dev/n
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
+# kubectl is not a Debian package: its built-in kustomize builds deploy/ for the deploy tests and the demo.
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "bootstrap: warning: kubectl not found; the deploy tests skip, and make demo and the full-system test fail, until it is installed" >&2
+fi
+
 stamp=.venv/.lightpath-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"

@@ -185,6 +185,13 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(workdir: Path, args: list
     assert not (_out(workdir) / "tls.key").exists()
 
 
+def test_unwritable_output_is_a_clear_error_not_a_traceback(workdir: Path) -> None:
+    (workdir / "a-file").write_text("")
+    proc = run(workdir, "--secret-only", "--output-dir", "a-file/certs")
+    assert proc.returncode == 1, proc.stderr
+    assert "error: cannot write to a-file/certs" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_days_out_of_range_is_a_usage_error(workdir: Path) -> None:
     proc = run(workdir, "--days", "0")
     assert proc.returncode == 2 and "--days" in proc.stderr
@@ -217,3 +224,17 @@ def test_render_is_pure_and_names_the_base() -> None:
     kust = yaml.safe_load(next(f for f in files if f.name == "kustomization.yaml").content)
     assert kust["resources"] == ["../../default", "secret.yaml"]
     assert {f.name: f.mode for f in files}["ca.key"] == 0o600
+
+
+def test_generated_private_files_are_git_ignored() -> None:
+    """The default output directory is inside the repository: its keys and Secret must never be committed."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    overlay = "deploy/overlays/self-signed"
+    ca = certs.make_ca("ca")
+    files = certs.render(namespace="ns", base_ref="../../default", ca=ca, serving=certs.make_serving_cert(ca, ["a"]),
+                         new_ca=True, command="test")
+    generated = [f"{overlay}/{f.name}" for f in files]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *generated, f"{overlay}/README.md"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    assert sorted(proc.stdout.split()) == sorted(generated)

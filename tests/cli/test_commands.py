@@ -8,8 +8,11 @@ import json
 import jsonschema
 import yaml
 
-from cli.plan import TOUCH_ANNOTATION
+from cli.execute import Runner, now_stamp, summary_lines
+from cli.kube import Cluster as KubeCluster
+from cli.plan import TOUCH_ANNOTATION, Direction, plan_services
 from shared import constants as c
+from shared.policy import PolicyConfig
 from tests.cli.cluster import DISABLED, ENABLED, mixed_cluster, namespace, port, service
 from tests.cli.conftest import Cluster
 from tests.cli.schema import STATUS_SCHEMA
@@ -182,6 +185,23 @@ def test_batch_verification_stops_when_the_webhook_is_down(cluster: Cluster) -> 
     healed = cluster.run("migrate", "-n", "shop")  # re-run: pending Services are touched, the rest unchanged
     assert healed.code == 0, healed.err
     assert all(cluster.handoff("shop", f"svc{i}") == OURS for i in range(6))
+
+
+def test_write_failure_mid_batch_reports_the_rest_of_the_batch_as_not_attempted(cluster: Cluster) -> None:
+    """A Service deleted between planning and writing fails its patch; the run stops there and the
+    Services of the same batch after it are reported as not attempted (and left untouched)."""
+    cluster.create([namespace("shop")], [service(f"svc{i}", "shop") for i in range(4)])
+    kube = KubeCluster(cluster.api.api_client())
+    listed = kube.list_services("shop")
+    plan = plan_services(Direction.MIGRATE, listed, {"shop": {}}, PolicyConfig(), now_stamp())
+    cluster.core.delete_namespaced_service("svc1", "shop")
+    lines: list[str] = []
+    report = Runner(kube, PolicyConfig(), {"shop": {}}, lines.append, batch=10).run(plan)
+    assert [str(r) for r in report.verified] == ["shop/svc0"]
+    assert [str(r) for r, _ in report.failures] == ["shop/svc1"] and "404" in report.failures[0][1]
+    assert [str(r) for r in report.not_attempted] == ["shop/svc2", "shop/svc3"]
+    assert "1 done, 0 unchanged, 0 skipped, 1 failed, 2 not attempted" in summary_lines(report)[0]
+    assert all(c.OPT_LABEL not in cluster.labels("shop", f"svc{i}") for i in (2, 3))
 
 
 def test_reconcile_fixes_services_created_while_the_webhook_was_down(cluster: Cluster) -> None:

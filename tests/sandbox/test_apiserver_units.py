@@ -158,7 +158,10 @@ def test_watch_translation_of_selector_transitions() -> None:
 
     on = {"metadata": {"name": "a", "namespace": "n", "labels": {"on": "1"}}}
     off = {"metadata": {"name": "a", "namespace": "n", "labels": {}}}
-    assert translate(Event(2, SERVICES, MODIFIED, off, on), None, accept) == (DELETED, off)
+    # Stops matching: DELETED with the previous (matching) object at the event's resourceVersion.
+    on_at_2 = {"metadata": {**on["metadata"], "resourceVersion": "2"}}
+    assert translate(Event(2, SERVICES, MODIFIED, off, on), None, accept) == (DELETED, on_at_2)
+    assert "resourceVersion" not in on["metadata"]  # the stored object is not mutated
     assert translate(Event(3, SERVICES, MODIFIED, on, off), None, accept) == (ADDED, on)
     assert translate(Event(4, SERVICES, MODIFIED, on, on), "n", accept) == (MODIFIED, on)
     assert translate(Event(5, SERVICES, MODIFIED, off, off), None, accept) is None

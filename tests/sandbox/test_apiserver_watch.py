@@ -150,9 +150,11 @@ def test_selector_transitions_become_deleted_and_added(core: CoreV1Api) -> None:
     w = watch.Watch()
     stream = w.stream(core.list_namespaced_service, "demo", label_selector="tier=web", timeout_seconds=30)
     assert summary([next(stream)]) == [("ADDED", "a")]
-    core.patch_namespaced_service("a", "demo", {"metadata": {"labels": {"tier": "db"}}})
+    moved = core.patch_namespaced_service("a", "demo", {"metadata": {"labels": {"tier": "db"}}})
     left = next(stream)
-    assert summary([left]) == [("DELETED", "a")] and left["raw_object"]["metadata"]["labels"]["tier"] == "db"
+    # As kube-apiserver's watch cache does: the last state the watch matched, at the event's resourceVersion.
+    assert summary([left]) == [("DELETED", "a")] and left["raw_object"]["metadata"]["labels"]["tier"] == "web"
+    assert left["raw_object"]["metadata"]["resourceVersion"] == moved.metadata.resource_version
     core.create_namespaced_service("demo", svc("ignored", {"tier": "db"}))
     core.patch_namespaced_service("a", "demo", {"metadata": {"labels": {"tier": "web"}}})
     assert summary([next(stream)]) == [("ADDED", "a")]
