@@ -19,7 +19,7 @@ from importlib import metadata
 from types import FrameType
 from typing import Any
 
-from redirector import config, logs
+from redirector import config, debug_cli, logs
 from shared import constants as c
 
 log = logging.getLogger("redirector")
@@ -32,11 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "traffic to the node-local proxy.",
         epilog="Every flag can also be set by the environment variable shown; a flag wins over the environment.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,cleanup,version}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,cleanup,debug,version}")
     run = sub.add_parser("run", help="watch Services and keep the kernel rules in sync (until SIGTERM)")
     config.add_arguments(run)
     cleanup = sub.add_parser("cleanup", help="remove the rules the chosen backend owns, nothing else")
     config.add_arguments(cleanup)
+    debug = sub.add_parser("debug", help="print a debug endpoint of this node's agent as a table (or --json)")
+    debug_cli.add_arguments(debug)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -54,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"lightpath-redirector {version()}")
         return 0
+    if args.command == "debug":
+        return debug_cli.run(args, out=sys.stdout, err=sys.stderr)
     try:
         settings = config.settings_from(args)
     except ValueError as exc:

@@ -48,6 +48,11 @@ class Settings:
             raise ValueError("set --proxy-mark and/or --proxy-uid: the proxy's own traffic must never be redirected")
         if self.batch_max < self.batch_idle:
             raise ValueError("--batch-max must be >= --batch-idle")
+        if self.debug_port:
+            # A colliding debug port is a configuration error: refuse to start rather than run without it.
+            from redirector.debug_settings import check_bind
+
+            check_bind(self.debug_address, self.debug_port, self.proxy_port)
 
     @property
     def node(self) -> str:

@@ -45,6 +45,9 @@ def test_flags_win_over_env_which_wins_over_defaults() -> None:
         ([], {"LIGHTPATH_PROXY_UID": "root"}, "LIGHTPATH_PROXY_UID"),
         (["--proxy-mark", "none"], {}, "proxy-mark"),  # nothing would stop the proxy's own traffic looping
         (["--proxy-name", "has space"], {}, "--proxy-name"),
+        (["--debug-port", "10249"], {}, "collides with kube-proxy"),
+        (["--debug-port", "1777", "--proxy-port", "1777"], {}, "collides with the proxy port"),
+        (["--debug-address", "localhost"], {}, "must be an IP address"),
     ],
 )
 def test_bad_values_name_the_culprit(argv: list[str], env: dict[str, str], culprit: str) -> None:
@@ -58,6 +61,12 @@ def test_bad_flags_exit_2_with_a_clear_message() -> None:
     assert "--proxy-port='70000': must be between 1 and 65535" in done.stderr
     done = subprocess.run([str(BINARY), "frobnicate"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_debug_subcommand_reports_an_unreachable_agent(capsys: pytest.CaptureFixture[str]) -> None:
+    # Port 9 (discard) on loopback: nothing listens, so the client must say so and fail.
+    assert main(["debug", "config", "--debug-port", "9"]) != 0
+    assert "cannot reach the debug server at http://127.0.0.1:9/debug/config" in capsys.readouterr().err
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
