@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(nftables iptables python3-nftables python3-venv iproute2 wrk ca-certificates)
+PACKAGES=(nftables iptables python3-nftables python3-venv iproute2 procps wrk ca-certificates)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
