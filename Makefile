@@ -20,11 +20,9 @@ test: bootstrap lint typecheck pytest
 demo: bootstrap
 	$(PY) -m sandbox.demo
 
-# The figures in docs/performance.md (CLI and end-to-end sections), with the commands it documents.
-# The e2e benchmark needs root (network namespaces).
+# Every benchmark (bench/run_all.py); figures go to docs/performance.md. Needs root (network namespaces).
 bench: bootstrap
-	$(PY) -m bench.cli_status_bench --services 10000 --namespaces 50 --runs 5
-	$(PY) -m bench.e2e_bench --duration 10 --fresh 500
+	$(PY) -m bench.run_all
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

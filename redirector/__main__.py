@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lightpath-redirector {version()}")
         return 0
     if args.command == "debug":
-        return debug_cli.run(args, out=sys.stdout, err=sys.stderr)
+        return debug_cli.run(args)
     try:
         settings = config.settings_from(args)
     except ValueError as exc:

@@ -79,7 +79,10 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
     return f"http://{host}:{args.debug_port}{ENDPOINTS[args.endpoint]}", params
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    # Resolved at call time, not import time, so redirected/captured streams are honoured.
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
     try:
         url, params = request_for(args)
     except ValueError as exc:
