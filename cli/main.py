@@ -106,12 +106,17 @@ def _batching(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long a namespace-mode Service may take to move (default: 10)",
     )
+    _output(p, "text", "report")
+
+
+def _output(p: argparse.ArgumentParser, human: str, noun: str) -> None:
+    """``-o``: the ``human`` format by default, or json/yaml for scripts."""
     p.add_argument(
         "-o",
         "--output",
-        choices=("text", "json", "yaml"),
-        default="text",
-        help="report format (default: text)",
+        choices=(human, "json", "yaml"),
+        default=human,
+        help=f"{noun} format (default: {human})",
     )
 
 
@@ -155,13 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands.status,
     )
     _selector(p, names=False)
-    p.add_argument(
-        "-o",
-        "--output",
-        choices=("table", "json", "yaml"),
-        default="table",
-        help="output format (default: table)",
-    )
+    _output(p, "table", "output")
 
     p = command(
         "plan",
@@ -176,13 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan labelling Namespaces (positional names are namespaces)",
     )
     p.add_argument("--rollback", action="store_true", help="plan a rollback instead of a migration")
-    p.add_argument(
-        "-o",
-        "--output",
-        choices=("table", "json", "yaml"),
-        default="table",
-        help="output format (default: table)",
-    )
+    _output(p, "table", "output")
 
     for name, handler, text, epilog in (
         (

@@ -19,8 +19,9 @@ from importlib import metadata
 from types import FrameType
 from typing import Any
 
-from redirector import config, debug_cli, logs
+from redirector import config, debug_cli
 from shared import constants as c
+from shared import logs
 
 log = logging.getLogger("redirector")
 
@@ -62,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = config.settings_from(args)
     except ValueError as exc:
         parser.error(str(exc))  # exits 2
-    logs.configure(settings.log_level)
+    # The kubernetes client logs every retry of urllib3 at WARNING: our own watch log says it better.
+    logs.configure(settings.log_level, levels={"urllib3": logging.ERROR})
     if args.command == "cleanup":
         return cleanup(settings)
     return run(settings)

@@ -14,8 +14,6 @@ closes them in ONE thread; with ``netns`` set (tests) that thread first enters t
 
 from __future__ import annotations
 
-import ctypes
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -23,12 +21,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from redirector.model import Family
+from shared.netns import enter
 
 T = TypeVar("T")
 TCP_LISTEN = 10  # include/net/tcp_states.h
 RTN_LOCAL = 2  # include/uapi/linux/rtnetlink.h
 LOCAL_TABLE = 255
-CLONE_NEWNET = 0x40000000
 FAMILIES: tuple[tuple[Family, socket.AddressFamily], ...] = ((4, socket.AF_INET), (6, socket.AF_INET6))
 
 
@@ -65,7 +63,7 @@ class NetlinkProbe:
         def work() -> None:
             try:
                 if self.netns is not None:
-                    _enter(self.netns)
+                    enter(self.netns)
                 result.append(fn(*args))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 error.append(exc)
@@ -80,17 +78,6 @@ class NetlinkProbe:
         if error:
             raise NetlinkError(f"netlink query failed: {type(error[0]).__name__}: {error[0]}") from error[0]
         return result[0]
-
-
-def _enter(netns: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({netns}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def _listeners(port: int) -> list[ListeningSocket]:

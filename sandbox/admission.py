@@ -192,21 +192,23 @@ def call_webhook(hook: Mapping[str, Any], review: Mapping[str, Any], resolve: Re
     return response
 
 
+def _broken(name: str, what: str) -> ApiError:
+    """kube-apiserver's answer when webhook ``name`` returned something it cannot use."""
+    return ApiError(500, f'Internal error occurred: admission webhook "{name}" {what}', reason="InternalError")
+
+
 def _decode_patch(response: Mapping[str, Any], name: str) -> list[Any] | None:
     patch = response.get("patch")
     if not patch:
         return None
     if response.get("patchType") != "JSONPatch":
-        raise ApiError(500, f'Internal error occurred: admission webhook "{name}" returned unsupported '
-                       f'patchType {response.get("patchType")!r}', reason="InternalError")
+        raise _broken(name, f"returned unsupported patchType {response.get('patchType')!r}")
     try:
         ops = json.loads(base64.b64decode(patch))
     except ValueError as exc:
-        raise ApiError(500, f'Internal error occurred: admission webhook "{name}" returned an undecodable '
-                       f"patch: {exc}", reason="InternalError") from exc
+        raise _broken(name, f"returned an undecodable patch: {exc}") from exc
     if not isinstance(ops, list):
-        raise ApiError(500, f'Internal error occurred: admission webhook "{name}" returned a patch that is '
-                       "not a JSON array", reason="InternalError")
+        raise _broken(name, "returned a patch that is not a JSON array")
     return ops
 
 
@@ -214,11 +216,9 @@ def _apply(obj: dict[str, Any], ops: list[Any], name: str) -> dict[str, Any]:
     try:
         out = apply_json_patch(obj, ops)
     except ApiError as exc:
-        raise ApiError(500, f'Internal error occurred: admission webhook "{name}" returned a patch that '
-                       f"does not apply: {exc.message}", reason="InternalError") from exc
+        raise _broken(name, f"returned a patch that does not apply: {exc.message}") from exc
     if not isinstance(out, dict):
-        raise ApiError(500, f'Internal error occurred: admission webhook "{name}" patched the object into a '
-                       "non-object", reason="InternalError")
+        raise _broken(name, "patched the object into a non-object")
     return out
 
 

@@ -16,7 +16,6 @@ counter so parallel runs never collide) and removes them afterwards, even when t
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import os
 import pickle
@@ -27,14 +26,14 @@ import subprocess
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from shared.netns import NETNS_DIR as NETNS_DIR  # re-exported: demo and tests name it here
+from shared.netns import enter
+
 T = TypeVar("T")
 
-NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
 NODE_IP = "10.244.0.1"
 NODE_IP6 = "fd00:10:244::1"
 SERVICE_CIDR = "10.96.0.0/16"
@@ -67,18 +66,6 @@ def _run(
     return proc
 
 
-def _setns(name: str) -> None:
-    """Move the calling (single-threaded, forked) process into the named netns."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({name}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
 def run_in_netns(netns_name: str, fn: Callable[..., T], *args: Any, timeout: float = 60, **kwargs: Any) -> T:
     """Call ``fn(*args, **kwargs)`` in a forked child inside ``netns_name``; return its result.
 
@@ -92,7 +79,7 @@ def run_in_netns(netns_name: str, fn: Callable[..., T], *args: Any, timeout: flo
         try:
             os.close(read_fd)
             try:
-                _setns(netns_name)
+                enter(netns_name)  # the forked child is single-threaded: the whole process moves
                 payload: tuple[bool, Any] = (True, fn(*args, **kwargs))
             except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
                 payload = (False, (exc, traceback.format_exc()))

@@ -10,14 +10,10 @@ process can bridge the two. The node-side process simply dials 127.0.0.1:<port> 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import socket
 import threading
-from pathlib import Path
 
-CLONE_NEWNET = 0x40000000
-NETNS_DIR = Path("/run/netns")
+from shared.netns import enter
 
 
 def _listen_in(netns_name: str, host: str, port: int) -> socket.socket:
@@ -30,14 +26,7 @@ def _listen_in(netns_name: str, host: str, port: int) -> socket.socket:
 
     def work() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(NETNS_DIR / netns_name, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({netns_name}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
+            enter(netns_name)
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kubernetes import client, config
 
-from webhook import logs
+from shared import logs
 from webhook.app import NamespaceSource, create_app
 from webhook.certs import CertificateError, CertStore
 from webhook.namespaces import NamespaceCache
@@ -53,7 +53,10 @@ def kube_client(settings: Settings) -> client.ApiClient | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
-    logs.configure(settings.log_level)
+    # uvicorn's loggers come with their own handlers: adopt them. One line per admission is ours; uvicorn's
+    # access line would only repeat it without the decision.
+    logs.configure(settings.log_level, adopt=("uvicorn", "uvicorn.error", "uvicorn.access"),
+                   levels={"uvicorn.access": logging.WARNING})
     certs = CertStore(settings.tls_cert_file, settings.tls_key_file, reload_interval=settings.cert_reload_interval)
     try:
         certs.load()

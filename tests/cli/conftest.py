@@ -10,8 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,18 +31,6 @@ from webhook.settings import Settings
 WEBHOOK_SERVICE = "lightpath-webhook"
 WEBHOOK_NAMESPACE = c.DEFAULT_NAMESPACE
 HOSTNAME = f"{WEBHOOK_SERVICE}.{WEBHOOK_NAMESPACE}.svc"
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll until truthy; fail naming ``what`` at the deadline (no sleep-and-hope)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import copy
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ from sandbox.apiserver import SandboxApiServer
 from shared import constants as c
 from shared.tls import make_ca
 from tests.deploy.manifests import Obj, container, env_of, one
-from tests.webhook.secret_volume import SecretVolume
+from tests.support.polling import wait_for
+from tests.support.secret_volume import SecretVolume
 from webhook.app import create_app
 from webhook.certs import CertStore
 from webhook.namespaces import NamespaceCache
@@ -44,14 +44,6 @@ class Cluster:
     admission: client.AdmissionregistrationV1Api
     namespaces: NamespaceCache
     mwc: Obj
-
-
-def _wait(predicate: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -95,7 +87,7 @@ def cluster(self_signed_objs: list[Obj], tmp_path: Path) -> Iterator[Cluster]:
 def _namespace(cl: Cluster, labels: dict[str, str] | None = None) -> str:
     name = f"ns-{os.getpid()}-{len(cl.api.admission_log)}-{os.urandom(2).hex()}"
     cl.core.create_namespace({"metadata": {"name": name, "labels": labels or {}}})
-    _wait(lambda: cl.namespaces.labels(name) is not None, f"the webhook to see namespace {name}")
+    wait_for(lambda: cl.namespaces.labels(name) is not None, f"the webhook to see namespace {name}")
     return name
 
 
@@ -164,7 +156,7 @@ def test_opting_a_namespace_out_hands_its_services_back_on_their_next_update(clu
     ns = _namespace(cluster, ENABLED)
     assert _handoff(_create(cluster, ns, "web", TCP)) == c.DEFAULT_PROXY_NAME
     cluster.core.patch_namespace(ns, {"metadata": {"labels": {c.OPT_LABEL: c.OPT_DISABLED}}})
-    _wait(lambda: (cluster.namespaces.labels(ns) or {}).get(c.OPT_LABEL) == c.OPT_DISABLED, "the webhook's cache")
+    wait_for(lambda: (cluster.namespaces.labels(ns) or {}).get(c.OPT_LABEL) == c.OPT_DISABLED, "the webhook's cache")
     touched = cluster.core.patch_namespaced_service("web", ns, {"metadata": {"annotations": {"touched": "1"}}})
     assert (touched.metadata.labels or {}).get(HANDOFF) is None
     assert _calls(cluster, ns)[-1]["webhook"] == "handback.services.lightpath.cloud"

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-CLONE_NEWNET = 0x40000000
+from shared.netns import entered
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,31 +19,12 @@ def _clean_stale_netns() -> None:
         cleanup_stale("lpr")
 
 
-@contextlib.contextmanager
-def entered_netns(name: str) -> Iterator[None]:
-    """Move the calling THREAD into netns ``name`` for the block. Sockets opened inside (libnftables opens
-    its netlink socket when a context is created) stay bound to that netns after the block."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns({name})")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back to our own netns")
-    finally:
-        os.close(own)
-        os.close(target)
-
-
 def nft_backend(netns: str, **kwargs: Any) -> Any:
-    """An NftBackend whose libnftables sockets live in ``netns`` (the test process stays where it is)."""
+    """An NftBackend whose libnftables sockets live in ``netns`` (the test process stays where it is): libnftables
+    opens its netlink socket when a context is created, and a socket keeps the netns it was opened in."""
     from redirector.nft import NftBackend
 
-    with entered_netns(netns):
+    with entered(netns):
         return NftBackend(**kwargs)
 
 

@@ -1,10 +1,13 @@
-"""Sandbox test fixtures: clear network namespaces a crashed earlier run left behind."""
+"""Sandbox test fixtures: clear network namespaces a crashed earlier run left behind; a fresh API server."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from sandbox.apiserver import SandboxApiServer
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -13,3 +16,10 @@ def _clean_stale_netns() -> None:
         from sandbox.netns import cleanup_stale
 
         cleanup_stale("lp")
+
+
+@pytest.fixture
+def server() -> Iterator[SandboxApiServer]:
+    """A sandbox API server with default settings for one test (a module may override it)."""
+    with SandboxApiServer() as srv:
+        yield srv

@@ -105,12 +105,6 @@ def webhook(ca: KeyPair, tmp_path: Path) -> Iterator[Webhook]:
 
 
 @pytest.fixture
-def server() -> Iterator[SandboxApiServer]:
-    with SandboxApiServer() as srv:
-        yield srv
-
-
-@pytest.fixture
 def core(server: SandboxApiServer) -> CoreV1Api:
     api = CoreV1Api(server.api_client())
     api.create_namespace({"metadata": {"name": "demo"}})

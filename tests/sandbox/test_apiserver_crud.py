@@ -6,7 +6,6 @@ import json
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,6 @@ from kubernetes.client import (
 )
 
 from sandbox.apiserver import SandboxApiServer
-
-
-@pytest.fixture
-def server() -> Iterator[SandboxApiServer]:
-    with SandboxApiServer() as srv:
-        yield srv
 
 
 @pytest.fixture

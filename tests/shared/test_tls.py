@@ -38,6 +38,17 @@ def test_serving_cert_chains_to_ca_with_sans_and_server_auth() -> None:
     assert leaf.serial == 4242
 
 
+def test_only_the_ca_may_sign_certificates() -> None:
+    ca = make_ca("lightpath-ca")
+    leaf = make_serving_cert(ca, ["a.example"])
+    ca_usage = ca.certificate.extensions.get_extension_for_class(x509.KeyUsage)
+    leaf_usage = leaf.certificate.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ca_usage.critical and leaf_usage.critical
+    assert ca_usage.value.digital_signature and ca_usage.value.key_cert_sign and ca_usage.value.crl_sign
+    assert leaf_usage.value.digital_signature
+    assert not leaf_usage.value.key_cert_sign and not leaf_usage.value.crl_sign
+    assert not leaf_usage.value.key_encipherment  # an EC key: no RSA key transport
+
 def test_pem_encodings_round_trip() -> None:
     ca = make_ca("ca")
     leaf = make_serving_cert(ca, ["a.example"])

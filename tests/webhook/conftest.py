@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox.apiserver import SandboxApiServer
 from shared.tls import KeyPair, make_ca, make_serving_cert
-from tests.webhook.secret_volume import SecretVolume
+from tests.support.secret_volume import SecretVolume
 from webhook.app import create_app
 from webhook.certs import CertStore
 from webhook.namespaces import NamespaceCache
@@ -28,18 +27,6 @@ from webhook.settings import Settings
 SERVICE_NAME = "lightpath-webhook"
 SERVICE_NAMESPACE = "lightpath-system"
 HOSTNAME = f"{SERVICE_NAME}.{SERVICE_NAMESPACE}.svc"
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll ``predicate`` until truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from shared.tls import KeyPair, make_ca, make_serving_cert
-from tests.webhook.secret_volume import SecretVolume
+from tests.support.secret_volume import SecretVolume
 from webhook.certs import CertificateError, CertStore, validate_pair
 
 HOST = "lightpath-webhook.lightpath-system.svc"

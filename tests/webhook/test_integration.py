@@ -16,7 +16,8 @@ from kubernetes import client
 
 from sandbox.apiserver import SandboxApiServer
 from shared import constants as c
-from tests.webhook.conftest import SERVICE_NAME, SERVICE_NAMESPACE, Webhook, wait_for
+from tests.support.polling import wait_for
+from tests.webhook.conftest import SERVICE_NAME, SERVICE_NAMESPACE, Webhook
 
 HANDOFF = c.SERVICE_PROXY_NAME_LABEL
 _ids = itertools.count()

@@ -17,7 +17,8 @@ import pytest
 from sandbox.apiserver import SandboxApiServer
 from shared import constants as c
 from shared.tls import KeyPair, make_serving_cert
-from tests.webhook.conftest import HOSTNAME, wait_for
+from tests.support.polling import wait_for
+from tests.webhook.conftest import HOSTNAME
 from tests.webhook.test_server import patch_ops, review
 
 pytestmark = pytest.mark.slow  # process start-ups (imports) take a few seconds each

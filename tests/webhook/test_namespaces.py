@@ -11,7 +11,7 @@ import pytest
 from kubernetes import client
 
 from sandbox.apiserver import SandboxApiServer
-from tests.webhook.conftest import wait_for
+from tests.support.polling import wait_for
 from webhook.namespaces import NamespaceCache
 
 NAME_LABEL = "kubernetes.io/metadata.name"

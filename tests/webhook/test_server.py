@@ -14,9 +14,10 @@ import pytest
 
 from sandbox.apiserver import SandboxApiServer
 from shared import constants as c
+from shared.logs import JsonFormatter
 from shared.tls import KeyPair, make_serving_cert
-from tests.webhook.conftest import HOSTNAME, Webhook, metric, start_webhook, stop_webhook, wait_for
-from webhook.logs import JsonFormatter
+from tests.support.polling import wait_for
+from tests.webhook.conftest import HOSTNAME, Webhook, metric, start_webhook, stop_webhook
 
 
 def review(uid: str = "uid-1", namespace: str = "default", opt: str | None = c.OPT_ENABLED) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""Structured logs: one JSON object per line, so a log pipeline can filter on uid, decision, reason."""
+"""Structured logs for every component: one JSON object per line on stderr, so a log pipeline can filter
+on fields (uid, decision, reason, error, ...) instead of parsing prose.
+
+WHY one module: the webhook and the redirector must emit the same line shape; the components differ only
+in which third-party loggers they adopt or quieten, which they pass to ``configure``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
 # Attributes every LogRecord has; anything else was passed through ``extra=`` and is emitted as a field.
@@ -38,16 +44,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
-def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
-    """Route our loggers and uvicorn's through one JSON handler on stderr."""
+def configure(
+    level: str = "INFO",
+    stream: TextIO | None = None,
+    *,
+    adopt: Iterable[str] = (),
+    levels: Mapping[str, int] | None = None,
+) -> None:
+    """One JSON handler on the root logger (``stream``, default stderr) at ``level``.
+
+    ``adopt``: loggers that bring their own handlers (uvicorn's); theirs are dropped so their records reach
+    ours. ``levels``: per-logger thresholds for chatty libraries, e.g. ``{"urllib3": logging.ERROR}``.
+    """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in adopt:
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
-    # One line per admission is ours; uvicorn's access line would only repeat it without the decision.
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    for name, threshold in (levels or {}).items():
+        logging.getLogger(name).setLevel(threshold)
