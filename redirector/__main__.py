@@ -24,6 +24,7 @@ from shared import constants as c
 from shared import logs
 
 log = logging.getLogger("redirector")
+ENV_NOTE = "A flag showing an env variable can also be set by it; the flag wins over the environment."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lightpath-redirector",
         description="Node agent: keeps nftables/iptables REDIRECT rules sending labelled Services' TCP "
                     "traffic to the node-local proxy.",
-        epilog="Every flag can also be set by the environment variable shown; a flag wins over the environment.",
+        epilog=f"'<command> --help' lists its flags. {ENV_NOTE}",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,cleanup,debug,version}")
-    run = sub.add_parser("run", help="watch Services and keep the kernel rules in sync (until SIGTERM)")
+    run = sub.add_parser("run", help="watch Services and keep the kernel rules in sync (until SIGTERM)",
+                         epilog=ENV_NOTE)
     config.add_arguments(run)
-    cleanup = sub.add_parser("cleanup", help="remove the rules the chosen backend owns, nothing else")
+    cleanup = sub.add_parser("cleanup", help="remove the rules the chosen backend owns, nothing else",
+                             epilog=ENV_NOTE)
     config.add_arguments(cleanup)
-    debug = sub.add_parser("debug", help="print a debug endpoint of this node's agent as a table (or --json)")
+    debug = sub.add_parser("debug", help="print a debug endpoint of this node's agent as a table (or --json)",
+                           epilog=ENV_NOTE)
     debug_cli.add_arguments(debug)
     sub.add_parser("version", help="print the version")
     return parser

@@ -80,6 +80,9 @@ class Agent:
         self.retry_min, self.retry_max = retry_min, retry_max
         self._clock = clock
         self._applied: set[Key] = set()  # what we believe the kernel holds (after our last success)
+        # ``_applied`` can be trusted: a full sync succeeded and none failed since (a failed incremental
+        # transaction applied nothing: the Backend contract).
+        self._belief_ok = False
         self._lock = threading.Lock()  # index + applied, against readers (debug server)
         self._stop = threading.Event()
         self._next_full = 0.0  # monotonic deadline of the next periodic full sync
@@ -223,18 +226,27 @@ class Agent:
         return True
 
     def _full(self, started: float, arrivals: list[float], *, periodic: bool) -> None:
+        """``periodic``: a resync on schedule, any repair is drift. Otherwise, after a failed transaction, the
+        kernel is read first: if it differs from what we last applied, someone changed it, and that repair
+        counts like a periodic one (e.g. a table deleted by hand makes the next incremental sync fail)."""
+        check = not periodic and self._belief_ok
         with self._lock:
             keys = self.index.keys()
+            believed = frozenset(self._applied) if check else None
         try:
+            before = self.backend.read() if check else None
             repaired = self.backend.ensure(keys)
         except Exception as exc:  # noqa: BLE001
+            self._belief_ok = False
             self._failed("full", exc)
             return
+        drifted = periodic or before != believed
         with self._lock:
             self._applied = set(keys)
             self._counts = dict.fromkeys(self._counts, 0)
             self._count(keys, +1)
-        if periodic and repaired:
+        self._belief_ok = True
+        if drifted and repaired:
             self.metrics.drift_repairs.inc()
             log.warning("resync repaired drift in the kernel rules", extra={"entries": len(keys)})
         self.status.full_sync_pending = False

@@ -114,7 +114,7 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("--proxy-port", "PROXY_PORT", "proxy_port", _int_range(1, 65535, "port"), "local port the proxy listens on"),
     ("--proxy-name", "PROXY_NAME", "proxy_name", _name,
      "watch Services labelled service.kubernetes.io/service-proxy-name=<this>"),
-    ("--node-name", "NODE_NAME", "node_name", _name, "this node's name (default: $NODE_NAME, else the hostname)"),
+    ("--node-name", "NODE_NAME", "node_name", _name, "this node's name"),
     ("--resync-period", "RESYNC_PERIOD", "resync_period", _seconds(0.05),
      "seconds between full resyncs against the kernel (drift repair)"),
     ("--proxy-uid", "PROXY_UID", "proxy_uid", _optional(_int_range(0, 2**32 - 1, "uid")),
@@ -136,11 +136,18 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
 )
 
 
+# Defaults that are a lookup rather than a value (see Settings.node and redirector.__main__.api_client).
+SHOWN_DEFAULTS: Mapping[str, str] = {
+    "node_name": "$NODE_NAME, else the hostname",
+    "kubeconfig": "in-cluster, else $KUBECONFIG or ~/.kube/config",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Settings()
     for flag, env, name, _conv, help_text in OPTIONS:
         default = getattr(defaults, name)
-        shown = "in-cluster configuration" if default is None and name == "kubeconfig" else default
+        shown = SHOWN_DEFAULTS.get(name, "none" if default is None else default)
         if name == "proxy_mark" and isinstance(default, int):
             shown = hex(default)
         parser.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),

@@ -37,12 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lookup only: the destination, as 10.96.0.10:80, [fd00::1]:80 or 10.96.0.10 80")
     parser.add_argument("--debug-address", default=env.get("LIGHTPATH_DEBUG_ADDRESS", c.REDIRECTOR_DEBUG_ADDRESS),
                         help="the debug server's address [env LIGHTPATH_DEBUG_ADDRESS; default: %(default)s]")
-    parser.add_argument("--debug-port", type=int, default=int(env.get("LIGHTPATH_DEBUG_PORT", c.REDIRECTOR_DEBUG_PORT)),
+    # A string default is converted by argparse only when ``debug`` runs: a bad env value is a usage error
+    # of that subcommand (exit 2), not a crash of every subcommand while the parser is built.
+    parser.add_argument("--debug-port", type=int, default=env.get("LIGHTPATH_DEBUG_PORT", str(c.REDIRECTOR_DEBUG_PORT)),
                         help="the debug server's port [env LIGHTPATH_DEBUG_PORT; default: %(default)s]")
-    parser.add_argument("--limit", type=int, help="services/rules/diff: page size")
-    parser.add_argument("--continue", dest="continue_token", metavar="TOKEN", help="services/rules: next page")
-    parser.add_argument("--json", action="store_true", help="print the JSON answer instead of the table")
-    parser.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the answer")
+    parser.add_argument("--limit", type=int, help="services/rules/diff: page size [no env]")
+    parser.add_argument("--continue", dest="continue_token", metavar="TOKEN", help="services/rules: next page [no env]")
+    parser.add_argument("--json", action="store_true", help="print the JSON answer instead of the table [no env]")
+    parser.add_argument("--timeout", type=float, default=15.0,
+                        help="seconds to wait for the answer [no env; default: %(default)s]")
 
 
 def lookup_target(target: Sequence[str]) -> tuple[str, str]:

@@ -43,7 +43,8 @@ class Metrics:
         self.sync_errors = Counter(
             f"{PREFIX}_sync_errors", "Kernel transactions that failed (a full sync is scheduled).", ["kind"], registry=r)
         self.drift_repairs = Counter(
-            f"{PREFIX}_drift_repairs", "Periodic resyncs that found the kernel differing from the desired state.",
+            f"{PREFIX}_drift_repairs",
+            "Full syncs that repaired a kernel changed behind the agent's back (periodic, or after a failed sync).",
             registry=r)
         self.watch_restarts = Counter(
             f"{PREFIX}_watch_restarts", "Watch requests restarted, by reason (expired, gone, stalled, error).",

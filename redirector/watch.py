@@ -21,6 +21,7 @@ import logging
 import random
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -45,6 +46,11 @@ class WatchSink(Protocol):
 
 class Gone(Exception):
     """410: our resourceVersion is too old for the server (history compacted): re-list."""
+
+
+class EndedAtOnce(Exception):
+    """The server (or a proxy in front of it) ended the watch early without a single event or bookmark: an
+    error, backed off like one, or the agent would reconnect in a tight loop."""
 
 
 class ServiceWatcher:
@@ -123,7 +129,8 @@ class ServiceWatcher:
             _shutdown(response)
 
     def _backoff(self, failures: int) -> float:
-        """Exponential with full jitter: many agents restarted by one apiserver outage do not stampede."""
+        """Exponential, with a random delay between half and all of it: many agents restarted by one apiserver
+        outage do not stampede."""
         ceiling = min(self.backoff_max, self.backoff_base * (2 ** min(failures - 1, 30)))
         return random.uniform(ceiling / 2, ceiling)
 
@@ -183,6 +190,7 @@ class ServiceWatcher:
         if self._stop.is_set():
             _shutdown(resp)
         self.connected = True
+        started, lines = time.monotonic(), 0
         try:
             if not 200 <= resp.status < 300:
                 if resp.status == 410:
@@ -191,11 +199,16 @@ class ServiceWatcher:
             for line in _lines(resp):
                 if self._stop.is_set():
                     break
+                lines += 1
                 rv = self._handle(line, rv)
         finally:
             with self._lock:
                 self._response = None
             resp.release_conn()
+        elapsed = time.monotonic() - started
+        if not lines and not self._stop.is_set() and elapsed < self.server_timeout / 2:
+            raise EndedAtOnce(f"the watch ended after {elapsed:.3f}s without any event "
+                              f"(server timeout {self.server_timeout}s)")
         return rv
 
     def _handle(self, line: str, rv: str) -> str:

@@ -100,6 +100,8 @@ class MutateHandler:
                 doc = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise BadRequest(f"body is not valid JSON: {exc}") from None
+            except RecursionError:  # e.g. 100,000 "[": fits in 3 MiB, overflows the parser's stack
+                raise BadRequest("body is not valid JSON: nested too deeply") from None
             req = parse_review(doc)
         except ClientGone:
             return

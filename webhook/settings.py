@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, name)
         if isinstance(default, frozenset):
             default = ",".join(sorted(default))
-        elif default is None:
-            default = "in-cluster configuration"
+        elif default is None:  # kubeconfig: the lookup of webhook.__main__.kube_client
+            default = "in-cluster, else $KUBECONFIG or ~/.kube/config"
         parser.add_argument(flag, dest=name, metavar=env, default=None,
                             help=f"{help_text} [env {ENV_PREFIX}{env}] (default: {default})")
     return parser

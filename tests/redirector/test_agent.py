@@ -7,10 +7,12 @@ tests pin batching, ordering and failure handling without an API server; test_e2
 from __future__ import annotations
 
 import copy
+import fcntl
 import itertools
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,6 +123,49 @@ def test_a_failed_transaction_schedules_a_full_sync_that_repairs(node: NetNS, ru
     wait_until(lambda: running.kernel_has({Key(4, "10.96.0.2", 80)}) and not running.agent.status.full_sync_pending)
     assert running.metric("sync_duration_seconds_count", kind="full") == 2
     assert running.agent.snapshot()["last_error"] is None or running.agent.status.last_success
+    assert running.metric("drift_repairs_total") == 0  # the meddling left the kernel as wanted: nothing repaired
+
+
+def test_a_deleted_table_repaired_after_a_failed_change_counts_as_drift(node: NetNS, running: Running) -> None:
+    tracker = running.agent.tracker
+    tracker.replace([service("a", cluster_ips=["10.96.0.1"])])
+    wait_until(lambda: running.kernel_has({Key(4, "10.96.0.1", 80)}))
+    nft(node.name, "delete table inet lightpath")
+    tracker.upsert(service("b", cluster_ips=["10.96.0.2"]))  # no table to add the element to: fails
+    wait_until(lambda: running.kernel_has({Key(4, "10.96.0.1", 80), Key(4, "10.96.0.2", 80)})
+               and not running.agent.status.full_sync_pending, what="repaired by the follow-up full sync")
+    assert running.metric("sync_errors_total", kind="incremental") == 1
+    assert running.metric("drift_repairs_total") == 1
+
+
+def test_a_failure_without_drift_is_not_counted_as_drift(tmp_path: Path) -> None:
+    """The xtables lock held by someone else fails a change; the kernel still holds what we applied."""
+    from redirector.iptables import IptablesBackend
+
+    lock = tmp_path / "xtables.lock"
+    lock.touch()
+    with NetNS(f"lpr-{os.getpid()}-{next(_ids)}-nodrift") as ns:
+        backend = IptablesBackend(variant="legacy", netns=ns.name, lock_path=str(lock), lock_wait=1, families=(4,))
+        # The retry comes 3 s after the failure: the lock is released by then, so the full sync that
+        # follows succeeds at its first try and has to judge drift.
+        agent = Agent(backend, proxy_label=LABEL, resync_period=3600, retry_min=3.0, retry_max=3.0)
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        try:
+            agent.tracker.replace([service("a", cluster_ips=["10.96.0.1"])])
+            wait_until(lambda: backend.read() == {Key(4, "10.96.0.1", 80)})
+            errors = agent.metrics.registry.get_sample_value
+            with lock.open("w") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                agent.tracker.upsert(service("b", cluster_ips=["10.96.0.2"]))
+                wait_until(lambda: errors("lightpath_redirector_sync_errors_total", {"kind": "incremental"}) == 1)
+            wait_until(lambda: backend.read() == {Key(4, "10.96.0.1", 80), Key(4, "10.96.0.2", 80)}
+                       and not agent.status.full_sync_pending, what="the change applied by the full sync")
+            assert errors("lightpath_redirector_sync_errors_total", {"kind": "full"}) == 0
+            assert errors("lightpath_redirector_drift_repairs_total", {}) == 0
+        finally:
+            agent.stop()
+            thread.join(timeout=5)
 
 
 def test_periodic_resync_repairs_drift_and_counts_it(node: NetNS) -> None:

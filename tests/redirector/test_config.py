@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,19 +75,32 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("lightpath-redirector ")
 
 
-def test_help_lists_every_setting_with_its_env_variable(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["run", "cleanup"])
+def test_help_lists_every_setting_with_its_env_variable(capsys: pytest.CaptureFixture[str], command: str) -> None:
     with pytest.raises(SystemExit) as exited:
-        build_parser().parse_args(["run", "--help"])
+        build_parser().parse_args([command, "--help"])
     assert exited.value.code == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare word by word
     for flag, env, *_ in config.OPTIONS:
         assert flag in text and f"LIGHTPATH_{env}" in text
+    # Defaults that are lookups are named as such, not shown as an empty value or a half truth.
+    assert "default: $NODE_NAME, else the hostname]" in text
+    assert "default: in-cluster, else $KUBECONFIG or ~/.kube/config]" in text
+    assert "the flag wins over the environment" in text
+
+
+def test_a_bad_debug_env_value_is_a_usage_error_of_debug_only() -> None:
+    env = {**os.environ, "LIGHTPATH_DEBUG_PORT": "abc"}
+    done = subprocess.run([str(BINARY), "version"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0 and done.stdout.startswith("lightpath-redirector "), done.stderr
+    done = subprocess.run([str(BINARY), "debug", "config"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "argument --debug-port: invalid int value: 'abc'" in done.stderr
+    done = subprocess.run([str(BINARY), "run"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "LIGHTPATH_DEBUG_PORT='abc'" in done.stderr
 
 
 @pytest.mark.root
 def test_cleanup_removes_our_table_and_nothing_else() -> None:
-    import os
-
     with NetNS(f"lpr-{os.getpid()}-0-cleanup") as ns:
         nft(ns.name, "add table inet lightpath\nadd table inet keepme\nadd table ip nat")
         done = ns.run([str(BINARY), "cleanup"], check=False)

@@ -3,6 +3,8 @@ real ChangeTracker. No kernel here: what matters is what the tracker ends up kno
 
 from __future__ import annotations
 
+import http.server
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -158,11 +160,54 @@ def test_unknown_event_types_and_garbage_are_skipped() -> None:
     view = View()
     watcher = ServiceWatcher(client.CoreV1Api(client.ApiClient()), view.tracker)
     obj = {"metadata": {"name": "x", "namespace": "shop", "resourceVersion": "42", "labels": LABELS}, "spec": {}}
-    import json
-
     assert watcher._handle(json.dumps({"type": "WEIRD", "object": obj}), "41") == "42"
     assert watcher._handle("not json", "42") == "42"
     assert watcher._handle(json.dumps({"type": "ADDED"}), "42") == "42"
     assert view.services() == set()
     assert watcher._handle(json.dumps({"type": "ADDED", "object": obj}), "42") == "42"
     assert view.services() == {"shop/x"}
+
+
+class _EndsWatchesAtOnce(http.server.BaseHTTPRequestHandler):
+    """An API server (or a proxy before it) that lists nothing and ends every watch at once, empty."""
+
+    watches: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if "watch=true" in self.path:
+            type(self).watches.append(self.path)
+            body = b""
+        else:
+            body = json.dumps({"kind": "ServiceList", "apiVersion": "v1", "metadata": {"resourceVersion": "7"},
+                               "items": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+def test_a_watch_that_ends_at_once_is_backed_off_not_reopened_in_a_loop() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EndsWatchesAtOnce)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    configuration = client.Configuration()
+    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
+    view = View()
+    # A backoff of an hour: after the first empty watch the watcher must be waiting, not watching again.
+    watcher = ServiceWatcher(client.CoreV1Api(client.ApiClient(configuration)), view.tracker,
+                             backoff_base=3600, backoff_max=3600)
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: view.services() is not None and "error" in view.restarts, what="the empty watch seen")
+        assert len(_EndsWatchesAtOnce.watches) == 1
+        assert "resourceVersion=7" in _EndsWatchesAtOnce.watches[0]
+    finally:
+        watcher.stop()
+        thread.join(timeout=5)
+        server.shutdown()
+        server.server_close()
+    assert not thread.is_alive()

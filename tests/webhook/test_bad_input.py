@@ -29,6 +29,7 @@ BAD_REQUESTS: list[tuple[str, bytes, str]] = [
     ("truncated JSON", raw(review())[:-7], "body is not valid JSON"),
     ("empty body", b"", "body is not valid JSON"),
     ("not UTF-8", b'{"apiVersion": "\xff\xfe"}', "body is not valid JSON"),
+    ("deeply nested JSON", b'{"a": ' + b"[" * 200_000, "body is not valid JSON: nested too deeply"),
     ("JSON array", b"[1, 2]", "body must be a JSON object"),
     ("JSON string", b'"AdmissionReview"', "body must be a JSON object"),
     ("wrong apiVersion", raw({**review(), "apiVersion": "admission.k8s.io/v1beta1"}), "apiVersion must be admission.k8s.io/v1"),

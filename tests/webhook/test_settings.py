@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,11 +56,15 @@ def test_bad_values_exit_2_with_a_clear_message(
 
 def test_console_script_help_documents_every_flag_and_env() -> None:
     out = subprocess.run([sys.executable, "-m", "webhook", "--help"], capture_output=True, text=True, check=True).stdout
-    for flag, env in [("--proxy-name", "PROXY_NAME"), ("--mode", "MODE"), ("--excluded-namespaces", "EXCLUDED_NAMESPACES"),
-                      ("--tls-cert-file", "TLS_CERT_FILE"), ("--tls-key-file", "TLS_KEY_FILE"),
-                      ("--bind-address", "BIND_ADDRESS"), ("--port", "PORT"), ("--log-level", "LOG_LEVEL"),
-                      ("--kubeconfig", "KUBECONFIG"), ("--cert-reload-interval", "CERT_RELOAD_INTERVAL")]:
+    documented = [("--proxy-name", "PROXY_NAME"), ("--mode", "MODE"), ("--excluded-namespaces", "EXCLUDED_NAMESPACES"),
+                  ("--tls-cert-file", "TLS_CERT_FILE"), ("--tls-key-file", "TLS_KEY_FILE"),
+                  ("--bind-address", "BIND_ADDRESS"), ("--port", "PORT"), ("--log-level", "LOG_LEVEL"),
+                  ("--kubeconfig", "KUBECONFIG"), ("--cert-reload-interval", "CERT_RELOAD_INTERVAL")]
+    for flag, env in documented:
         assert flag in out and f"LIGHTPATH_{env}" in out
+    # No flag without its env variable: every flag the help shows is one of the pairs above.
+    assert set(re.findall(r"--[a-z][a-z-]*", out)) - {"--help"} == {flag for flag, _ in documented}
+    assert "in-cluster, else $KUBECONFIG or ~/.kube/config" in " ".join(out.split())
 
 
 def test_bad_flag_exits_2_from_the_command_line() -> None:
