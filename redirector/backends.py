@@ -3,6 +3,8 @@ run the iptables backend, and the other way round)."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from redirector.config import Settings
 from redirector.model import Backend
 
@@ -14,9 +16,10 @@ def make_backend(settings: Settings) -> Backend:
         return NftBackend(table=settings.nft_table, proxy_port=settings.proxy_port,
                           proxy_mark=settings.proxy_mark, proxy_uid=settings.proxy_uid)
     if settings.backend == "iptables":
-        from redirector.iptables import IptablesBackend  # type: ignore[import-not-found,unused-ignore]
+        from redirector.iptables import IptablesBackend, Variant  # type: ignore[import-not-found,unused-ignore]
 
         backend: Backend = IptablesBackend(chain=settings.iptables_chain, proxy_port=settings.proxy_port,
-                                           proxy_mark=settings.proxy_mark, proxy_uid=settings.proxy_uid)
+                                           proxy_mark=settings.proxy_mark, proxy_uid=settings.proxy_uid,
+                                           variant=cast(Variant, settings.iptables_variant))
         return backend
     raise ValueError(f"unknown backend {settings.backend!r}")

@@ -18,6 +18,7 @@ from shared import constants as c
 
 ENV_PREFIX = "LIGHTPATH_"
 BACKENDS = ("nftables", "iptables")
+IPTABLES_VARIANTS = ("auto", "nft", "legacy")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -34,6 +35,9 @@ class Settings:
     proxy_mark: int | None = c.DEFAULT_PROXY_MARK
     nft_table: str = c.DEFAULT_NFT_TABLE
     iptables_chain: str = c.DEFAULT_IPTABLES_CHAIN
+    # Which iptables binaries write the rules. Must match the host's (kube-proxy's) variant, or our jump
+    # lands in the other ruleset; "auto" trusts the image's `iptables` alternative.
+    iptables_variant: str = "auto"
     debug_address: str = c.REDIRECTOR_DEBUG_ADDRESS
     debug_port: int = c.REDIRECTOR_DEBUG_PORT  # 0 disables the debug server
     kubeconfig: Path | None = None  # None: in-cluster configuration
@@ -123,6 +127,8 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "packets with this fwmark (set by the proxy) are never redirected; 'none' to disable"),
     ("--nft-table", "NFT_TABLE", "nft_table", _name, "nftables table (family inet) the agent owns"),
     ("--iptables-chain", "IPTABLES_CHAIN", "iptables_chain", _name, "iptables nat chain the agent owns"),
+    ("--iptables-variant", "IPTABLES_VARIANT", "iptables_variant", _choice(IPTABLES_VARIANTS),
+     "iptables binaries: nft, legacy, or auto (the image's `iptables`); must match the host's kube-proxy"),
     ("--debug-address", "DEBUG_ADDRESS", "debug_address", str, "address of the read-only debug server"),
     ("--debug-port", "DEBUG_PORT", "debug_port", _int_range(0, 65535, "port"), "debug server port (0: off)"),
     ("--kubeconfig", "KUBECONFIG", "kubeconfig", Path, "kubeconfig file"),

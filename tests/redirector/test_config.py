@@ -42,6 +42,7 @@ def test_flags_win_over_env_which_wins_over_defaults() -> None:
     [
         (["--proxy-port", "0"], {}, "--proxy-port"),
         (["--backend", "ebpf"], {}, "--backend"),
+        (["--iptables-variant", "xtables"], {}, "--iptables-variant"),
         (["--resync-period", "-1"], {}, "--resync-period"),
         ([], {"LIGHTPATH_PROXY_UID": "root"}, "LIGHTPATH_PROXY_UID"),
         (["--proxy-mark", "none"], {}, "proxy-mark"),  # nothing would stop the proxy's own traffic looping
@@ -108,3 +109,11 @@ def test_cleanup_removes_our_table_and_nothing_else() -> None:
         tables = nft(ns.name, "list tables")
         assert "lightpath" not in tables and "keepme" in tables and "table ip nat" in tables
         assert ns.run([str(BINARY), "cleanup"], check=False).returncode == 0  # idempotent
+
+
+def test_iptables_variant_reaches_the_backend() -> None:
+    from redirector.backends import make_backend
+
+    backend = make_backend(parse(["--backend", "iptables", "--iptables-variant", "legacy"]))
+    assert backend.describe()["variant"] == "legacy"
+    assert backend.describe()["binaries"]["ipv4"] == ["iptables-legacy-restore", "iptables-legacy-save"]
