@@ -5,9 +5,11 @@ Run as root: ``.venv/bin/python -m bench.redirector_bench [--sizes 10,1000,10000
 rules. Prints markdown tables (docs/performance.md, "Redirector").
 
 For N Services (dual-stack, one TCP port each: 2N entries):
-- raw floor: loading the 2N set elements with ONE libnftables JSON call (table already there);
+- raw floor: loading the 2N set elements with ONE libnftables JSON call (table already there), and the
+  same elements written as nft syntax or as wrapped JSON elements (which form libnftables parses fastest);
 - full sync: Service dicts (as the API returns them) -> desired state -> kernel, on a node without our
-  table; and the no-op resync (read back + compare) that runs every resync period;
+  table (and the time the cyclic GC took inside it); and the no-op resync (read back + compare) that runs
+  every resync period;
 - one change inside the agent: recompute one Service + one kernel transaction (p50/p99 of 200);
 - event -> rule: the in-process agent + watcher against the sandbox API server holding N Services: a
   write to the API, then polling the kernel for the new element (p50/p99), and the agent's own
@@ -127,7 +129,7 @@ def median_of(runs: int, fn: Callable[[], tuple[float, float]]) -> tuple[float, 
 # -- nftables ------------------------------------------------------------------------------------------
 
 
-def nft_raw_floor(n: int, runs: int) -> tuple[float, float]:
+def nft_raw_floor(n: int, runs: int) -> tuple[float, float, float]:
     from redirector.nftshape import dumps
 
     keys = keys_for(n)
@@ -138,8 +140,10 @@ def nft_raw_floor(n: int, runs: int) -> tuple[float, float]:
         def once() -> tuple[float, float]:
             backend.cleanup()
             backend.run(backend.layout.skeleton())
-            result = timed(lambda: backend._writer.cmd(text))
-            assert len(backend.read()) == len(keys)
+            answer: list[tuple[int, Any, str]] = []
+            result = timed(lambda: answer.append(backend._writer.cmd(text)))
+            assert answer[0][0] == 0, f"libnftables: {answer[0][2]}"
+            assert len(backend.read()) == len(keys), f"{len(backend.read())} of {len(keys)} elements"
             return result
 
         return median_of(runs, once)
@@ -147,12 +151,13 @@ def nft_raw_floor(n: int, runs: int) -> tuple[float, float]:
 
 def nft_full_sync(n: int, runs: int) -> dict[str, float]:
     services = [service(i) for i in range(n)]
-    out: dict[str, list[float]] = {k: [] for k in ("wall", "cpu", "desired", "kernel", "resync", "resync_cpu")}
-    with NetNS(f"lpr-{os.getpid()}-{n}-full") as ns:
+    out: dict[str, list[float]] = {k: [] for k in ("wall", "cpu", "desired", "kernel", "gc", "resync", "resync_cpu")}
+    with NetNS(f"lpr-{os.getpid()}-{n}-full") as ns, gc_clock() as in_gc:
         backend = nft_backend(ns.name)
         for _ in range(runs):
             backend.cleanup()
-            gc.collect()
+            gc.collect()  # the previous run's index is freed before this run's timing starts
+            g0 = in_gc()
             w0, c0 = time.perf_counter(), time.thread_time()
             index = DesiredIndex()
             index.replace_all(services)
@@ -164,13 +169,73 @@ def nft_full_sync(n: int, runs: int) -> dict[str, float]:
             out["cpu"].append(c2 - c0)
             out["desired"].append(w1 - w0)
             out["kernel"].append(w2 - w1)
+            out["gc"].append(in_gc() - g0)
             rw, rc = timed(lambda keys=keys: backend.ensure(keys))
             out["resync"].append(rw)
             out["resync_cpu"].append(rc)
+            del index, keys
         assert len(backend.read()) == 2 * n
         backend.cleanup()
     best = {f"{k}_best": min(v) for k, v in out.items()}
     return {**{k: statistics.median(v) for k, v in out.items()}, **best}
+
+
+@contextmanager
+def gc_clock() -> Iterator[Callable[[], float]]:
+    """A clock of the seconds spent in the cyclic GC (all threads) while the block runs."""
+    spent, started = [0.0], [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(callback)
+    try:
+        yield lambda: spent[0]
+    finally:
+        gc.callbacks.remove(callback)
+
+
+def nft_formats(n: int, runs: int) -> dict[str, tuple[float, float, float]]:
+    """The 2n elements in ONE libnftables call each way they can be written: the JSON concat form the
+    backend sends, nft syntax (``cmd()`` with JSON off: the bison parser), and JSON with every element
+    wrapped in ``{"elem": {"val": ...}}``. Texts rendered beforehand, runs interleaved; (median wall, median
+    CPU, best wall) per form."""
+    import nftables  # type: ignore[import-untyped]
+
+    from redirector.nftshape import dumps
+
+    keys = keys_for(n)
+    by_set = {"svc4": [k for k in keys if k.ip and k.family == 4], "svc6": [k for k in keys if k.ip and k.family == 6]}
+    wrapped = json.dumps({"nftables": [{"add": {"element": {"family": "inet", "table": "lightpath", "name": name,
+                                                            "elem": [{"elem": {"val": {"concat": [k.ip, k.port]}}}
+                                                                     for k in ks]}}}
+                                       for name, ks in by_set.items()]})
+    text = "".join(f"add element inet lightpath {name} {{ " + ", ".join(f"{k.ip} . {k.port}" for k in ks) + " }\n"
+                   for name, ks in by_set.items())
+    with NetNS(f"lpr-{os.getpid()}-{n}-formats") as ns:
+        backend = nft_backend(ns.name)
+        with entered(ns.name):
+            plain = nftables.Nftables()  # JSON off: parses nft syntax
+        concat = dumps(backend.layout.element_commands("add", keys))  # every form is rendered beforehand
+        forms: dict[str, Callable[[], Any]] = {
+            "json": lambda: backend._writer.cmd(concat),
+            "nft syntax": lambda: plain.cmd(text),
+            "json, wrapped elements": lambda: backend._writer.cmd(wrapped)}
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in forms}
+        for _ in range(runs):
+            for name, load in forms.items():
+                backend.cleanup()
+                backend.run(backend.layout.skeleton())
+                answer: list[tuple[int, Any, str]] = []
+                results[name].append(timed(lambda load=load, answer=answer: answer.append(load())))
+                assert answer[0][0] == 0, f"{name}: libnftables: {answer[0][2]}"
+                assert len(backend.read()) == len(keys), name
+        backend.cleanup()
+    return {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs), min(r[0] for r in rs))
+            for name, rs in results.items()}
 
 
 def single_changes(backend: Any, n: int, changes: int = 200) -> list[float]:
@@ -456,6 +521,8 @@ def main() -> None:
     parser.add_argument("--baseline-sizes", default="10,1000")
     parser.add_argument("--api-sizes", default="10,1000,10000", help="Service counts in the API server")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--formats-size", type=int, default=10_000,
+                        help="Service count for the element-format comparison (0: skip)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -476,6 +543,9 @@ def main() -> None:
         full = nft_full_sync(n, args.runs)
         one = nft_single_change(n)
         results["nft"][n] = {"floor": floor, "full": full, "one_p50": pct(one, 50), "one_p99": pct(one, 99)}
+    if args.formats_size:
+        say(f"nft element formats, {args.formats_size} Services")
+        results["formats"] = {"n": args.formats_size, **nft_formats(args.formats_size, max(args.runs, 5))}
     say("nft connect latency")
     for n, conn in connect_sweep(program_nft, sizes).items():
         results["nft"][n].update(connect_figures(conn))
@@ -536,15 +606,21 @@ def connect_figures(rounds: list[list[float]]) -> dict[str, float]:
 def render(r: dict[str, Any]) -> str:
     out = [f"Load average before/after: {r['load'][0]:.1f} / {r['load_after'][0]:.1f} (2 cores).", ""]
     out += ["| Services (entries) | raw floor: one JSON call | full sync: objects -> kernel (CPU) | of which desired "
-            "| of which kernel | no-op resync | one change in-agent p50 / p99 | connect p50 / p99, best round (µs) |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| of which kernel | of which GC | no-op resync | one change in-agent p50 / p99 "
+            "| connect p50 / p99, best round (µs) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for n, v in r["nft"].items():
         f = v["full"]
         out.append(f"| {n:,} ({2 * n:,}) | {ms(v['floor'][0])} ms (best {ms(v['floor'][2])}) | **{ms(f['wall'])} ms** "
                    f"(best {ms(f['wall_best'])}, CPU {ms(f['cpu'])}) | "
-                   f"{ms(f['desired'])} ms | {ms(f['kernel'])} ms | {ms(f['resync'])} ms | "
+                   f"{ms(f['desired'])} ms | {ms(f['kernel'])} ms | {ms(f['gc'])} ms | {ms(f['resync'])} ms | "
                    f"{ms(v['one_p50'])} / {ms(v['one_p99'])} ms | {us(v['conn_p50'])} / {us(v['conn_p99'])}, "
                    f"{us(v['conn_best'])} |")
+    if "formats" in r:
+        fm = r["formats"]
+        out += ["", f"Element formats: {2 * fm['n']:,} elements in one libnftables call (table there, sets empty):", "",
+                "| written as | wall (median) | CPU (median) | best |", "|---|---|---|---|"]
+        out += [f"| {name} | {ms(v[0])} ms | {ms(v[1])} ms | {ms(v[2])} ms |" for name, v in fm.items() if name != "n"]
     out += ["", "iptables backend (same Services, both families):", "",
             "| Services (entries) | full sync | no-op resync | one change p50 / p99 | connect p50 / p99, best round (µs) |",
             "|---|---|---|---|---|"]

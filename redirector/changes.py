@@ -2,7 +2,7 @@
 
 The watch thread calls ``replace``/``upsert``/``delete``/``restarted`` (the ``WatchSink`` protocol) and
 never waits on a kernel transaction. Like kube-proxy's change tracker it projects each object on arrival
-(``service_entries``: pure, ~10 µs) and keeps only that, so the API's dicts are garbage as soon as they are
+(``service_entries``: pure, ~3-6 µs) and keeps only that, so the API's dicts are garbage as soon as they are
 seen: a list of 10,000 Services never sits in memory whole. A Service edited ten times before the next sync
 is ONE pending change (its latest entries), whose latency counts from the first of those events. The sync
 loop ``take``s everything at once.
