@@ -31,7 +31,8 @@ if ! command -v kubectl >/dev/null 2>&1; then
 fi
 
 stamp=.venv/.lightpath-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+# constraints.txt pins every dependency (scripts/lock.py writes it), so every machine gets the same versions.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
   touch "$stamp"
 fi

@@ -195,3 +195,42 @@ def test_hadolint_if_available() -> None:
     for image in IMAGES:
         proc = subprocess.run([hadolint, str(_dockerfile(image))], capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _constraints() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[_norm(name)] = version
+    return pins
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_image_installs_with_the_constraints_file(image: str) -> None:
+    df = parse(_dockerfile(image))
+    sources = [src for stage in df.stages for src in copy_sources(stage)]
+    assert "constraints.txt" in sources
+    installs = [i.args for s in df.stages for i in s.all("RUN") if "pip install" in i.args]
+    assert installs and all("-c constraints.txt" in args for args in installs), installs
+
+
+def test_bootstrap_installs_with_the_constraints_file() -> None:
+    script = (REPO / "scripts" / "bootstrap.sh").read_text()
+    installs = [line for line in script.splitlines() if "pip install" in line]
+    assert installs and all("-c constraints.txt" in line for line in installs), installs
+
+
+def test_constraints_pin_every_dependency_at_the_installed_version() -> None:
+    """Every distribution the runtime and test dependencies pull in is pinned, at what this venv runs (so the
+    images get what the tests ran against); a stale file is regenerated with scripts/lock.py."""
+    pins = _constraints()
+    missing = sorted(_dependency_closure() - pins.keys())
+    assert not missing, f"not pinned in constraints.txt (run scripts/lock.py): {missing}"
+    for req in PYPROJECT["project"]["optional-dependencies"]["test"]:
+        assert _norm(Requirement(req).name) in pins, req
+    stale = {n: (v, md.version(n)) for n, v in pins.items() if md.version(n) != v}
+    assert not stale, f"constraints.txt differs from the venv (pinned, installed): {stale}"
+
