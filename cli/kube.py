@@ -7,7 +7,6 @@ that finishes in seconds. Writes are JSON merge patches of single labels/annotat
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Callable
@@ -16,6 +15,9 @@ from typing import Any, TypeVar
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+
+from shared import kube
+from shared.kube import Gone
 
 PAGE_SIZE = 500
 CONFLICT_RETRIES = 5
@@ -86,18 +88,15 @@ class Cluster:
         return data
 
     def _paginate(self, what: str, fn: Callable[..., Any]) -> list[dict[str, Any]]:
-        """One list, page by page (limit + continue), so huge clusters need neither one giant response nor GETs."""
-        items: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": self.page_size, "_preload_content": False}
-            if token:
-                kwargs["_continue"] = token
-            page = self._json(self._call(what, functools.partial(fn, **kwargs)))
-            items.extend(page.get("items") or [])
-            token = (page.get("metadata") or {}).get("continue") or None
-            if not token:
-                return items
+        """One list, page by page (``shared.kube.pages``: limit + continue), so huge clusters need neither one
+        giant response nor GETs; each page goes through ``_call`` (conflict retries, user-facing errors)."""
+        def call(request: Callable[[], Any]) -> Any:
+            try:
+                return self._call(what, request)
+            except Gone as exc:
+                raise ClusterError(f"{what}: {exc} (the list took too long: run the command again)", 410) from exc
+
+        return kube.list_items(fn, page_size=self.page_size, call=call)
 
     def list_services(self, namespace: str | None = None) -> list[dict[str, Any]]:
         """Services of one namespace, or of all (None). Items carry their namespace in metadata already."""

@@ -1,10 +1,8 @@
 """Namespace labels for the policy: a watched cache, and a GET for a namespace not seen yet.
 
-The watch loop follows kopf's layering: an endless loop that reconnects with backoff -> list (paged)
-then watch from the list's resourceVersion -> one watch request with bookmarks and a server-side
-timeout. A broken stream is watched again from the last resourceVersion (client-go's reflector does
-the same); a 410 Gone (history compacted) goes back to a fresh list. A client-side read timeout longer
-than the bookmark interval catches a stream that silently stalls.
+The cache is a sink of the project's one list-watch reflector (``shared.kube.Reflector``: paged list,
+watch from its resourceVersion with bookmarks, re-watch after a broken or silent stream, re-list on 410,
+jittered backoff), run on a thread of its own.
 """
 
 from __future__ import annotations
@@ -12,18 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any, cast
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
+
+from shared.kube import Reflector
 
 log = logging.getLogger("lightpath.webhook.namespaces")
-
-
-class _Gone(Exception):
-    """The watch's resourceVersion is too old: re-list."""
 
 
 def _labels(obj: Mapping[str, Any]) -> dict[str, str]:
@@ -53,11 +48,23 @@ class NamespaceCache:
         self.max_backoff = max_backoff
         self._labels: dict[str, dict[str, str]] = {}
         self._synced = threading.Event()
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._response: Any = None
-        self.restarts = 0
-        self.relists = 0
+        self._reflector = self._new_reflector()
+
+    def _new_reflector(self) -> Reflector:
+        return Reflector(self._api.list_namespace, self, what="namespaces", server_timeout=self.watch_timeout,
+                         read_timeout=self.inactivity_timeout, page_size=self.page_size,
+                         backoff_base=min(0.5, self.max_backoff), backoff_max=self.max_backoff)
+
+    @property
+    def restarts(self) -> int:
+        """Watches given up after an error or a silent stream."""
+        return self._reflector.restarts
+
+    @property
+    def relists(self) -> int:
+        """Lists forced by 410 Gone."""
+        return self._reflector.relists
 
     # -- reads (event loop thread) -----------------------------------------------------------
     @property
@@ -88,122 +95,38 @@ class NamespaceCache:
     # -- the watch thread --------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="namespace-watch", daemon=True)
+            if self._reflector.stopped:
+                self._reflector = self._new_reflector()
+            self._thread = threading.Thread(target=self._reflector.run, name="namespace-watch", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        resp = self._response
-        if resp is not None:
-            try:
-                resp.shutdown()  # unblock a read in progress
-            except Exception:
-                resp.close()
+        self._reflector.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
 
-    def _run(self) -> None:
-        """Like client-go's reflector: after a broken or silent stream, watch again from the last
-        resourceVersion seen (cheap, nothing missed); list again only on 410 or a failed list."""
-        backoff = 0.5
-        rv: str | None = None
-        while not self._stop.is_set():
-            events = 0
-            try:
-                if rv is None:
-                    rv = self._list()
-                for seen in self._watch(rv):
-                    rv = seen
-                    events += 1
-                if events:
-                    backoff = 0.5
-                    continue
-                self._stop.wait(backoff)  # a stream that ends at once, empty: do not spin
-                backoff = min(backoff * 2, self.max_backoff)
-            except _Gone:
-                self.relists += 1
-                rv = None
-                log.info("namespace watch expired (410 Gone); re-listing")
-            except Exception as exc:
-                if self._stop.is_set():
-                    return
-                self.restarts += 1
-                log.warning("namespace watch failed; retrying", extra={"error": repr(exc), "backoff_s": backoff})
-                if events:
-                    backoff = 0.5
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
-
-    def _list(self) -> str:
-        """A full paged list replaces the cache; returns the resourceVersion to watch from."""
+    # -- WatchSink (called on the watch thread) -------------------------------------------------
+    def replace(self, items: Iterable[dict[str, Any]]) -> None:
+        """A full list replaces the cache (built aside: a list that fails half-way publishes nothing)."""
         fresh: dict[str, dict[str, str]] = {}
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": self.page_size, "_preload_content": False, "_request_timeout": (10, 60)}
-            if token:
-                kwargs["_continue"] = token
-            try:
-                resp: Any = self._api.list_namespace(**kwargs)
-            except ApiException as exc:
-                if exc.status == 410:
-                    raise _Gone() from None  # continue token expired
-                raise
-            page = json.loads(resp.data)
-            for item in page.get("items") or []:
-                fresh[item["metadata"]["name"]] = _labels(item)
-            meta = page.get("metadata") or {}
-            token = meta.get("continue")
-            if not token:
-                self._labels = fresh
-                self._synced.set()
-                log.info("namespace cache synced", extra={"namespaces": len(fresh)})
-                return str(meta.get("resourceVersion") or "")
+        for item in items:
+            name = (item.get("metadata") or {}).get("name")
+            if name:
+                fresh[str(name)] = _labels(item)
+        self._labels = fresh
+        self._synced.set()
+        log.info("namespace cache synced", extra={"namespaces": len(fresh)})
 
-    def _watch(self, rv: str) -> Iterator[str]:
-        """One watch request until the server ends it; yields the resourceVersion after each event."""
-        try:
-            resp: Any = self._api.list_namespace(
-                watch=True,
-                resource_version=rv,
-                allow_watch_bookmarks=True,
-                timeout_seconds=self.watch_timeout,
-                _preload_content=False,
-                _request_timeout=(10, self.inactivity_timeout),
-            )
-        except ApiException as exc:
-            if exc.status == 410:
-                raise _Gone() from None
-            raise
-        self._response = resp
-        try:
-            for event in self._events(resp):
-                rv = self._apply(event, rv)
-                yield rv
-        finally:
-            self._response = None
-            resp.release_conn()
+    def upsert(self, obj: dict[str, Any]) -> None:
+        name = (obj.get("metadata") or {}).get("name")
+        if name:
+            self._labels[str(name)] = _labels(obj)
 
-    @staticmethod
-    def _events(resp: Any) -> Iterator[dict[str, Any]]:
-        for line in cast(Iterator[str], iter_resp_lines(resp)):  # type: ignore[no-untyped-call]
-            if line.strip():
-                yield json.loads(line)
+    def delete(self, obj: dict[str, Any]) -> None:
+        name = (obj.get("metadata") or {}).get("name")
+        if name:
+            self._labels.pop(str(name), None)
 
-    def _apply(self, event: Mapping[str, Any], rv: str) -> str:
-        kind = event.get("type")
-        obj = event.get("object") or {}
-        if kind == "ERROR":
-            if obj.get("code") == 410:
-                raise _Gone()
-            raise RuntimeError(f"watch error: {obj.get('message') or obj}")
-        meta = obj.get("metadata") or {}
-        name = meta.get("name")
-        if kind in ("ADDED", "MODIFIED") and name:
-            self._labels[name] = _labels(obj)
-        elif kind == "DELETED" and name:
-            self._labels.pop(name, None)
-        elif kind != "BOOKMARK":
-            log.warning("unknown watch event type skipped", extra={"type": kind})
-        return str(meta.get("resourceVersion") or rv)
+    def restarted(self, reason: str) -> None:
+        log.debug("namespace watch restarted", extra={"reason": reason})
