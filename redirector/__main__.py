@@ -17,11 +17,15 @@ import threading
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from redirector import config, debug_cli
+from redirector import config
+from redirector.debug import cli as debug_cli
 from shared import constants as c
 from shared import logs
+
+if TYPE_CHECKING:
+    from redirector.debug.server import DebugServer
 
 log = logging.getLogger("redirector")
 ENV_NOTE = "A flag showing an env variable can also be set by it; the flag wins over the environment."
@@ -120,6 +124,11 @@ def run(settings: config.Settings) -> int:
                threading.Thread(target=agent.run, name="sync", daemon=True)]
     for thread in threads:
         thread.start()
+    health = start_health_server(agent, settings, threads[1])
+    if health is None:
+        watcher.stop()
+        agent.stop()
+        return 1
     stop_debug = start_debug_server(agent, settings, threads[1])
     log.info("redirector running", extra={"backend": backend.name, "proxy_name": settings.proxy_name,
                                           "node": settings.node, "proxy_port": settings.proxy_port,
@@ -128,12 +137,16 @@ def run(settings: config.Settings) -> int:
         if not all(t.is_alive() for t in threads):
             log.error("an agent thread died: exiting")
             break
+        if not health.running:
+            log.error("the health server stopped: exiting (the kubelet probes it)", extra={"error": health.error})
+            break
     watcher.stop()
     agent.stop()
     for thread in threads:
         thread.join(timeout=5)
     if stop_debug is not None:
         stop_debug()
+    health.stop()
     return 0 if stop.is_set() else 1
 
 
@@ -152,21 +165,36 @@ def api_client(settings: config.Settings) -> Any:
     return kube_config.new_client_from_config()  # type: ignore[no-untyped-call]
 
 
+def start_health_server(agent: object, settings: config.Settings, sync_thread: threading.Thread) -> DebugServer | None:
+    """The always-on /healthz, /readyz, /metrics server; None (logged) when it cannot listen: the agent then
+    exits, since the kubelet would restart it for failing its probes anyway (the rules stay in place)."""
+    from redirector.debug.launch import start_health
+
+    server: DebugServer | None = None
+    try:
+        server = start_health(agent, settings.health_address, settings.health_port, settings=settings,
+                              sync_thread=sync_thread)
+        error = server.error or ""
+    except Exception as exc:  # noqa: BLE001 - reported below like a bind failure
+        error = str(exc)
+    if server is None or not server.running:
+        log.error("health server failed to start: exiting, the rules stay in place",
+                  extra={"address": settings.health_address, "port": settings.health_port, "error": error})
+        return None
+    return server
+
+
 def start_debug_server(
     agent: object, settings: config.Settings, sync_thread: threading.Thread
 ) -> Callable[[], None] | None:
-    """Hook for the debug server: ``redirector.debug.start(agent, host, port, settings=, sync_thread=)``
-    returning a stop function. Absent module or port 0: no debug server."""
+    """The debug server (``redirector.debug.launch.start``), returning its stop function; port 0: none."""
     if settings.debug_port == 0:
         return None
+    from redirector.debug import launch
+
     try:
-        from redirector import debug  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        log.info("debug server not available in this build")
-        return None
-    try:
-        stop: Callable[[], None] = debug.start(agent, settings.debug_address, settings.debug_port,
-                                               settings=settings, sync_thread=sync_thread)
+        stop: Callable[[], None] = launch.start(agent, settings.debug_address, settings.debug_port,
+                                                settings=settings, sync_thread=sync_thread)
     except Exception as exc:  # noqa: BLE001 - the agent works without its debug server
         log.error("debug server failed to start", extra={"error": str(exc)})
         return None

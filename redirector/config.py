@@ -38,6 +38,9 @@ class Settings:
     # Which iptables binaries write the rules. Must match the host's (kube-proxy's) variant, or our jump
     # lands in the other ruleset; "auto" trusts the image's `iptables` alternative.
     iptables_variant: str = "auto"
+    # The health server (/healthz, /readyz, /metrics) is always on: the kubelet probes it.
+    health_address: str = c.REDIRECTOR_HEALTH_ADDRESS
+    health_port: int = c.REDIRECTOR_HEALTH_PORT
     debug_address: str = c.REDIRECTOR_DEBUG_ADDRESS
     debug_port: int = c.REDIRECTOR_DEBUG_PORT  # 0 disables the debug server
     kubeconfig: Path | None = None  # None: in-cluster configuration
@@ -52,11 +55,15 @@ class Settings:
             raise ValueError("set --proxy-mark and/or --proxy-uid: the proxy's own traffic must never be redirected")
         if self.batch_max < self.batch_idle:
             raise ValueError("--batch-max must be >= --batch-idle")
-        if self.debug_port:
-            # A colliding debug port is a configuration error: refuse to start rather than run without it.
-            from redirector.debug_settings import check_bind
+        # A colliding health or debug port is a configuration error: refuse to start rather than run without it.
+        from redirector.debug.settings import check_bind
 
+        check_bind(self.health_address, self.health_port, self.proxy_port, server="health")
+        if self.debug_port:
             check_bind(self.debug_address, self.debug_port, self.proxy_port)
+            if self.debug_port == self.health_port:
+                raise ValueError(f"--debug-port {self.debug_port} collides with --health-port: choose another "
+                                 "(the health server is always on)")
 
     @property
     def node(self) -> str:
@@ -129,6 +136,10 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("--iptables-chain", "IPTABLES_CHAIN", "iptables_chain", _name, "iptables nat chain the agent owns"),
     ("--iptables-variant", "IPTABLES_VARIANT", "iptables_variant", _choice(IPTABLES_VARIANTS),
      "iptables binaries: nft, legacy, or auto (the image's `iptables`); must match the host's kube-proxy"),
+    ("--health-address", "HEALTH_ADDRESS", "health_address", str,
+     "address of the always-on health server (/healthz, /readyz, /metrics)"),
+    ("--health-port", "HEALTH_PORT", "health_port", _int_range(1, 65535, "port"),
+     "health server port (always on: the kubelet probes it)"),
     ("--debug-address", "DEBUG_ADDRESS", "debug_address", str, "address of the read-only debug server"),
     ("--debug-port", "DEBUG_PORT", "debug_port", _int_range(0, 65535, "port"), "debug server port (0: off)"),
     ("--kubeconfig", "KUBECONFIG", "kubeconfig", Path, "kubeconfig file"),

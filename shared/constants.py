@@ -25,12 +25,15 @@ DEFAULT_MODE: Final = MODE_OPT_IN
 DEFAULT_NAMESPACE: Final = "lightpath-system"
 DEFAULT_EXCLUDED_NAMESPACES: Final = ("kube-system", "cert-manager", DEFAULT_NAMESPACE)
 
-# Ports. The debug port collides with none of kube-proxy (10249, 10256), Envoy admin (15000),
-# the proxy (1666) or xDS (18000).
+# Ports. The redirector's health and debug ports collide with none of kube-proxy (10249, 10256), Envoy
+# admin (15000), the proxy (1666) or xDS (18000). Health (/healthz, /readyz, /metrics: what the kubelet
+# probes) is always on; debug (/debug/*) may be turned off, as kube-proxy keeps 10256 apart from 10249.
 DEFAULT_PROXY_PORT: Final = 1666
 WEBHOOK_PORT: Final = 8443
 REDIRECTOR_DEBUG_PORT: Final = 10666
 REDIRECTOR_DEBUG_ADDRESS: Final = "127.0.0.1"
+REDIRECTOR_HEALTH_PORT: Final = 10667
+REDIRECTOR_HEALTH_ADDRESS: Final = "127.0.0.1"
 ENVOY_ADMIN_PORT: Final = 15000
 XDS_PORT: Final = 18000
 RESERVED_PORTS: Final = frozenset({10249, 10256, 15000, 1666, 18000})

@@ -56,15 +56,17 @@ def test_redirector_env_is_what_the_program_understands(default_objs: list[Obj])
     assert settings.backend == "nftables"
 
 
-def test_redirector_probes_hit_its_debug_server(default_objs: list[Obj]) -> None:
+def test_redirector_probes_hit_its_always_on_health_server(default_objs: list[Obj]) -> None:
+    """Not the debug server: turning that off (LIGHTPATH_DEBUG_PORT=0) must not fail a probe."""
     settings = _redirector_settings(default_objs)
     ctr = container(_redirector(default_objs))
-    assert settings.debug_address == c.REDIRECTOR_DEBUG_ADDRESS == "127.0.0.1"
+    assert settings.health_address == c.REDIRECTOR_HEALTH_ADDRESS == "127.0.0.1"
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = ctr[probe]["httpGet"]
-        assert get["host"] == settings.debug_address and get["path"] == path
-        assert port_number(ctr, get["port"]) == settings.debug_port == c.REDIRECTOR_DEBUG_PORT
-    assert port_number(ctr, "debug") == settings.debug_port
+        assert get["host"] == settings.health_address and get["path"] == path
+        assert port_number(ctr, get["port"]) == settings.health_port == c.REDIRECTOR_HEALTH_PORT
+    assert port_number(ctr, "healthz") == settings.health_port
+    assert port_number(ctr, "debug") == settings.debug_port == c.REDIRECTOR_DEBUG_PORT
 
 
 def test_redirector_command_is_a_real_subcommand(default_objs: list[Obj]) -> None:

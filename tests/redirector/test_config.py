@@ -26,6 +26,7 @@ def test_defaults_match_the_shared_constants() -> None:
     assert (s.backend, s.proxy_port, s.proxy_name, s.proxy_mark, s.proxy_uid) == (
         "nftables", 1666, "lightpath.cloud", 0x1666, None)
     assert (s.debug_address, s.debug_port, s.nft_table, s.iptables_chain) == ("127.0.0.1", 10666, "lightpath", "LIGHTPATH")
+    assert (s.health_address, s.health_port) == ("127.0.0.1", 10667)
     assert s.resync_period == 30.0 and s.kubeconfig is None
 
 
@@ -50,6 +51,11 @@ def test_flags_win_over_env_which_wins_over_defaults() -> None:
         (["--debug-port", "10249"], {}, "collides with kube-proxy"),
         (["--debug-port", "1777", "--proxy-port", "1777"], {}, "collides with the proxy port"),
         (["--debug-address", "localhost"], {}, "must be an IP address"),
+        (["--health-port", "0"], {}, "--health-port"),  # always on: no "off" value
+        (["--health-port", "10256"], {}, "health port 10256 collides with kube-proxy healthz"),
+        ([], {"LIGHTPATH_HEALTH_PORT": "1666"}, "health port 1666 collides with the proxy"),
+        (["--debug-port", "10667"], {}, "collides with --health-port"),
+        (["--health-address", "localhost"], {}, "health address must be an IP address"),
     ],
 )
 def test_bad_values_name_the_culprit(argv: list[str], env: dict[str, str], culprit: str) -> None:

@@ -19,8 +19,9 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import negative_data_rejection, status_code_conformance
 
-from redirector import debug, debug_cli
-from redirector.debug_server import DebugServer
+from redirector.debug import cli as debug_cli
+from redirector.debug import launch
+from redirector.debug.server import DebugServer
 from redirector.model import Key
 from sandbox.traffic import wait_until
 from tests.redirector.test_debug_node import NS, DebugNode
@@ -172,9 +173,9 @@ def test_a_taken_port_is_logged_counted_and_the_agent_carries_on(
 
 
 def test_start_hook_serves_the_agent(dn: DebugNode) -> None:
-    """``redirector.debug.start`` as ``redirector.__main__`` calls it (agent, host, port)."""
+    """``redirector.debug.launch.start`` as ``redirector.__main__`` calls it (agent, host, port)."""
     port = _free_port()
-    stop = debug.start(dn.agent, "127.0.0.1", port, settings=argparse.Namespace(proxy_port=1666, token="x"),
+    stop = launch.start(dn.agent, "127.0.0.1", port, settings=argparse.Namespace(proxy_port=1666, token="x"),
                        sync_thread=dn.threads[1])
     try:
         resp = httpx.get(f"http://127.0.0.1:{port}/healthz", trust_env=False)
@@ -186,4 +187,4 @@ def test_start_hook_serves_the_agent(dn: DebugNode) -> None:
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", trust_env=False)
     with pytest.raises(ValueError, match="collides with kube-proxy healthz"):
-        debug.start(dn.agent, "127.0.0.1", 10256)
+        launch.start(dn.agent, "127.0.0.1", 10256)

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from redirector.debug_lookup import is_local, lookup, parse_query
-from redirector.debug_pages import BadRequest
+from redirector.debug.lookup import is_local, lookup, parse_query
+from redirector.debug.pages import BadRequest
 from redirector.desired import desired_state
 from redirector.model import DesiredState, Key
 from tests.redirector.factories import service

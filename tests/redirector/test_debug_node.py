@@ -17,10 +17,10 @@ import pytest
 from kubernetes import client
 
 from redirector.agent import Agent
-from redirector.debug_app import create_debug_app
-from redirector.debug_server import DebugServer
-from redirector.debug_settings import DebugSettings
-from redirector.debug_source import AgentSource
+from redirector.debug.app import create_debug_app
+from redirector.debug.server import DebugServer
+from redirector.debug.settings import DebugSettings
+from redirector.debug.source import AgentSource
 from redirector.model import Backend, Key
 from redirector.watch import ServiceWatcher
 from sandbox.apiserver import SandboxApiServer

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def test_the_agent_serves_its_debug_endpoints_and_the_client_prints_them(
         status, body = netns_get(node, DEBUG + "/debug/config")
         config = json.loads(body)
         assert config["agent"]["backend"] == "nftables" and config["agent"]["debug_port"] == 10666
-        printed = node.run([sys.executable, "-m", "redirector.debug_cli", "lookup", f"{ip}:80"], check=False)
+        printed = node.run([sys.executable, "-m", "redirector.debug.cli", "lookup", f"{ip}:80"], check=False)
         assert printed.returncode == 0, printed.stderr
         assert "redirected         yes" in printed.stdout and "shop/web:http" in printed.stdout
         assert agent.logged("debug server listening") == 1
@@ -87,3 +88,55 @@ def test_a_taken_debug_port_does_not_stop_the_redirects(
         agent.stop()
         agent.close()
         squatter.stop()
+
+
+HEALTH = f"http://{c.REDIRECTOR_HEALTH_ADDRESS}:{c.REDIRECTOR_HEALTH_PORT}"
+
+
+def test_the_health_server_serves_the_probes_with_the_debug_server_off(
+    world: tuple[NetNS, SandboxApiServer, client.CoreV1Api], tmp_path: Path
+) -> None:
+    """``--debug-port 0`` (AgentProcess's default): /healthz, /readyz, /metrics still answer on the health
+    port, which serves nothing else; the debug port is closed."""
+    node, api, core = world
+    labelled_service(core, "web")
+    agent = AgentProcess(node, api, tmp_path)
+    try:
+        agent.start()
+        agent.wait_synced()
+        wait_until(lambda: netns_get(node, HEALTH + "/healthz")[0] == 200, what="healthz 200")
+        status, body = netns_get(node, HEALTH + "/readyz")
+        assert status == 503 and "nothing listens on TCP port 1666" in json.loads(body)["reason"]
+        status, body = netns_get(node, HEALTH + "/metrics")
+        assert status == 200 and "lightpath_redirector_entries" in body
+        assert netns_get(node, HEALTH + "/debug/config")[0] == 404
+        with pytest.raises(urllib.error.URLError, match="Connection refused"):
+            netns_get(node, DEBUG + "/healthz")
+        assert agent.logged("health server listening") == 1 and agent.logged("debug server listening") == 0
+    finally:
+        agent.stop()
+        agent.close()
+
+
+def test_a_taken_health_port_stops_the_agent_with_a_clear_error_and_keeps_the_rules(
+    world: tuple[NetNS, SandboxApiServer, client.CoreV1Api], tmp_path: Path
+) -> None:
+    node, api, core = world
+    labelled_service(core, "web")
+    agent = AgentProcess(node, api, tmp_path)
+    try:
+        agent.start()
+        agent.wait_synced()
+        agent.stop()
+        squatter = tcp_listener(node, c.REDIRECTOR_HEALTH_PORT, 4, bind=c.REDIRECTOR_HEALTH_ADDRESS, name="squatter")
+        try:
+            agent.start()
+            assert agent.proc is not None and agent.proc.wait(timeout=30) == 1
+            failed = [line for line in agent.lines() if "health server failed to start" in str(line.get("msg"))]
+            assert failed and "in use" in failed[0]["error"], agent.tail()
+            assert "lightpath" in node.run(["nft", "list", "tables"]).stdout, "the rules stay in place"
+        finally:
+            squatter.stop()
+    finally:
+        agent.stop()
+        agent.close()

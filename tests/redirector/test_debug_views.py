@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from redirector.debug_app import wants_text
-from redirector.debug_netlink import ListeningSocket
-from redirector.debug_pages import MAX_LIMIT, BadRequest, decode_token, encode_token, paginate
-from redirector.debug_settings import DebugSettings, check_bind, config_view, default_health_timeout
-from redirector.debug_source import SyncFacts
-from redirector.debug_text import render, table
-from redirector.debug_views import bounded, diff_view, health_view, ready_view, rules_view, services_view
+from redirector.debug.app import wants_text
+from redirector.debug.netlink import ListeningSocket
+from redirector.debug.pages import MAX_LIMIT, BadRequest, decode_token, encode_token, paginate
+from redirector.debug.settings import DebugSettings, check_bind, config_view, default_health_timeout
+from redirector.debug.source import SyncFacts
+from redirector.debug.text import render, table
+from redirector.debug.views import bounded, diff_view, health_view, ready_view, rules_view, services_view
 from redirector.desired import desired_state
 from redirector.model import Key
 from tests.redirector.factories import numbered, service
@@ -174,7 +174,7 @@ def test_config_view_redacts_secrets() -> None:
         api_token: str = "s3cr3t"
         password: str = ""
 
-    from redirector.debug_settings import settings_mapping
+    from redirector.debug.settings import settings_mapping
 
     view = config_view(DebugSettings(agent_config=settings_mapping(Agent()), node="n1"))
     assert view["agent"] == {"backend": "nftables", "kubeconfig": "/etc/kubeconfig", "api_token": "<redacted>",

@@ -1,4 +1,5 @@
-"""The redirector's read-only debug server (FastAPI): thin shell around ``debug_views`` / ``debug_lookup``.
+"""The redirector's HTTP apps (FastAPI): the health app and the read-only debug app, thin shells around
+``views`` / ``lookup``.
 
 Every handler reads (the agent through ``DebugSource``, the kernel through the backend, netlink through
 ``NetlinkProbe``), then calls a pure function. Nothing here changes state: GET only, no body, validated
@@ -21,13 +22,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from redirector.debug_lookup import lookup, parse_query
-from redirector.debug_netlink import NetlinkError, NetlinkProbe
-from redirector.debug_pages import MAX_LIMIT, BadRequest, check_limit
-from redirector.debug_settings import DebugSettings, config_view
-from redirector.debug_source import DebugSource
-from redirector.debug_text import render
-from redirector.debug_views import diff_view, health_view, ready_view, rules_view, services_view
+from redirector.debug.lookup import lookup, parse_query
+from redirector.debug.netlink import NetlinkError, NetlinkProbe
+from redirector.debug.pages import MAX_LIMIT, BadRequest, check_limit
+from redirector.debug.settings import DebugSettings, config_view
+from redirector.debug.source import DebugSource
+from redirector.debug.text import render
+from redirector.debug.views import diff_view, health_view, ready_view, rules_view, services_view
 from redirector.model import Backend, Key
 
 log = logging.getLogger("lightpath.redirector.debug")
@@ -50,6 +51,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {400: {"description": "invalid query p
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"description": "the kernel or netlink could not be read"}}
 
 
+def create_health_app(
+    source: DebugSource,
+    settings: DebugSettings,
+    *,
+    probe: NetlinkProbe | None = None,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """The always-on health app: ``/healthz``, ``/readyz``, ``/metrics`` and nothing else (what the kubelet
+    probes and Prometheus scrapes, like kube-proxy's 10256), so turning the debug server off never fails a probe."""
+    app = _base_app("lightpath redirector health")
+    add_health_routes(app, source, settings, probe or NetlinkProbe(settings.netns), clock)
+    _drop_422(app)
+    return app
+
+
 def create_debug_app(
     source: DebugSource,
     backend: Backend,
@@ -58,12 +74,12 @@ def create_debug_app(
     probe: NetlinkProbe | None = None,
     clock: Callable[[], float] = time.time,
 ) -> FastAPI:
-    """The debug ASGI app for one agent. Several may coexist (tests): no global state."""
+    """The debug ASGI app for one agent: ``/debug/*`` plus the health routes (the ``debug`` client asks one
+    port for everything). Several may coexist (tests): no global state."""
     netlink = probe or NetlinkProbe(settings.netns)
     gate = threading.Semaphore(1)
-    app = FastAPI(title="lightpath redirector debug", version="1", docs_url=None, redoc_url=None,
-                  responses=ERRORS)
-    app.add_middleware(NoBody)
+    app = _base_app("lightpath redirector debug")
+    add_health_routes(app, source, settings, netlink, clock)
 
     @contextmanager
     def kernel_turn() -> Iterator[None]:
@@ -81,17 +97,6 @@ def create_debug_app(
             except Exception as exc:  # noqa: BLE001 - any backend failure is "cannot read the kernel"
                 raise Unavailable(f"reading the kernel ({backend.name}) failed: {exc}") from exc
 
-    def answer(request: Request, endpoint: str, body: dict[str, Any], fmt: Format | None,
-               status: int = 200) -> Response:
-        headers = {"cache-control": "no-store"}
-        if wants_text(fmt, request.headers.get("accept")):
-            return PlainTextResponse(render(endpoint, body), status_code=status, headers=headers)
-        return JSONResponse(body, status_code=status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> Response:
-        return JSONResponse({"detail": validation_message(exc)}, status_code=400)
-
     @app.exception_handler(BadRequest)
     async def bad_request(_request: Request, exc: BadRequest) -> Response:
         return JSONResponse({"detail": str(exc)}, status_code=400)
@@ -100,25 +105,6 @@ def create_debug_app(
     async def unavailable(_request: Request, exc: Unavailable) -> Response:
         log.warning("debug endpoint unavailable", extra={"error": str(exc)})
         return JSONResponse({"detail": str(exc)}, status_code=503)
-
-    @app.get("/healthz", summary="200 while syncing is healthy, else 503 with the age", responses={503: {}})
-    def healthz(request: Request, format: FormatQ = None) -> Response:
-        status, body = health_view(source.sync_facts(), clock(), settings.health_timeout)
-        return answer(request, "healthz", body, format, status)
-
-    @app.get("/readyz", summary="200 after the first sync while the proxy port listens", responses={503: {}})
-    def readyz(request: Request, format: FormatQ = None) -> Response:
-        listeners, error = None, None
-        try:
-            listeners = netlink.listeners(settings.proxy_port)
-        except NetlinkError as exc:
-            error = str(exc)
-        status, body = ready_view(source.sync_facts(), settings.proxy_port, listeners, error)
-        return answer(request, "readyz", body, format, status)
-
-    @app.get("/metrics", summary="Prometheus metrics of the agent", response_class=PlainTextResponse)
-    def metrics() -> Response:
-        return Response(generate_latest(source.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/debug/services", summary="the desired state, per labelled Service (paged)")
     def services(request: Request, limit: LimitQ = None, continue_: ContinueQ = None,
@@ -176,10 +162,59 @@ def create_debug_app(
         body["backend"] = backend.name
         return answer(request, "config", body, format)
 
+    _drop_422(app)
+    return app
+
+
+def _base_app(title: str) -> FastAPI:
+    """A FastAPI app that refuses bodies and answers invalid parameters with 400 and one line."""
+    app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None, responses=ERRORS)
+    app.add_middleware(NoBody)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> Response:
+        return JSONResponse({"detail": validation_message(exc)}, status_code=400)
+
+    return app
+
+
+def add_health_routes(app: FastAPI, source: DebugSource, settings: DebugSettings, netlink: NetlinkProbe,
+                      clock: Callable[[], float]) -> None:
+    """``/healthz``, ``/readyz`` and ``/metrics``, on the health app and the debug app alike."""
+
+    @app.get("/healthz", summary="200 while syncing is healthy, else 503 with the age", responses={503: {}})
+    def healthz(request: Request, format: FormatQ = None) -> Response:
+        status, body = health_view(source.sync_facts(), clock(), settings.health_timeout)
+        return answer(request, "healthz", body, format, status)
+
+    @app.get("/readyz", summary="200 after the first sync while the proxy port listens", responses={503: {}})
+    def readyz(request: Request, format: FormatQ = None) -> Response:
+        listeners, error = None, None
+        try:
+            listeners = netlink.listeners(settings.proxy_port)
+        except NetlinkError as exc:
+            error = str(exc)
+        status, body = ready_view(source.sync_facts(), settings.proxy_port, listeners, error)
+        return answer(request, "readyz", body, format, status)
+
+    @app.get("/metrics", summary="Prometheus metrics of the agent", response_class=PlainTextResponse)
+    def metrics() -> Response:
+        return Response(generate_latest(source.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def answer(request: Request, endpoint: str, body: dict[str, Any], fmt: Format | None, status: int = 200) -> Response:
+    """JSON, or the aligned table when asked for text (``format`` or Accept)."""
+    headers = {"cache-control": "no-store"}
+    if wants_text(fmt, request.headers.get("accept")):
+        return PlainTextResponse(render(endpoint, body), status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _drop_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 on every route; we answer 400 instead (see ``_base_app``)."""
     original_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI documents a 422 on every route; we answer 400 instead (see ``invalid``)."""
         if app.openapi_schema is None:
             schema = original_openapi()
             for path in schema.get("paths", {}).values():
@@ -191,7 +226,6 @@ def create_debug_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return app
 
 
 def wants_text(fmt: str | None, accept: str | None) -> bool:

@@ -31,25 +31,31 @@ SECRET_WORDS = ("token", "password", "passwd", "secret", "credential", "bearer",
 REDACTED = "<redacted>"
 
 
-def check_bind(address: str, port: int, proxy_port: int = c.DEFAULT_PROXY_PORT) -> None:
-    """Raise ValueError (with the reason) unless ``address:port`` is a safe place for the debug server.
+DEFAULTS = {"debug": (c.REDIRECTOR_DEBUG_ADDRESS, c.REDIRECTOR_DEBUG_PORT),
+            "health": (c.REDIRECTOR_HEALTH_ADDRESS, c.REDIRECTOR_HEALTH_PORT)}
+
+
+def check_bind(address: str, port: int, proxy_port: int = c.DEFAULT_PROXY_PORT, *, server: str = "debug") -> None:
+    """Raise ValueError (with the reason) unless ``address:port`` is a safe place for the ``server``
+    ("debug" or "health").
 
     ``port`` 0 means "any free port" (tests). The address must be an IP literal: a name could resolve to
     a public address.
     """
+    default_address, default_port = DEFAULTS[server]
     try:
         ipaddress.ip_address(address)
     except ValueError:
-        raise ValueError(f"debug address must be an IP address (default {c.REDIRECTOR_DEBUG_ADDRESS}), "
+        raise ValueError(f"{server} address must be an IP address (default {default_address}), "
                          f"not {address!r}") from None
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"debug port must be 0-65535, not {port!r}")
+        raise ValueError(f"{server} port must be 0-65535, not {port!r}")
     if port in c.RESERVED_PORTS:  # the one list of reserved ports, in shared/constants.py
-        raise ValueError(f"debug port {port} collides with {RESERVED_OWNERS.get(port, 'a reserved port')}: "
-                         f"choose another (default {c.REDIRECTOR_DEBUG_PORT}; reserved: "
+        raise ValueError(f"{server} port {port} collides with {RESERVED_OWNERS.get(port, 'a reserved port')}: "
+                         f"choose another (default {default_port}; reserved: "
                          f"{', '.join(str(p) for p in sorted(c.RESERVED_PORTS))})")
     if port != 0 and port == proxy_port:
-        raise ValueError(f"debug port {port} collides with the proxy port: choose another")
+        raise ValueError(f"{server} port {port} collides with the proxy port: choose another")
 
 
 def default_health_timeout(resync_period: float) -> float:
@@ -71,9 +77,10 @@ class DebugSettings:
     netns: str | None = None
     # The agent's effective settings, shown (redacted) at /debug/config.
     agent_config: Mapping[str, Any] = field(default_factory=dict)
+    server: str = "debug"  # which server these settings are for: "debug" or "health" (error messages)
 
     def __post_init__(self) -> None:
-        check_bind(self.address, self.port, self.proxy_port)
+        check_bind(self.address, self.port, self.proxy_port, server=self.server)
         if not 0 < self.proxy_port < 65536:
             raise ValueError(f"proxy port must be 1-65535, not {self.proxy_port}")
         if not self.health_timeout > 0:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redirector.debug_pages import BadRequest
+from redirector.debug.pages import BadRequest
 from redirector.desired import parse_ip, service_entries
 from redirector.model import DesiredState, Entry, Family, Key
 from shared import constants as c

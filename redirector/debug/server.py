@@ -1,8 +1,9 @@
-"""Serve the debug app with uvicorn in a daemon thread of the agent process.
+"""Serve the health or the debug app with uvicorn in a daemon thread of the agent process.
 
 WHY the socket is bound here, before the thread starts: a bind failure (port taken, address not on this
 node) is then known at once, logged and counted, and ``start`` returns False — the agent carries on
-programming redirects without its debug server. Nothing here can raise into the sync loop.
+programming redirects without its debug server (and exits when the health server, which the kubelet
+probes, cannot listen). Nothing here can raise into the sync loop.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class DebugServer:
     """``start()`` binds and serves in a daemon thread; ``stop()`` ends it. Never raises from either."""
 
     def __init__(self, app: ASGIApp, address: str, port: int, *, registry: CollectorRegistry | None = None,
-                 limit_concurrency: int = 32) -> None:
-        self.app, self.address, self.port = app, address, port
+                 limit_concurrency: int = 32, name: str = "debug") -> None:
+        """``registry``: count failures there; ``name`` ("debug", "health") goes into the logs."""
+        self.app, self.address, self.port, self.name = app, address, port, name
         self.failures = failure_counter(registry) if registry is not None else None
         self.limit_concurrency = limit_concurrency
         self.error: str | None = None
@@ -74,11 +76,11 @@ class DebugServer:
                                 h11_max_incomplete_event_size=16 * 1024, server_header=False)
         server = uvicorn.Server(config)
         self._server = server
-        self._thread = threading.Thread(target=self._serve, args=(server, sock), name="debug-server", daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(server, sock), name=f"{self.name}-server", daemon=True)
         self._thread.start()
         ok = self._wait_started(server, ready_timeout)
         if ok:
-            log.info("debug server listening", extra={"url": self.url})
+            log.info(f"{self.name} server listening", extra={"url": self.url})
         return ok
 
     def _wait_started(self, server: uvicorn.Server, timeout: float) -> bool:
@@ -92,7 +94,7 @@ class DebugServer:
         if server.started:
             return True
         if self._thread is not None and self._thread.is_alive():  # a dead thread was counted by _serve
-            self._fail("crash", f"debug server did not start within {timeout}s")
+            self._fail("crash", f"{self.name} server did not start within {timeout}s")
         return False
 
     def _bind(self) -> socket.socket:
@@ -114,7 +116,7 @@ class DebugServer:
         try:
             asyncio.run(server.serve(sockets=[sock]))
         except BaseException as exc:  # noqa: BLE001 - a crashed debug server must not take the agent down
-            self._fail("crash", f"debug server stopped: {type(exc).__name__}: {exc}")
+            self._fail("crash", f"{self.name} server stopped: {type(exc).__name__}: {exc}")
         finally:
             with contextlib.suppress(OSError):
                 sock.close()
@@ -123,7 +125,8 @@ class DebugServer:
         self.error = message
         if self.failures is not None:
             self.failures.labels(reason).inc()
-        log.error("debug server failed: redirects are still programmed", extra={"reason": reason, "error": message})
+        log.error(f"{self.name} server failed: redirects are still programmed",
+                  extra={"reason": reason, "error": message})
 
     def stop(self, timeout: float = 5.0) -> None:
         server, thread = self._server, self._thread

@@ -1,7 +1,7 @@
 """The debug endpoints' answers as JSON-able data, built from plain facts. Pure: no I/O, no clock.
 
 Each function takes what the shell read (the agent's facts, the kernel's keys, the backend's
-description) and returns ``(status, body)`` or a body; ``redirector.debug_text`` renders the same
+description) and returns ``(status, body)`` or a body; ``redirector.debug.text`` renders the same
 bodies as aligned tables for people.
 """
 
@@ -11,9 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from redirector.debug_netlink import ListeningSocket
-from redirector.debug_pages import paginate
-from redirector.debug_source import SyncFacts
+from redirector.debug.netlink import ListeningSocket
+from redirector.debug.pages import paginate
+from redirector.debug.source import SyncFacts
 from redirector.model import DesiredState, Entry, Key, diff
 
 MAX_LIST_ITEMS = 100  # lists inside a backend description (iptables rules) are cut to this many
