@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 
 from shared import constants as c
+from shared.errors import CliError
 from shared.tls import KeyPair, make_ca, make_serving_cert
 
 # Names in deploy/webhook (tests/deploy checks them against the built manifests).
@@ -42,7 +43,7 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
-class CertsError(Exception):
+class CertsError(CliError):
     """A problem the user can fix; the message says how. Nothing has been written."""
 
 

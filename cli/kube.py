@@ -17,6 +17,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from shared import kube
+from shared.errors import CliError
 from shared.kube import Gone
 
 PAGE_SIZE = 500
@@ -26,7 +27,7 @@ MERGE_PATCH = "application/merge-patch+json"
 T = TypeVar("T")
 
 
-class ClusterError(RuntimeError):
+class ClusterError(CliError, RuntimeError):
     """The API server refused or could not be reached; the message is meant for the user."""
 
     def __init__(self, message: str, status: int | None = None) -> None:

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from cli.rows import Ref, ref_of
+from shared.errors import CliError
 
 
-class SelectionError(ValueError):
+class SelectionError(CliError, ValueError):
     """Bad or unknown names on the command line; nothing has been changed."""
 
 

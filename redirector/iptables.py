@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from redirector import iptables_rules as rules
-from redirector.model import Delta, Entry, Family, Key
+from redirector.model import BackendError, Delta, Entry, Family, Key
 from shared.constants import DEFAULT_IPTABLES_CHAIN, DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT
 
 Variant = Literal["auto", "nft", "legacy"]
@@ -27,8 +27,10 @@ log = logging.getLogger("lightpath.redirector.iptables")
 _TOOL = {4: "iptables", 6: "ip6tables"}
 
 
-class IptablesError(RuntimeError):
-    """A ``*-restore``/``*-save`` run failed; carries the failing batch line when iptables named one."""
+class IptablesError(BackendError):
+    """A ``*-restore``/``*-save`` run failed; carries the failing batch line when iptables named one.
+
+    A ``BackendError`` like every other kernel read/write failure (the agent treats them all alike)."""
 
     def __init__(
         self, argv: Sequence[str], returncode: int, stderr: str, line_no: int | None = None, line: str = ""

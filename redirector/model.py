@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
+from shared.errors import RedirectorError
+
 Family = Literal[4, 6]
 Kind = Literal["clusterIP", "externalIP", "loadBalancer", "nodePort"]
 
@@ -113,7 +115,7 @@ def diff(desired: Iterable[Key], actual: Iterable[Key]) -> Delta:
     return Delta(add=want - have, delete=have - want)
 
 
-class BackendError(RuntimeError):
+class BackendError(RedirectorError, RuntimeError):
     """A kernel write or read failed (the transaction was not applied: the agent schedules a full sync)."""
 
 

@@ -25,6 +25,7 @@ from sandbox.errors import ApiError
 from sandbox.label_selectors import from_label_selector_object, matches
 from sandbox.patching import apply_json_patch
 from sandbox.resources import NAMESPACES, ResourceType
+from shared.errors import SandboxError
 
 USER_INFO = {"username": "sandbox-admin", "uid": "sandbox-admin", "groups": ["system:masters", "system:authenticated"]}
 
@@ -32,7 +33,7 @@ USER_INFO = {"username": "sandbox-admin", "uid": "sandbox-admin", "groups": ["sy
 Resolver = Callable[[str, str], tuple[str, int] | None]
 
 
-class WebhookCallError(Exception):
+class WebhookCallError(SandboxError):
     """Calling the webhook failed (connect, TLS, timeout, bad response): failurePolicy decides."""
 
 

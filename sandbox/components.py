@@ -31,13 +31,14 @@ from sandbox.envoy import EnvoyResources, translate
 from sandbox.envoy_process import EnvoyProcess
 from sandbox.netns import NetNS, run_in_netns
 from shared import constants as c
+from shared.errors import SandboxError
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 log = logging.getLogger(__name__)
 
 
-class ComponentError(RuntimeError):
+class ComponentError(SandboxError, RuntimeError):
     """A component did not start or did not behave; the message carries its log tail."""
 
 

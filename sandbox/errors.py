@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.errors import SandboxError
+
 REASONS: dict[int, str] = {
     400: "BadRequest",
     403: "Forbidden",
@@ -23,7 +25,7 @@ REASONS: dict[int, str] = {
 }
 
 
-class ApiError(Exception):
+class ApiError(SandboxError):
     """An error to send back as a Status; `reason` defaults from the code."""
 
     def __init__(

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+from shared.errors import SandboxError
 from shared.netns import NETNS_DIR as NETNS_DIR  # re-exported: demo and tests name it here
 from shared.netns import enter
 
@@ -43,14 +44,14 @@ SERVICE_DEVICE = "svc0"
 _counter = itertools.count()
 
 
-class NetnsCommandError(subprocess.CalledProcessError):
+class NetnsCommandError(SandboxError, subprocess.CalledProcessError):
     """A command in a netns failed; unlike CalledProcessError, str() shows its stderr."""
 
     def __str__(self) -> str:
         return f"{super().__str__()}\nstderr: {(self.stderr or '').strip()}"
 
 
-class RemoteTraceback(Exception):
+class RemoteTraceback(SandboxError):
     """Carries the child's formatted traceback as the __cause__ of a re-raised exception."""
 
     def __str__(self) -> str:

@@ -36,6 +36,7 @@ from sandbox.nftwatch import Coverage, NftMonitor
 from sandbox.nsrelay import NetnsRelay
 from sandbox.traffic import http_listener, http_request, tcp_listener, tcp_request, udp_listener, udp_request
 from shared import constants as c
+from shared.errors import SandboxError
 
 NAMESPACE = "demo"
 WEB, DNS, MIXED = "web", "dns", "mixed"
@@ -45,7 +46,7 @@ DEBUG_PATHS = ("/healthz", "/readyz", "/debug/services", "/debug/diff", "/debug/
                "/debug/lookup?ip={dns}&port=53")
 
 
-class ScenarioError(AssertionError):
+class ScenarioError(SandboxError, AssertionError):
     """A step did not behave as the scenario says it must."""
 
 

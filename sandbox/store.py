@@ -21,13 +21,14 @@ from sandbox.errors import ApiError, already_exists, conflict, invalid, not_foun
 from sandbox.resources import ALL, ENDPOINTSLICES, MUTATING_WEBHOOKS, NAMESPACES, SERVICES, ResourceType
 from sandbox.validation import validate
 from sandbox.watch import ADDED, DELETED, MODIFIED, Event, History, Watcher
+from shared.errors import SandboxError
 
 Obj = dict[str, Any]
 Accept = Callable[[Mapping[str, Any]], bool]
 _SNAPSHOTS_KEPT = 32
 
 
-class WatchExpired(Exception):
+class WatchExpired(SandboxError):
     """The requested resourceVersion is older than the retained history (sent as a 410 ERROR event)."""
 
     def __init__(self, requested: str, oldest: int) -> None:

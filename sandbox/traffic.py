@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from sandbox.netns import NetNS, run_in_netns
+from shared.errors import SandboxError
 
 T = TypeVar("T")
 Mode = Literal["tcp", "udp", "http"]
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")
 
 
-class TrafficError(Exception):
+class TrafficError(SandboxError):
     """A test connection or datagram did not get its reply."""
 
 

@@ -32,12 +32,14 @@ from typing import Any, Protocol
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
+from shared.errors import SharedError
+
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 500
 
 
-class KubeError(Exception):
+class KubeError(SharedError):
     """Base of the errors this module raises."""
 
 

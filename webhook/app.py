@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from shared.errors import WebhookError
 from shared.policy import PolicyConfig
 from webhook.certs import CertStore
 from webhook.metrics import Metrics
@@ -43,11 +44,11 @@ class NamespaceSource(Protocol):
     def fetch(self, name: str) -> dict[str, str]: ...
 
 
-class BadRequest(Exception):
+class BadBody(WebhookError):
     """Answered with HTTP 400 and this message."""
 
 
-class ClientGone(Exception):
+class ClientGone(WebhookError):
     """The client disconnected before sending the whole body: nobody to answer."""
 
 
@@ -56,9 +57,9 @@ async def read_body(scope: Scope, receive: Receive, limit: int = MAX_BODY_BYTES)
     for name, value in scope["headers"]:
         if name == b"content-length":
             if not value.isdigit():
-                raise BadRequest("invalid Content-Length")
+                raise BadBody("invalid Content-Length")
             if int(value) > limit:
-                raise BadRequest(f"body of {int(value)} bytes exceeds the {limit}-byte limit")
+                raise BadBody(f"body of {int(value)} bytes exceeds the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -68,7 +69,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int = MAX_BODY_BYTES)
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise BadRequest(f"body exceeds the {limit}-byte limit")
+            raise BadBody(f"body exceeds the {limit}-byte limit")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -99,13 +100,13 @@ class MutateHandler:
             try:
                 doc = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise BadRequest(f"body is not valid JSON: {exc}") from None
+                raise BadBody(f"body is not valid JSON: {exc}") from None
             except RecursionError:  # e.g. 100,000 "[": fits in 3 MiB, overflows the parser's stack
-                raise BadRequest("body is not valid JSON: nested too deeply") from None
+                raise BadBody("body is not valid JSON: nested too deeply") from None
             req = parse_review(doc)
         except ClientGone:
             return
-        except (BadRequest, InvalidReview) as exc:
+        except (BadBody, InvalidReview) as exc:
             self.metrics.errors.labels("bad_request").inc()
             log.warning("bad admission request", extra={"error": str(exc), "status": 400})
             # Connection: close, so an unread remainder of an oversized body is never parsed as a request.

@@ -25,10 +25,12 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from shared.errors import WebhookError
+
 log = logging.getLogger("lightpath.webhook.certs")
 
 
-class CertificateError(ValueError):
+class CertificateError(WebhookError, ValueError):
     """The pair cannot serve: unreadable, mismatched, expired, or refused by OpenSSL."""
 
 

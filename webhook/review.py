@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.errors import WebhookError
 from shared.policy import PolicyConfig, decide
 from webhook.patch import Op, plan
 
@@ -25,7 +26,7 @@ SKIP = "skip"
 ERROR = "error"
 
 
-class InvalidReview(ValueError):
+class InvalidReview(WebhookError, ValueError):
     """The body is not an AdmissionReview v1 request: answered with HTTP 400 and this message."""
 
 

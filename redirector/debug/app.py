@@ -30,6 +30,7 @@ from redirector.debug.source import DebugSource
 from redirector.debug.text import render
 from redirector.debug.views import diff_view, health_view, ready_view, rules_view, services_view
 from redirector.model import Backend, Key
+from shared.errors import RedirectorError
 
 log = logging.getLogger("lightpath.redirector.debug")
 
@@ -37,7 +38,7 @@ Format = Literal["json", "text"]
 KERNEL_WAIT = 10.0  # seconds a request waits for its turn to read the kernel before a 503
 
 
-class Unavailable(Exception):
+class Unavailable(RedirectorError):
     """The kernel or netlink could not be read: answered with 503 and this message."""
 
 

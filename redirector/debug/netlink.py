@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from redirector.model import Family
+from shared.errors import RedirectorError
 from shared.netns import enter
 
 T = TypeVar("T")
@@ -37,7 +38,7 @@ class ListeningSocket:
     port: int
 
 
-class NetlinkError(RuntimeError):
+class NetlinkError(RedirectorError, RuntimeError):
     """A netlink query failed (the endpoint answers 503 with this message)."""
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from shared.errors import RedirectorError
+
 T = TypeVar("T")
 SortKey = tuple[object, ...]
 
@@ -27,7 +29,7 @@ TOKEN_SHAPES: dict[str, tuple[type, ...]] = {
 }
 
 
-class BadRequest(ValueError):
+class BadRequest(RedirectorError, ValueError):
     """A query parameter is invalid: answered with 400 and this message."""
 
 
