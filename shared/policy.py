@@ -6,9 +6,10 @@ The rules, in the order they are applied (docs/policy.md has the same table with
 |----|-------------------------------------------------------------|-------------------------------------------|
 | 1  | handoff label names ANOTHER proxy                           | leave (that proxy owns it)                |
 | 2  | namespace is excluded                                       | leave (never touched)                     |
+| 2a | default/kubernetes (the API server's own Service)           | leave; unlabel if it carries OUR label    |
 | 3  | type is not ClusterIP/NodePort/LoadBalancer (ExternalName)  | ineligible                                |
 | 4  | headless (clusterIP: None)                                  | ineligible                                |
-| 5  | no ports                                                    | ineligible                                |
+| 5  | no ports, or a port the policy cannot read                  | ineligible                                |
 | 6  | any port UDP or SCTP (mixed included)                       | ineligible: the label would move ALL ports|
 | 7  | Service label lightpath.cloud/proxy=enabled|disabled        | wins                                      |
 | 8  | Namespace label lightpath.cloud/proxy=enabled|disabled      | wins over the global mode                 |
@@ -16,6 +17,8 @@ The rules, in the order they are applied (docs/policy.md has the same table with
 | 10 | eligible & wanted -> label; otherwise carrying OUR label -> unlabel; else leave              |
 
 appProtocol never makes a TCP Service ineligible; it is recorded per port ("http" or "tcp") for the proxy.
+Every reason is at most MAX_REASON characters, whatever the input (it becomes an annotation, a warning
+and an audit annotation; a Service with 10,000 UDP ports must not get a 270 kB one).
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ from shared import constants as c
 
 ELIGIBLE_TYPES = frozenset({"ClusterIP", "NodePort", "LoadBalancer"})
 PROXY_PROTOCOL = "TCP"
+PROTOCOLS = frozenset({"TCP", "UDP", "SCTP"})  # exactly as the API spells them: "tcp" is invalid
+# The API server's own Service. Every in-cluster client reaches the API through it (the redirector
+# included), so handing it to the proxy would make the whole cluster depend on our data path.
+APISERVER_SERVICE = ("default", "kubernetes")
+MAX_REASON = 256  # characters; bounds the annotation, warning and audit annotation the webhook adds
+LISTED_PORTS = 3  # ports named in a reason; the rest are counted
 
 
 class Action(enum.StrEnum):
@@ -64,10 +73,12 @@ class PortInfo:
     port: int | None
     protocol: str
     app_protocol: str  # "http" or "tcp" (meaningful for TCP ports only)
+    # Why the policy cannot read this port (not an object, invalid protocol, no port number), or None.
+    problem: str | None = None
 
     def describe(self) -> str:
-        label = self.name or "(unnamed)"
-        return f"{label}/{self.protocol} {self.port if self.port is not None else '?'}"
+        label = _clip(self.name, 32) or "(unnamed)"
+        return f"{label}/{_clip(self.protocol, 16)} {self.port if self.port is not None else '?'}"
 
 
 @dataclass(frozen=True)
@@ -107,42 +118,80 @@ def classify_app_protocol(app_protocol: str | None) -> str:
 
 
 def service_ports(service: Mapping[str, Any]) -> tuple[PortInfo, ...]:
-    """The Service's ports with defaults applied (missing protocol means TCP, as the apiserver defaults)."""
+    """The Service's ports with defaults applied (missing protocol means TCP, as the apiserver defaults).
+
+    A port the policy cannot read keeps its place, with ``problem`` saying why (its protocol is then
+    "?" or the invalid value as given, never "TCP"): such a Service is not eligible.
+    """
     spec = _mapping(service.get("spec"))
     raw = spec.get("ports")
-    ports: list[PortInfo] = []
-    for item in raw if isinstance(raw, list) else []:
-        p = _mapping(item)
-        number = p.get("port")
-        protocol = p.get("protocol") or "TCP"
-        ports.append(
-            PortInfo(
-                name=str(p.get("name") or ""),
-                port=number if isinstance(number, int) else None,
-                protocol=str(protocol).upper(),
-                app_protocol=classify_app_protocol(p.get("appProtocol") if isinstance(p.get("appProtocol"), str) else None),
-            )
-        )
-    return tuple(ports)
+    return tuple(_port_info(item) for item in (raw if isinstance(raw, list) else []))
+
+
+def _port_info(item: object) -> PortInfo:
+    if not isinstance(item, Mapping):
+        return PortInfo("", None, "?", "tcp", f"{_short(item)}, not an object")
+    name = item.get("name")
+    number = item.get("port")
+    raw_protocol = item.get("protocol")
+    app = item.get("appProtocol")
+    missing = raw_protocol is None or raw_protocol == ""  # the apiserver defaults it to TCP
+    valid = isinstance(raw_protocol, str) and raw_protocol in PROTOCOLS
+    info = PortInfo(
+        name=name if isinstance(name, str) else "",
+        port=number if isinstance(number, int) and not isinstance(number, bool) else None,
+        protocol="TCP" if missing else _clip(_text(raw_protocol), 16) or "?",
+        app_protocol=classify_app_protocol(app if isinstance(app, str) else None),
+    )
+    if not (missing or valid):
+        problem = f"protocol {_short(raw_protocol)} is not TCP, UDP or SCTP"
+    elif info.port is None or not 1 <= info.port <= 65535:
+        problem = f"port number {_short(number)} is not an integer from 1 to 65535"
+    else:
+        return info
+    return PortInfo(info.name, info.port, info.protocol, info.app_protocol, problem)
 
 
 def ineligibility(service: Mapping[str, Any], ports: Iterable[PortInfo] | None = None) -> str | None:
-    """Why the Service cannot be handed to the proxy (rules 3-6), or None when it can."""
+    """Why the Service cannot be handed to the proxy (rules 3-6), or None when it can.
+
+    Bounded (MAX_REASON) whatever the input: at most LISTED_PORTS ports are named, the rest counted.
+    """
     spec = _mapping(service.get("spec"))
     svc_type = spec.get("type") or "ClusterIP"
-    if svc_type not in ELIGIBLE_TYPES:
-        return f"type {svc_type} stays with kube-proxy"
+    if not isinstance(svc_type, str) or svc_type not in ELIGIBLE_TYPES:  # a list or map is unhashable
+        shown = _clip(svc_type, 40) if isinstance(svc_type, str) else _short(svc_type)
+        return f"type {shown} stays with kube-proxy"
     if spec.get("clusterIP") == "None":
         return "headless Service (clusterIP: None) has no virtual IP to redirect"
     port_list = tuple(service_ports(service) if ports is None else ports)
     if not port_list:
         return "Service has no ports"
+    unreadable = [(i, p) for i, p in enumerate(port_list, 1) if p.problem is not None]
+    if unreadable:
+        i, p = unreadable[0]
+        named = f"#{i}" + (f" ({_clip(p.name, 32)})" if p.name else "")
+        if len(unreadable) == 1:
+            return _clip(f"port {named} cannot be read ({p.problem}): the Service stays with kube-proxy")
+        return _clip(f"{len(unreadable)} of {len(port_list)} ports cannot be read (first: port {named}, {p.problem}): "
+                     "the Service stays with kube-proxy")
     other = [p for p in port_list if p.protocol != PROXY_PROTOCOL]
-    if other:
-        listed = ", ".join(p.describe() for p in other)
+    if not other:
+        return None
+    listed = ", ".join(p.describe() for p in other[:LISTED_PORTS])
+    if len(other) <= LISTED_PORTS:
         verb = "stays" if len(other) == 1 else "stay"
-        return f"port {listed} {verb} with kube-proxy (the label would move every port)"
-    return None
+        return _clip(f"port {listed} {verb} with kube-proxy (the label would move every port)")
+    protocols = {p.protocol for p in other}
+    what = next(iter(protocols)) if len(protocols) == 1 else "not TCP"
+    return _clip(f"{len(other)} of {len(port_list)} ports are {what} and stay with kube-proxy "
+                 f"(the label would move every port); first: {listed}, ...")
+
+
+def apiserver_service(service: Mapping[str, Any]) -> bool:
+    """True for default/kubernetes, the API server's own Service (rule 2a: never migrated)."""
+    meta = _mapping(service.get("metadata"))
+    return (meta.get("namespace") or "default", meta.get("name")) == APISERVER_SERVICE
 
 
 def _opt_value(labels: Mapping[str, str]) -> str | None:
@@ -169,20 +218,26 @@ def decide(service: Mapping[str, Any], namespace_labels: Mapping[str, str], conf
     """Decide who handles ``service`` (a Service as a JSON dict). Pure: no I/O, never raises on odd input."""
     meta = _mapping(service.get("metadata"))
     labels = _str_mapping(meta.get("labels"))
-    namespace = str(meta.get("namespace") or "default")
+    namespace = _text(meta.get("namespace") or "default")
     current = labels.get(c.SERVICE_PROXY_NAME_LABEL)
     ours = current == config.proxy_name
     ports = service_ports(service)
 
     def done(action: Action, reason: str, wants: bool | None, eligible: bool) -> Decision:
-        return Decision(action, reason, wants, eligible, ours, ports, handled_by(current, config.proxy_name))
+        return Decision(action, _clip(reason), wants, eligible, ours, ports, handled_by(current, config.proxy_name))
 
     # Rule 1: another proxy owns it.
     if current is not None and not ours:
-        return done(Action.LEAVE, f"handled by another proxy ({current})", None, False)
+        return done(Action.LEAVE, f"handled by another proxy ({_clip(current, 63)})", None, False)
     # Rule 2: excluded namespace.
     if namespace in config.excluded_namespaces:
-        return done(Action.LEAVE, f"namespace {namespace} is excluded", None, False)
+        return done(Action.LEAVE, f"namespace {_clip(namespace, 63)} is excluded", None, False)
+    # Rule 2a: the API server's own Service is never migrated; our label on it is removed.
+    if apiserver_service(service):
+        why = "default/kubernetes is the API server's own Service: every in-cluster client depends on it"
+        if ours:
+            return done(Action.UNLABEL, f"back to kube-proxy: {why}", False, False)
+        return done(Action.LEAVE, f"{why}; never migrated", None, False)
     # Rules 3-6: eligibility.
     why_not = ineligibility(service, ports)
     if why_not is not None:
@@ -206,4 +261,29 @@ def _mapping(value: object) -> Mapping[str, Any]:
 def _str_mapping(value: object) -> dict[str, str]:
     if not isinstance(value, Mapping):
         return {}
-    return {str(k): str(v) for k, v in value.items() if v is not None}
+    return {_text(k): _text(v) for k, v in value.items() if v is not None}
+
+
+def _text(value: object) -> str:
+    """str(value), except that it never raises (str() of an int over 4,300 digits does)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return str(value)
+    except ValueError:
+        return f"<{type(value).__name__}>"
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """A bounded, quoted rendering of a value from the input, for reasons."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return repr(_clip(value, limit))
+    if isinstance(value, (Mapping, list)):
+        return "{...}" if isinstance(value, Mapping) else "[...]"
+    return _clip(_text(value), limit)
+
+
+def _clip(text: str, limit: int = MAX_REASON) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,8 +1,11 @@
 """The ValidatingAdmissionPolicy's CEL, evaluated with cel-python against the policy table.
 
 The safety net must reject a Service exactly when it carries OUR handoff label and
-shared.policy.ineligibility() says the proxy cannot serve it (ExternalName, headless, a non-TCP port).
-A Service with no ports is left to kube-apiserver's own validation (it rejects those anyway).
+shared.policy.ineligibility() says the proxy cannot serve it (ExternalName, headless, a non-TCP port),
+or it is default/kubernetes (shared.policy.apiserver_service, rule 2a).
+A Service with no ports is left to kube-apiserver's own validation (it rejects those anyway), and so
+are ports without a valid number or that are not objects, and a spec.type that is not a string: such an
+object fails decoding or validation before any validating admission policy sees it.
 The expressions come from the built manifests (`kubectl kustomize deploy/default`), not a copy.
 """
 
@@ -17,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared import constants as c
-from shared.policy import ineligibility, service_ports
+from shared.policy import apiserver_service, ineligibility, service_ports
 from tests.deploy.manifests import Obj, container, env_of, one
 from tests.shared.test_policy import ROWS
 
@@ -66,6 +69,8 @@ def should_reject(service: dict[str, Any]) -> bool:
     labels = (service.get("metadata") or {}).get("labels") or {}
     if labels.get(c.SERVICE_PROXY_NAME_LABEL) != c.DEFAULT_PROXY_NAME:
         return False
+    if apiserver_service(service):
+        return True
     if ineligibility(service) is None:
         return False
     if service_ports(service):
@@ -88,7 +93,24 @@ def _unlabelled(service: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def reaches_the_policy(service: dict[str, Any]) -> bool:
+    """Would kube-apiserver hand this object to a validating admission policy at all? Not when it cannot
+    decode it into a typed Service (a port that is not an object, a spec.type that is not a string) or
+    its own validation refuses it first (a port without a number from 1 to 65535)."""
+    spec = service.get("spec") or {}
+    if not isinstance(spec.get("type", ""), str):
+        return False
+    return all(isinstance(p, dict) and type(p.get("port")) is int and 1 <= p["port"] <= 65535 for p in spec.get("ports") or [])
+
+
+CEL_ROWS = [r for r in ROWS if reaches_the_policy(r[1])]
+
+
+def test_only_undecodable_rows_are_left_out() -> None:
+    assert {r[0] for r in ROWS} - {r[0] for r in CEL_ROWS} == {"type-list", "type-object", "port-null", "port-string", "port-number-missing"}
+
+
+@pytest.mark.parametrize("row", CEL_ROWS, ids=[r[0] for r in CEL_ROWS])
 def test_policy_table_rows(policy: Policy, row: tuple[Any, ...]) -> None:
     """Each row's Service as given, handed to us, and with no handoff label at all."""
     service = row[1]
@@ -99,8 +121,8 @@ def test_policy_table_rows(policy: Policy, row: tuple[Any, ...]) -> None:
 
 def test_the_table_exercises_every_validation(policy: Policy) -> None:
     """Not vacuous: labelled rows from the table trip each of the three rules at least once."""
-    messages = [m for row in ROWS for m in policy.denials(_labelled(row[1], OURS))]
-    for word in ("ExternalName", "headless", "UDP", "SCTP"):
+    messages = [m for row in CEL_ROWS for m in policy.denials(_labelled(row[1], OURS))]
+    for word in ("ExternalName", "headless", "UDP", "SCTP", "default/kubernetes"):
         assert any(word in m for m in messages), f"no row made the policy say {word!r}: {messages}"
 
 
@@ -118,6 +140,20 @@ def test_missing_fields_never_error(policy: Policy) -> None:
         assert policy.denials(svc) == []
 
 
+def test_the_api_servers_own_service_cannot_be_handed_off(policy: Policy) -> None:
+    """Issue 17 item 7: default/kubernetes refused with our label; same name elsewhere, or unlabelled, is fine."""
+    kubernetes = {"metadata": {"name": "kubernetes", "namespace": "default", "labels": OURS},
+                  "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443, "protocol": "TCP"}]}}
+    (message,) = policy.denials(kubernetes)
+    assert "default/kubernetes" in message and "API server" in message
+    assert policy.denials(_unlabelled(kubernetes)) == []
+    elsewhere = copy.deepcopy(kubernetes)
+    elsewhere["metadata"]["namespace"] = "shop"
+    assert policy.denials(elsewhere) == []
+    other_proxy = _labelled(kubernetes, {c.SERVICE_PROXY_NAME_LABEL: "cilium"})
+    assert policy.denials(other_proxy) == []
+
+
 def test_another_proxys_label_is_not_our_business(policy: Policy) -> None:
     svc = {"metadata": {"labels": {c.SERVICE_PROXY_NAME_LABEL: "cilium"}}, "spec": {"ports": [{"port": 53, "protocol": "UDP"}]}}
     assert policy.denials(svc) == []
@@ -129,8 +165,9 @@ PORT = st.builds(
     st.sampled_from([None, "", "http", "dns"]), st.integers(1, 65535), PROTOCOLS,
 )
 SERVICE = st.builds(
-    lambda t, ip, ports, label, opt: {
-        "metadata": {"name": "s", "namespace": "ns", "labels": {k: v for k, v in {c.SERVICE_PROXY_NAME_LABEL: label, c.OPT_LABEL: opt}.items() if v}},
+    lambda t, ip, ports, label, opt, where: {
+        "metadata": {"name": where[1], "namespace": where[0],
+                     "labels": {k: v for k, v in {c.SERVICE_PROXY_NAME_LABEL: label, c.OPT_LABEL: opt}.items() if v}},
         "spec": {k: v for k, v in {"type": t, "clusterIP": ip, "ports": ports}.items() if v is not None},
     },
     st.sampled_from([None, "ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]),
@@ -138,6 +175,7 @@ SERVICE = st.builds(
     st.one_of(st.none(), st.lists(PORT, max_size=4)),
     st.sampled_from([None, c.DEFAULT_PROXY_NAME, "other-proxy"]),
     st.sampled_from([None, c.OPT_ENABLED, c.OPT_DISABLED]),
+    st.sampled_from([("ns", "s"), ("default", "kubernetes"), ("ns", "kubernetes"), ("default", "s")]),
 )
 
 

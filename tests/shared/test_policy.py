@@ -9,7 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared import constants as c
-from shared.policy import Action, PolicyConfig, classify_app_protocol, decide, ineligibility, service_ports
+from shared.policy import (
+    MAX_REASON,
+    Action,
+    PolicyConfig,
+    classify_app_protocol,
+    decide,
+    ineligibility,
+    service_ports,
+)
 
 OURS = c.DEFAULT_PROXY_NAME
 CFG = PolicyConfig()
@@ -21,6 +29,7 @@ DISABLED = {c.OPT_LABEL: c.OPT_DISABLED}
 def svc(
     *ports: dict[str, Any],
     ns: str = "shop",
+    name: str = "web",
     type_: str | None = "ClusterIP",
     cluster_ip: str | None = "10.96.0.10",
     labels: dict[str, str] | None = None,
@@ -30,11 +39,16 @@ def svc(
         spec["type"] = type_
     if cluster_ip is not None:
         spec["clusterIP"] = cluster_ip
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": ns, "labels": labels or {}}, "spec": spec}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns, "labels": labels or {}}, "spec": spec}
+
+
+def apiserver(labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """default/kubernetes as kube-apiserver creates it."""
+    return svc(tcp(443, "https"), ns="default", name="kubernetes", cluster_ip="10.96.0.1", labels=labels)
 
 
 def tcp(port: int = 80, name: str = "http", **extra: Any) -> dict[str, Any]:
-    return {"name": name, "port": port, "protocol": "TCP", **extra}
+    return {"name": name, "port": port, "protocol": "TCP"} | extra
 
 
 def udp(port: int = 53, name: str = "dns") -> dict[str, Any]:
@@ -56,16 +70,31 @@ ROWS: list[tuple[str, dict[str, Any], dict[str, str], PolicyConfig, Action, str]
     ("excluded-cert-manager", svc(tcp(), ns="cert-manager", labels=ENABLED), {}, OPT_OUT, Action.LEAVE, "excluded"),
     ("excluded-own-namespace", svc(tcp(), ns=c.DEFAULT_NAMESPACE, labels=LABELLED), {}, CFG, Action.LEAVE, "excluded"),
     ("excluded-configured", svc(tcp(), ns="legacy"), {}, PolicyConfig(mode=c.MODE_OPT_OUT, excluded_namespaces=frozenset({"legacy"})), Action.LEAVE, "excluded"),
+    # Rule 2a: default/kubernetes, the API server's own Service, is never migrated.
+    ("apiserver-service-opt-out", apiserver(), {}, OPT_OUT, Action.LEAVE, "API server's own Service"),
+    ("apiserver-service-ns-enabled", apiserver(labels=ENABLED), ENABLED, CFG, Action.LEAVE, "never migrated"),
+    ("apiserver-service-unlabelled", apiserver(labels=LABELLED), {}, OPT_OUT, Action.UNLABEL, "back to kube-proxy: default/kubernetes"),
+    ("kubernetes-elsewhere-migrates", svc(tcp(443, "https"), name="kubernetes"), {}, OPT_OUT, Action.LABEL, "global mode opt-out"),
     # Rule 3: ExternalName (and unknown types) are not eligible.
     ("externalname", svc(tcp(), type_="ExternalName", cluster_ip=None, labels=ENABLED), {}, CFG, Action.LEAVE, "type ExternalName"),
+    ("type-list", svc(tcp(), type_=["ClusterIP"], labels=ENABLED), {}, OPT_OUT, Action.LEAVE, "type [...] stays"),  # type: ignore[arg-type]
+    ("type-object", svc(tcp(), type_={"name": "ClusterIP"}, labels=ENABLED), {}, OPT_OUT, Action.LEAVE, "type {...} stays"),  # type: ignore[arg-type]
     # Rule 4: headless.
     ("headless", svc(tcp(), cluster_ip="None", labels=ENABLED), {}, CFG, Action.LEAVE, "headless"),
     # Rule 5: no ports.
     ("no-ports", svc(labels=ENABLED), {}, CFG, Action.LEAVE, "no ports"),
+    # ...or a port the policy cannot read: never taken for TCP.
+    ("port-null", svc(None, labels=ENABLED), {}, OPT_OUT, Action.LEAVE, "port #1 cannot be read (null, not an object)"),  # type: ignore[arg-type]
+    ("port-string", svc("80/TCP", labels=ENABLED), {}, OPT_OUT, Action.LEAVE, "port #1 cannot be read ('80/TCP'"),  # type: ignore[arg-type]
+    ("protocol-lower-case", svc(tcp(protocol="tcp"), labels=ENABLED), {}, OPT_OUT, Action.LEAVE, "protocol 'tcp' is not TCP, UDP or SCTP"),
+    ("port-number-missing", svc({"name": "web", "protocol": "TCP"}, labels=ENABLED), {}, OPT_OUT, Action.LEAVE, "port #1 (web) cannot be read"),
+    ("unlabel-when-port-unreadable", svc(tcp(), tcp(81, "alt", protocol="Tcp"), labels=LABELLED), {}, OPT_OUT, Action.UNLABEL, "back to kube-proxy: port #2 (alt)"),
     # Rule 6: any UDP/SCTP port keeps the whole Service on kube-proxy.
     ("udp-only", svc(udp(), labels=ENABLED), {}, CFG, Action.LEAVE, "port dns/UDP 53 stays with kube-proxy"),
     ("mixed-tcp-udp", svc(tcp(53, "dns-tcp"), udp(), labels=ENABLED), {}, CFG, Action.LEAVE, "dns/UDP 53"),
     ("sctp", svc(tcp(), sctp(), labels=ENABLED), {}, OPT_OUT, Action.LEAVE, "sig/SCTP 9999"),
+    ("many-udp-ports", svc(*[udp(10000 + i, f"rtp-media-{i:05d}") for i in range(50)], labels=ENABLED), {}, CFG,
+     Action.LEAVE, "50 of 50 ports are UDP and stay with kube-proxy"),
     # Eligible types.
     ("nodeport", svc(tcp(), type_="NodePort", labels=ENABLED), {}, CFG, Action.LABEL, "Service opted in"),
     ("loadbalancer", svc(tcp(), type_="LoadBalancer", labels=ENABLED), {}, CFG, Action.LABEL, "Service opted in"),
@@ -178,3 +207,77 @@ def test_applying_a_decision_converges(
     has_label = c.SERVICE_PROXY_NAME_LABEL in service["metadata"]["labels"]
     if has_label:
         assert ineligibility(service) is None
+
+
+# Junk in the places decide() actually reads (the generic junk above almost never hits "type" or "ports").
+SHAPED = st.fixed_dictionaries(
+    {},
+    optional={
+        "metadata": st.fixed_dictionaries({}, optional={
+            "name": junk, "namespace": st.sampled_from(["default", "shop"]) | junk,
+            "labels": st.dictionaries(st.sampled_from([c.OPT_LABEL, c.SERVICE_PROXY_NAME_LABEL]), junk, max_size=2) | junk,
+        }),
+        "spec": st.fixed_dictionaries({}, optional={
+            "type": st.sampled_from(["ClusterIP", "ExternalName"]) | junk,
+            "clusterIP": st.sampled_from(["None", "10.0.0.1"]) | junk,
+            "ports": st.lists(junk | st.fixed_dictionaries({}, optional={
+                "name": junk, "port": st.integers(-1, 70000) | junk, "protocol": st.sampled_from(["TCP", "UDP", "tcp"]) | junk,
+                "appProtocol": junk,
+            }), max_size=4) | junk,
+        }),
+    },
+)
+
+
+@given(SHAPED, st.sampled_from([CFG, OPT_OUT]))
+def test_decide_never_raises_on_odd_values_in_real_fields(service: dict[str, Any], config: PolicyConfig) -> None:
+    """Issue 17 item 4: spec.type as a list or map raised TypeError (unhashable)."""
+    d = decide(service, ENABLED, config)
+    assert d.action in set(Action) and 0 < len(d.reason) <= MAX_REASON
+
+
+@given(SHAPED)
+def test_only_readable_all_tcp_ports_are_eligible(service: dict[str, Any]) -> None:
+    """Issue 17 item 5: null, string and lower-case-protocol ports were taken for TCP."""
+    if ineligibility(service) is not None:
+        return
+    raw = service["spec"].get("ports")
+    assert isinstance(raw, list) and raw
+    for port in raw:
+        assert isinstance(port, dict) and port.get("protocol") in (None, "", "TCP")
+        assert type(port.get("port")) is int and 1 <= port["port"] <= 65535
+
+
+def test_reason_is_bounded_whatever_the_ports() -> None:
+    """Issue 17 item 1: 10,000 UDP ports made a 270 kB reason (annotation, warning, audit annotation)."""
+    long_name = "n" * 100_000
+    cases = [
+        svc(*[udp(10000 + i, f"rtp-media-{i:05d}") for i in range(20_000)], labels=ENABLED),
+        svc(tcp(), *[{"name": f"p{i}", "port": i + 1, "protocol": p} for i, p in enumerate(["UDP", "SCTP"] * 50)], labels=ENABLED),
+        svc(udp(name=long_name), labels=ENABLED),
+        svc(*[{"port": "x" * 10_000, "protocol": "y" * 10_000, "name": long_name}] * 50, labels=ENABLED),
+        svc(tcp(), type_=long_name, labels=ENABLED),
+        svc(tcp(), labels={c.SERVICE_PROXY_NAME_LABEL: long_name}),
+    ]
+    for service in cases:
+        for config in (CFG, OPT_OUT):
+            reason = decide(service, ENABLED, config).reason
+            assert len(reason) <= MAX_REASON, reason[:300]
+    many = decide(cases[0], {}, CFG).reason
+    assert many.startswith("20000 of 20000 ports are UDP") and "first: rtp-media-00000/UDP 10000" in many
+    mixed = decide(cases[1], {}, CFG).reason
+    assert mixed.startswith("100 of 101 ports are not TCP") and "p0/UDP 1, p1/SCTP 2, p2/UDP 3, ..." in mixed
+
+
+def test_a_few_non_tcp_ports_are_all_named() -> None:
+    reason = decide(svc(udp(1, "a"), udp(2, "b"), sctp(3, "c"), labels=ENABLED), {}, CFG).reason
+    assert reason == "port a/UDP 1, b/UDP 2, c/SCTP 3 stay with kube-proxy (the label would move every port)"
+
+
+def test_huge_integers_never_raise() -> None:
+    """str() of an int over 4,300 digits raises ValueError; decide() reads such values without it."""
+    huge = 10**5000
+    service = svc({"name": huge, "port": huge, "protocol": huge}, labels={c.OPT_LABEL: huge})  # type: ignore[dict-item]
+    service["metadata"]["namespace"] = huge
+    d = decide(service, ENABLED, OPT_OUT)
+    assert d.action is Action.LEAVE and "cannot be read" in d.reason and len(d.reason) <= MAX_REASON
