@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ from webhook.review import Admission, InvalidReview, admit, allow_untouched, par
 from webhook.settings import Settings
 
 MAX_BODY_BYTES = 3 * 1024 * 1024  # kube-apiserver's own request limit; an AdmissionReview is far smaller
+_INT_DIGITS = sys.get_int_max_str_digits()
 log = logging.getLogger("lightpath.webhook")
 _JSON = [(b"content-type", b"application/json")]
 
@@ -103,6 +105,8 @@ class MutateHandler:
                 raise BadBody(f"body is not valid JSON: {exc}") from None
             except RecursionError:  # e.g. 100,000 "[": fits in 3 MiB, overflows the parser's stack
                 raise BadBody("body is not valid JSON: nested too deeply") from None
+            except ValueError:  # int("1" * 5000): Python's int-from-string limit, a plain ValueError
+                raise BadBody(f"body is not valid JSON: a number has more than {_INT_DIGITS} digits") from None
             req = parse_review(doc)
         except ClientGone:
             return

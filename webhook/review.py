@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import WebhookError
-from shared.policy import PolicyConfig, decide
+from shared.policy import MAX_REASON, PolicyConfig, decide
 from webhook.patch import Op, plan
 
 API_VERSION = "admission.k8s.io/v1"
@@ -134,7 +134,8 @@ def admit(req: AdmissionRequest, namespace_labels: Mapping[str, str], config: Po
 
 
 def allow_untouched(uid: str, reason: str, decision: str = SKIP) -> Admission:
-    """The fail-safe answer: allowed, no patch, the reason in the audit log."""
+    """The fail-safe answer: allowed, no patch, the (bounded) reason in the audit log."""
+    reason = _short(reason, MAX_REASON)
     return Admission(review(uid, (), (), {"decision": decision, "reason": reason}), decision, reason)
 
 

@@ -39,6 +39,11 @@ BAD_REQUESTS: list[tuple[str, bytes, str]] = [
     ("request of wrong type", raw({**review(), "request": ["uid"]}), "request must be an object"),
     ("missing uid", raw({**review(), "request": {"operation": "CREATE"}}), "request.uid must be a non-empty string"),
     ("uid of wrong type", raw(envelope(uid={"id": 1})), "request.uid must be a non-empty string"),
+    # Python refuses to parse an int of more than 4,300 digits (a plain ValueError, once a 500).
+    ("huge integer in the object", raw(review()).replace(b'"port": 80', b'"port": ' + b"7" * 5000),
+     "body is not valid JSON: a number has more than 4300 digits"),
+    ("huge integer as uid", raw(review()).replace(b'"uid": "uid-1"', b'"uid": ' + b"9" * 4301),
+     "body is not valid JSON: a number has more than 4300 digits"),
 ]
 
 ALLOWED_UNTOUCHED: list[tuple[str, dict[str, Any], str]] = [

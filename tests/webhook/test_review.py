@@ -6,11 +6,12 @@ import base64
 import json
 from typing import Any
 
+import jsonpatch
 import pytest
 
 from shared import constants as c
 from shared.policy import PolicyConfig
-from webhook.review import API_VERSION, KIND, InvalidReview, admit, parse_review
+from webhook.review import API_VERSION, KIND, InvalidReview, admit, allow_untouched, parse_review
 
 CONFIG = PolicyConfig()
 OPTED_IN = {c.OPT_LABEL: c.OPT_ENABLED}
@@ -124,3 +125,35 @@ def test_update_of_a_service_already_right_has_no_patch_and_no_warning() -> None
 def test_metric_operation_is_bounded() -> None:
     assert parse_review(review(operation="UPDATE")).metric_operation == "UPDATE"
     assert parse_review(review(operation="x" * 500)).metric_operation == "other"
+
+
+WARNING_LIMIT = 256  # kube-apiserver may truncate longer warnings
+
+
+def _annotation_bytes(annotations: dict[str, str]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) for k, v in annotations.items())
+
+
+@pytest.mark.parametrize("count", [10_000, 20_000])
+@pytest.mark.parametrize("labels", [OPTED_IN, {**OPTED_IN, c.SERVICE_PROXY_NAME_LABEL: c.DEFAULT_PROXY_NAME}], ids=["opted-in", "labelled"])
+def test_what_the_webhook_adds_is_bounded_whatever_the_ports(count: int, labels: dict[str, str]) -> None:
+    """Issue 17 item 1: 10,000 UDP ports got 270,080 bytes of annotations (20,000: 337,864), which the
+    apiserver refuses after the webhook said 200. The reason annotation, warnings and audit annotations
+    stay short whatever the input."""
+    obj = service("rtp")
+    obj["metadata"]["labels"] = dict(labels)
+    obj["spec"]["ports"] = [{"name": f"rtp-media-{i:05d}", "port": 10000 + i, "protocol": "UDP"} for i in range(count)]
+    result = admit(parse_review(review(object=obj)), {}, CONFIG)
+    patched = jsonpatch.apply_patch(obj, patch_of(result.review))
+    added = _annotation_bytes(patched["metadata"].get("annotations") or {})
+    assert 0 < added <= 512, added
+    assert patched["metadata"]["annotations"][c.REASON_ANNOTATION].startswith(f"{count} of {count} ports are UDP")
+    assert result.warnings and all(len(w) <= WARNING_LIMIT for w in result.warnings)
+    audit = result.review["response"]["auditAnnotations"]
+    assert all(len(v) <= 512 for v in audit.values())
+    assert c.SERVICE_PROXY_NAME_LABEL not in patched["metadata"]["labels"]
+
+
+def test_an_internal_error_reason_is_bounded() -> None:
+    answer = allow_untouched("u", "internal error: ValueError: " + "x" * 100_000, decision="error")
+    assert len(answer.reason) <= 512 and len(answer.review["response"]["auditAnnotations"]["reason"]) <= 512
