@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from redirector import iptables_rules as rules
-from redirector.model import BackendError, Delta, Entry, Family, Key
+from redirector.model import BackendError, Delta, Family, Key
 from shared.constants import DEFAULT_IPTABLES_CHAIN, DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT
 
 Variant = Literal["auto", "nft", "legacy"]
@@ -82,23 +82,21 @@ class IptablesBackend:
         self._prefix = ["nsenter", f"--net=/run/netns/{netns}", "--"] if netns else []
         # What the kernel holds as far as we know (key -> exact rule spec); None = ask the kernel.
         self._written: dict[Family, dict[Key, str]] | None = None
-        self._owners: dict[Key, str] = {}  # key -> "ns/name:port" for rule comments
 
     # -- Backend protocol ---------------------------------------------------------------------
 
-    def ensure(self, keys: Iterable[Key], entries: Mapping[Key, Entry] | None = None) -> bool:
+    def ensure(self, keys: Iterable[Key]) -> bool:
         """Converge to exactly ``keys``: rewrite a family's chains only when they differ. True = repaired.
 
-        ``entries`` (optional) supplies owners for the rule comments ("ns/name:port"); a comment
-        alone differing is not drift (comments are labels) and is refreshed by the next rewrite.
+        Our REDIRECT rules carry no owner comment (``/debug/rules`` names each key's owner from the desired
+        state); comments found in the kernel (an older agent wrote them) are labels, never drift.
         """
-        self._remember(entries, replace=True)
         wanted = self._by_family(keys)
         repaired, written = False, {}
         self._written = None  # memory is either right or absent: a failure below leaves it absent
         for family in self.families:
             saved = rules.parse_save(self.save(family))
-            specs = rules.redirect_specs(self.cfg, wanted[family], self._owners)
+            specs = rules.redirect_specs(self.cfg, wanted[family], {})
             expected = rules.chain_rules(self.cfg, specs.values())
             fixes = rules.jump_fixes(saved, self.cfg)
             if fixes or rules.chains_differ(saved, expected):
@@ -114,14 +112,14 @@ class IptablesBackend:
         self._written = written
         return repaired
 
-    def apply(self, delta: Delta, entries: Mapping[Key, Entry] | None = None) -> None:
+    def apply(self, delta: Delta) -> None:
         """Add/delete keys with one patch batch per touched family (``-D``/``-A`` of those rules only).
 
-        The patch trusts what this backend last wrote or read; if the kernel disagrees (a hand
-        edit, a missing chain) the batch fails atomically and the family's chains are rewritten in
-        full instead. ``ensure`` is what verifies against the kernel. Figures: docs/redirector.md.
+        The patch trusts what this backend last wrote or read. If the kernel disagrees (a hand edit, a
+        missing chain) the family's batch fails atomically and ``IptablesError`` is raised: no repair here
+        (the Backend contract, ``redirector.model.Backend``), so the agent counts the failure and its full
+        sync (``ensure``) counts the drift it repairs. Figures: docs/redirector.md.
         """
-        self._remember(entries, replace=False, drop=delta.delete)
         written = self._written if self._written is not None else self._read_written()
         self._written = None  # until every batch below went through
         add, delete = self._by_family(delta.add), self._by_family(delta.delete)
@@ -129,17 +127,11 @@ class IptablesBackend:
         for family in self.families:
             current = written[family]
             gone = [current[k] for k in sorted(delete[family] & current.keys(), key=rules.sort_key)]
-            new = rules.redirect_specs(self.cfg, add[family] - current.keys() - delete[family], self._owners)
+            new = rules.redirect_specs(self.cfg, add[family] - current.keys() - delete[family], {})
             if not gone and not new:
                 continue
-            after = {k: v for k, v in current.items() if k not in delete[family]} | new
-            try:
-                self.restore_batch(family, rules.patch_batch(self.cfg.chain, new.values(), gone))
-            except IptablesError as exc:
-                log.warning("iptables patch failed; rewriting the chain", extra={"family": family, "error": str(exc)})
-                after = rules.redirect_specs(self.cfg, after, self._owners)
-                self.restore_batch(family, rules.render_batch(rules.chain_rules(self.cfg, after.values())))
-            result[family] = after
+            self.restore_batch(family, rules.patch_batch(self.cfg.chain, new.values(), gone))  # raises: memory stays None
+            result[family] = {k: v for k, v in current.items() if k not in delete[family]} | new
         self._written = result
 
     def read(self) -> frozenset[Key]:
@@ -220,16 +212,3 @@ class IptablesBackend:
                 continue
             out[norm.family].add(norm)
         return {f: frozenset(v) for f, v in out.items()}
-
-    def _remember(self, entries: Mapping[Key, Entry] | None, replace: bool, drop: Iterable[Key] = ()) -> None:
-        """Keep rule comments (owners) for the keys we hold; ``replace`` on a full ensure."""
-        if replace and entries is not None:
-            self._owners = {}
-        for key in drop:
-            norm = rules.normalise_key(key)
-            if norm is not None:
-                self._owners.pop(norm, None)
-        for key, entry in (entries or {}).items():
-            norm = rules.normalise_key(key)
-            if norm is not None:
-                self._owners[norm] = str(entry.owner)

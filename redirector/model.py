@@ -116,11 +116,30 @@ def diff(desired: Iterable[Key], actual: Iterable[Key]) -> Delta:
 
 
 class BackendError(RedirectorError, RuntimeError):
-    """A kernel write or read failed (the transaction was not applied: the agent schedules a full sync)."""
+    """A kernel read or write failed. Every backend raises this (or a subclass, e.g. ``IptablesError``) and
+    nothing else for a kernel failure; the agent then schedules a full sync."""
 
 
 class Backend(Protocol):
-    """A kernel backend (nftables or iptables). Every write is ONE atomic transaction."""
+    """A kernel backend (nftables, iptables, or the in-memory ``FakeBackend`` of the tests): the one contract
+    the agent relies on, written down the way knftables documents its ``Transaction``.
+
+    **Transactions.** Every write is all or nothing: nftables sends ONE libnftables batch per call, iptables
+    ONE ``*-restore`` batch per IP family touched (IPv4 and IPv6 are separate tables, as for kube-proxy).
+    When a write raises ``BackendError`` the failing transaction changed nothing; an earlier transaction of
+    the same call (the other family) may have gone through. The agent therefore trusts nothing after a
+    failure and runs ``ensure``.
+
+    **Who repairs.** Only ``ensure``. ``apply`` never repairs: when the kernel disagrees with what the
+    delta assumes (our table or chain missing, deleting a key someone already deleted, a rejected rule) it
+    raises, so the agent counts the failure, and the ``ensure`` that follows counts the drift it repairs,
+    the same way for every backend.
+
+    **Reads.** ``read`` and ``ensure`` ask the kernel, never memory; ``apply`` may trust what the backend
+    itself last wrote or read (that is what makes it cheap), which is why it must fail rather than guess.
+
+    **Keys.** A backend owns its table or chains and nothing else; other owners' objects are never touched.
+    """
 
     name: str
 
@@ -128,16 +147,23 @@ class Backend(Protocol):
         """Make the kernel hold exactly ``keys`` with our table/chains in the expected shape.
 
         Adopts existing objects without flushing them; replaces an unexpectedly shaped table atomically.
-        Returns True when it had to repair drift (shape wrong, objects missing, or elements differed).
+        Returns True when it had to change anything (shape wrong, objects missing, or elements differed,
+        a first install included), False when the kernel already held exactly ``keys``. Raises
+        ``BackendError`` only when the kernel cannot be read or written.
         """
         ...
 
     def apply(self, delta: Delta) -> None:
-        """Add/delete just these keys, in one transaction."""
+        """Add/delete just these keys, in one transaction (per family, for iptables); no repair.
+
+        Adding a key the kernel holds, or deleting one it does not, may raise (nftables: deleting an
+        absent element fails) or be a no-op (iptables, when its memory says so); either way the kernel
+        ends up consistent with the delta or unchanged. An empty delta writes nothing.
+        """
         ...
 
     def read(self) -> frozenset[Key]:
-        """What the kernel holds now (read back, never from memory)."""
+        """What the kernel holds now (read back, never from memory); empty when our objects are absent."""
         ...
 
     def describe(self) -> dict[str, object]:
@@ -145,5 +171,5 @@ class Backend(Protocol):
         ...
 
     def cleanup(self) -> None:
-        """Remove everything this backend owns and nothing else."""
+        """Remove everything this backend owns and nothing else (nothing to remove is no error)."""
         ...

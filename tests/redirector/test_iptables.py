@@ -23,7 +23,7 @@ import pytest
 
 from redirector import iptables_rules as rules
 from redirector.iptables import IptablesBackend, IptablesError, Variant, binaries
-from redirector.model import Delta, Entry, Family, Key, Owner
+from redirector.model import BackendError, Delta, Family, Key
 from sandbox.netns import NetNS, Topology, cleanup_stale, run_in_netns, tcp_listener
 
 pytestmark = pytest.mark.root
@@ -134,9 +134,7 @@ def test_apply_adds_and_removes_and_read_returns_what_was_written(node: Node) ->
     old4, old6 = Key(4, QUICK[4], 8080), Key(6, QUICK[6], 8080)
     new4, new6 = Key(4, CLUSTER[4], 443), Key(6, CLUSTER[6], 443)
     backend.ensure({old4, old6})
-    owner = Owner("shop", "cart", "https")
-    entries = {k: Entry(k, "clusterIP", owner) for k in (new4, new6)}
-    backend.apply(Delta(add=frozenset({new4, new6}), delete=frozenset({old4})), entries=entries)
+    backend.apply(Delta(add=frozenset({new4, new6}), delete=frozenset({old4})))
     assert backend.read() == {new4, new6, old6}
     assert IptablesBackend(variant=node.variant, netns=node.ns.name).read() == {new4, new6, old6}  # from the kernel
     assert_redirected(node.ns, CLUSTER[4], 443)
@@ -144,7 +142,7 @@ def test_apply_adds_and_removes_and_read_returns_what_was_written(node: Node) ->
     assert_redirected(node.ns, QUICK[6], 8080)
     assert dial(node.ns, QUICK[4], 8080)["server"] == "refused"
     text = json.dumps(node.backend().describe())
-    assert '--comment \\"shop/cart:https\\"' in text
+    assert f"-d {CLUSTER[4]}/32 -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 1666" in text
     backend.apply(Delta(delete=frozenset({old6})))
     assert backend.read() == {new4, new6}
     assert dial(node.ns, QUICK[6], 8080)["server"] == "refused"
@@ -153,8 +151,12 @@ def test_apply_adds_and_removes_and_read_returns_what_was_written(node: Node) ->
 
 def test_apply_patches_only_the_touched_rules_even_from_a_fresh_instance(node: Node) -> None:
     first, later = Key(4, QUICK[4], 81), Key(4, QUICK[4], 82)
-    owner = Owner("shop", "cart", "https")
-    node.backend().ensure({first, later}, entries={k: Entry(k, "clusterIP", owner) for k in (first, later)})
+    # Rules with owner comments, as an older agent wrote them: a restarted agent adopts them as they are.
+    specs = [rules.redirect_spec(k, 1666, "shop/cart:https") for k in (first, later)]
+    older = node.backend()
+    older.ensure(set())
+    older.restore_batch(4, rules.render_batch(rules.chain_rules(older.cfg, specs)))
+    assert node.backend().ensure({first, later}) is False  # comments are labels, not drift
     restarted = node.backend()  # no memory: learns the exact (commented) specs from the kernel
     lowest = Key(4, "10.96.0.1", 80)
     restarted.apply(Delta(add=frozenset({lowest}), delete=frozenset({first})))
@@ -167,12 +169,16 @@ def test_apply_patches_only_the_touched_rules_even_from_a_fresh_instance(node: N
     assert dial(node.ns, QUICK[4], 81)["server"] == "refused"
 
 
-def test_apply_rewrites_the_chain_when_the_kernel_drifted_under_it(node: Node) -> None:
+def test_apply_does_not_repair_a_kernel_that_drifted_under_it(node: Node) -> None:
+    """The Backend contract: apply raises (a BackendError) and changes nothing; ensure repairs."""
     backend = node.backend()
     a, b, c = Key(4, QUICK[4], 81), Key(4, QUICK[4], 82), Key(4, QUICK[4], 83)
     backend.ensure({a, b})
     node.iptables(4, "-D", "LIGHTPATH", *rules.redirect_spec(b, 1666).split())
-    backend.apply(Delta(add=frozenset({c}), delete=frozenset({b})))  # the patch's "-D b" fails
+    with pytest.raises(BackendError, match="batch line"):
+        backend.apply(Delta(add=frozenset({c}), delete=frozenset({b})))  # the patch's "-D b" fails
+    assert backend.read() == {a}  # the whole batch was refused: c was not added either
+    assert backend.ensure({a, c}) is True
     assert backend.read() == {a, c}
     node.iptables(4, "-F", "LIGHTPATH")
     backend.apply(Delta(add=frozenset({b})))  # a pure append succeeds: apply trusts its memory...
