@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from collections.abc import Iterator
 
 import pytest
 from kubernetes import client
 
 from sandbox.apiserver import SandboxApiServer
+from shared.kube import is_read_timeout
 from tests.support.polling import wait_for
 from webhook.namespaces import NamespaceCache
 
@@ -124,3 +126,27 @@ def test_fetch_fills_a_gap_and_a_missing_namespace_has_no_labels(api: SandboxApi
     assert cache.fetch(name) == {"x": "y", NAME_LABEL: name}
     assert cache.labels(name) == {"x": "y", NAME_LABEL: name}
     assert cache.fetch("does-not-exist") == {}
+
+
+def test_fetch_against_a_hung_api_is_one_try_within_its_timeout() -> None:
+    """Issue 17 item 2: against a listener that accepts and never answers, urllib3's default retries made
+    the GET fallback 4 tries x 2 s = 8 s, past the webhook's timeoutSeconds (3). Now: one connection."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)  # the kernel completes the handshakes; nobody ever reads or answers
+        configuration = client.Configuration()
+        configuration.host = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        cache = NamespaceCache(client.ApiClient(configuration), lookup_timeout=0.3)
+        with pytest.raises(Exception) as raised:
+            cache.fetch("new-namespace")
+        assert is_read_timeout(raised.value) or "timed out" in str(raised.value).lower(), repr(raised.value)
+        listener.setblocking(False)
+        connections = []
+        while True:  # every connection the client made is in the accept queue by now
+            try:
+                connections.append(listener.accept()[0])
+            except BlockingIOError:
+                break
+        for conn in connections:
+            conn.close()
+    assert len(connections) == 1, f"{len(connections)} connections: the lookup was retried"
