@@ -1,0 +1,433 @@
+"""The control plane's imperative shell: watched Services and EndpointSlices -> the store -> Envoy, and
+the gate that tells the kernel side which redirects Envoy serves.
+
+- Sinks (``services``, ``slices``) project each object on arrival (``translate.project_service``,
+  ``endpoints.project_slice``) and mark its Service dirty; nothing else happens on a watch thread.
+- One worker (``run``) waits until both lists completed, then translates dirty Services in small batches
+  (``translate.translate_service``), turns the specs that changed into protobuf and updates the store:
+  clusters, endpoints, then the listener matcher entries. The store tells the streams what changed.
+- The gate: a key is *servable* once the newest Envoy has ACKed its cluster, its endpoints, a listener
+  version whose matcher sends the key to its chain, and (HTTP) the route configuration. ``on_gate`` hears
+  the keys that may have become servable; the agent then installs their redirects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import Message
+
+from controlplane import endpoints as eps
+from controlplane import resources as res
+from controlplane.metrics import ControlPlaneMetrics
+from controlplane.server import AdsServer
+from controlplane.store import Store
+from controlplane.stream import Stream
+from controlplane.translate import (
+    NOTHING,
+    Chain,
+    ClusterSpec,
+    LoadSpec,
+    NodeInfo,
+    ServiceResources,
+    ServiceView,
+    cluster_name,
+    project_service,
+    translate_service,
+)
+from redirector.desired import service_id
+from redirector.model import Family, Key
+from shared import constants as c
+
+log = logging.getLogger(__name__)
+Mangle = Callable[[str, Message], None]  # test hook: (type_url, message) -> corrupt it in place
+GateListener = Callable[[set[Key]], None]
+LISTENER_VERSIONS_KEPT = 8
+
+
+@dataclass
+class _Pending:
+    dirty: set[str] = field(default_factory=set)
+    since: dict[str, float] = field(default_factory=dict)  # sid -> first pending change (monotonic)
+
+
+class ControlPlane:
+    """Feeds the store from Services and EndpointSlices of this node's cluster; answers the gate."""
+
+    def __init__(self, node: NodeInfo, *, proxy_port: int = c.DEFAULT_PROXY_PORT,
+                 proxy_name: str = c.DEFAULT_PROXY_NAME, metrics: ControlPlaneMetrics | None = None,
+                 mangle: Mangle | None = None, batch_idle: float = 0.002, batch_max: float = 0.02) -> None:
+        self.node = node
+        self.proxy_name = proxy_name
+        self.store = Store()
+        self.metrics = metrics or ControlPlaneMetrics()
+        self.mangle = mangle
+        self.batch_idle, self.batch_max = batch_idle, batch_max
+        self.families: tuple[Family, ...] = (4, 6) if node.ipv6 else (4,)
+        self.listeners = {f: res.ListenerBuilder(f, proxy_port) for f in self.families}
+        self._listener_keys: dict[Family, OrderedDict[str, frozenset[Key]]] = {f: OrderedDict() for f in self.families}
+        self.services = ServiceSink(self)
+        self.slices = SliceSink(self)
+        self.server: AdsServer | None = None
+        self.on_gate: GateListener | None = None
+        self._cond = threading.Condition()
+        self._pending = _Pending()
+        self._stop = threading.Event()
+        self.services_listed = threading.Event()
+        self.slices_listed = threading.Event()
+        self.first_push_done = threading.Event()
+        # Worker state (the worker thread only; readers copy under ``_lock``).
+        self._lock = threading.Lock()
+        self._views: dict[str, ServiceView] = {}
+        self._slices: dict[str, dict[str, eps.SliceView]] = {}  # service -> slice id -> view
+        self._slice_owner: dict[str, str] = {}  # slice id -> service
+        self._published: dict[str, ServiceResources] = {}
+        self._claimants: dict[str, set[str]] = {}  # cluster name -> Services claiming it
+        self._keys: dict[str, Key] = {}  # cluster name -> key
+        self.push_latencies: deque[float] = deque(maxlen=4096)  # change arrival -> pushed to the store
+        self._last_last_event = 0.0
+
+    # -- watch side ---------------------------------------------------------------------------------------
+
+    def mark(self, sids: Iterable[str]) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for sid in sids:
+                self._pending.dirty.add(sid)
+                self._pending.since.setdefault(sid, now)
+            self._last_last_event = now
+            self._cond.notify_all()
+
+    # -- the worker -----------------------------------------------------------------------------------------
+
+    def attach(self, server: AdsServer) -> None:
+        self.server = server
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        """Until ``stop()``: translate what changed and update the store."""
+        self._publish_static()
+        while not (self.services_listed.is_set() and self.slices_listed.is_set()):
+            if self._stop.wait(0.05):
+                return
+        while not self._stop.is_set():
+            with self._cond:
+                while not self._stop.is_set() and not self._pending.dirty:
+                    self._cond.wait(1.0)
+                if self._stop.is_set():
+                    return
+                start = time.monotonic()
+                while time.monotonic() - self._last_last_event < self.batch_idle and time.monotonic() - start < self.batch_max:
+                    self._cond.wait(self.batch_idle)
+                batch, self._pending = self._pending, _Pending()
+            try:
+                self.sync(batch.dirty)
+            except Exception:  # noqa: BLE001 - never let one bad batch stop the control plane
+                log.exception("control plane sync failed: those Services are retried", extra={"services": len(batch.dirty)})
+                self.metrics.sync_errors.inc()
+                self.mark(batch.dirty)
+                self._stop.wait(0.5)
+                continue
+            done = time.monotonic()
+            for since in batch.since.values():
+                self.push_latencies.append(done - since)
+                self.metrics.change_to_store.observe(done - since)
+            self.first_push_done.set()
+
+    def _publish_static(self) -> None:
+        upserts = {res.route_name(f): res.serialize(res.route_configuration(f)) for f in self.families}
+        self.store.update(res.ROUTE, upserts)
+
+    def sync(self, sids: Iterable[str]) -> None:
+        """Translate ``sids`` and push what changed (also called directly by tests and benchmarks)."""
+        started = time.perf_counter()
+        clusters: dict[str, bytes] = {}
+        loads: dict[str, bytes] = {}
+        cluster_removes: set[str] = set()
+        load_removes: set[str] = set()
+        touched: set[Family] = set()
+        again: set[str] = set()
+        with self._lock:
+            for sid in sids:
+                view = self._views.get(sid)
+                slices = self._slices.get(sid, {}).values()
+                new = translate_service(view, slices, self.node) if view is not None else NOTHING
+                old = self._published.get(sid, NOTHING)
+                if new == old:
+                    continue
+                self._apply(sid, old, new, clusters, loads, cluster_removes, load_removes, touched, again)
+                if new is NOTHING or (not new.clusters and not new.problems):
+                    self._published.pop(sid, None)
+                else:
+                    self._published[sid] = new
+        # Order matters to Envoy: clusters and their endpoints before the listener that routes to them.
+        self.store.update(res.CLUSTER, clusters)
+        self.store.update(res.ENDPOINT, loads)
+        for family in sorted(touched):
+            listener = self.listeners[family].listener
+            if self.mangle is not None:
+                self.mangle(res.LISTENER, listener)
+            data = res.serialize(listener)
+            version = res.version_of(data)
+            kept = self._listener_keys[family]
+            kept[version] = frozenset(self.listeners[family].keys)
+            while len(kept) > LISTENER_VERSIONS_KEPT:
+                kept.popitem(last=False)
+            self.store.update(res.LISTENER, {res.listener_name(family): data})
+        # Removals last (the streams also hold a cluster removal until the listener no longer names it).
+        self.store.update(res.ENDPOINT, removes=load_removes)
+        self.store.update(res.CLUSTER, removes=cluster_removes)
+        self.metrics.sync_duration.observe(time.perf_counter() - started)
+        if again:
+            self.mark(again)
+
+    def _apply(self, sid: str, old: ServiceResources, new: ServiceResources, clusters: dict[str, bytes],
+               loads: dict[str, bytes], cluster_removes: set[str], load_removes: set[str], touched: set[Family],
+               again: set[str]) -> None:
+        old_clusters = {s.name: s for s in old.clusters}
+        old_loads = {s.name: s for s in old.loads}
+        new_clusters = {s.name: s for s in new.clusters}
+        new_loads = {s.name: s for s in new.loads}
+        new_chains = dict(new.chains)
+        for key, _chain in old.chains:
+            name = cluster_name(key)
+            if key in new_chains:
+                continue
+            claimants = self._claimants.get(name, set())
+            was_owner = bool(claimants) and min(claimants) == sid
+            claimants.discard(sid)
+            if not claimants:
+                self._claimants.pop(name, None)
+                self._keys.pop(name, None)
+                self.listeners[key.family].remove(key)
+                touched.add(key.family)
+                cluster_removes.add(name)
+                load_removes.add(name)
+            elif was_owner:
+                again |= claimants  # the next claimant takes the key over
+        for key, chain in new.chains:
+            name = cluster_name(key)
+            claimants = self._claimants.setdefault(name, set())
+            claimants.add(sid)
+            if min(claimants) != sid:
+                continue  # another Service claims this key and wins (the kernel index decides the same way)
+            self._keys[name] = key
+            if self.listeners[key.family].keys.get(key) != chain:
+                self.listeners[key.family].set(key, chain)
+                touched.add(key.family)
+            cspec, lspec = new_clusters[name], new_loads[name]
+            if old_clusters.get(name) != cspec or name in cluster_removes:
+                clusters[name] = self._bytes(res.CLUSTER, res.cluster(cspec))
+            if old_loads.get(name) != lspec or name in load_removes:
+                loads[name] = self._bytes(res.ENDPOINT, res.load_assignment(lspec))
+            cluster_removes.discard(name)
+            load_removes.discard(name)
+
+    def _bytes(self, type_url: str, message: Message) -> bytes:
+        if self.mangle is not None:
+            self.mangle(type_url, message)
+        return res.serialize(message)
+
+    # -- the gate --------------------------------------------------------------------------------------------
+
+    def servable(self, keys: Iterable[Key]) -> set[Key]:
+        """The keys the newest Envoy serves (see the module docstring)."""
+        server = self.server
+        if server is None:
+            return set()
+        with server.cond:
+            stream = server.newest()
+            if stream is None:
+                return set()
+            return self._servable(stream, keys)
+
+    def _servable(self, stream: Stream, keys: Iterable[Key]) -> set[Key]:
+        cds, eds = stream.types[res.CLUSTER].acked, stream.types[res.ENDPOINT].acked
+        lds, rds = stream.types[res.LISTENER].acked, stream.types[res.ROUTE].acked
+        held: dict[Family, frozenset[Key]] = {}
+        for family in self.families:
+            version = lds.get(res.listener_name(family))
+            held[family] = self._listener_keys[family].get(version, frozenset()) if version else frozenset()
+        ok: set[Key] = set()
+        for key in keys:
+            if key not in held.get(key.family, ()):
+                continue
+            name = cluster_name(key)
+            if name not in cds or name not in eds:
+                continue
+            if self.listeners[key.family].keys.get(key) == "http" and res.route_name(key.family) not in rds:
+                continue
+            ok.add(key)
+        return ok
+
+    def acked(self, stream: Stream, type_url: str, versions: dict[str, str | None]) -> None:
+        """From the xDS server (under its lock): tell the agent which keys may have become servable."""
+        self.metrics.acks.labels(res.SHORT[type_url]).inc()
+        if self.on_gate is None or self.server is None or stream is not self.server.newest():
+            return
+        candidates: set[Key] = set()
+        if type_url in (res.CLUSTER, res.ENDPOINT):
+            candidates = {k for k in (self._keys.get(n) for n in versions) if k is not None}
+        elif type_url == res.LISTENER:
+            for name, version in versions.items():
+                for family in self.families:
+                    if name == res.listener_name(family) and version:
+                        candidates |= self._listener_keys[family].get(version, frozenset())
+        elif type_url == res.ROUTE:
+            candidates = {k for f in self.families for k, chain in self.listeners[f].keys.items() if chain == "http"}
+        if candidates:
+            self.on_gate(candidates)
+
+    # -- facts -----------------------------------------------------------------------------------------------
+
+    def in_sync(self) -> bool:
+        """The newest Envoy confirmed the current version of everything (refused resources aside)."""
+        server = self.server
+        if server is None or not self.first_push_done.is_set():
+            return False
+        with server.cond:
+            stream = server.newest()
+            return stream is not None and stream.in_sync()
+
+    def report(self, limit: int = 200, service: str | None = None) -> dict[str, Any]:
+        """Per Service what Envoy holds (/debug/proxy)."""
+        server = self.server
+        with self._lock:
+            published = dict(self._published) if service is None else (
+                {service: self._published[service]} if service in self._published else {})
+            views = len(self._views)
+        stream = server.newest() if server is not None else None
+        rows: list[dict[str, Any]] = []
+        cond = server.cond if server is not None else threading.RLock()
+        with cond:
+            for sid in sorted(published)[:limit]:
+                found = published[sid]
+                rows.append(self._row(sid, found, stream))
+            streams = server.summaries() if server is not None else []
+            closed = list(server.closed) if server is not None else []
+        return {"node": self.node.name, "services_known": views, "services_served": len(published),
+                "listed": self.services_listed.is_set() and self.slices_listed.is_set(),
+                "in_sync": self.in_sync(), "revision": self.store.revision,
+                "streams": streams, "ended_streams": closed, "services": rows,
+                "truncated": len(published) > limit}
+
+    def _row(self, sid: str, found: ServiceResources, stream: Stream | None) -> dict[str, Any]:
+        clusters = []
+        served = self._servable(stream, [k for k, _ in found.chains]) if stream is not None else set()
+        for (key, chain), load in zip(found.chains, found.loads, strict=True):
+            name = cluster_name(key)
+            current = self.store.get(res.CLUSTER, name)
+            refused = None
+            if stream is not None:
+                for type_url in (res.CLUSTER, res.ENDPOINT):
+                    bad = stream.types[type_url].nacked.get(name)
+                    if bad is not None:
+                        refused = bad[1][:300]
+            clusters.append({"key": str(key), "cluster": name, "chain": chain, "endpoints": len(load.endpoints),
+                             "version": current.version if current else None,
+                             "acked": stream is not None and current is not None
+                             and stream.types[res.CLUSTER].acked.get(name) == current.version,
+                             "served": key in served, "refused": refused})
+        return {"service": sid, "keys": clusters, "problems": list(found.problems)}
+
+
+class ServiceSink:
+    """``shared.kube.WatchSink`` for Services."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    def replace(self, items: Iterable[dict[str, Any]]) -> None:
+        views = {}
+        for item in items:
+            view = project_service(item, self.plane.proxy_name)
+            views[view.sid] = view
+        plane = self.plane
+        with plane._lock:
+            gone = set(plane._views) - set(views)
+            plane._views = views
+        plane.mark(set(views) | gone)
+        plane.services_listed.set()
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        view = project_service(obj, self.plane.proxy_name)
+        with self.plane._lock:
+            if self.plane._views.get(view.sid) == view:
+                return
+            self.plane._views[view.sid] = view
+        self.plane.mark((view.sid,))
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        sid = service_id(obj)
+        with self.plane._lock:
+            self.plane._views.pop(sid, None)
+        self.plane.mark((sid,))
+
+    def restarted(self, reason: str) -> None:
+        self.plane.metrics.watch_restarts.labels("services", reason).inc()
+
+
+class SliceSink:
+    """``shared.kube.WatchSink`` for EndpointSlices."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    def replace(self, items: Iterable[dict[str, Any]]) -> None:
+        by_service: dict[str, dict[str, eps.SliceView]] = {}
+        owner: dict[str, str] = {}
+        for item in items:
+            view = eps.project_slice(item)
+            if view is not None:
+                by_service.setdefault(view.service, {})[view.name] = view
+                owner[view.name] = view.service
+        plane = self.plane
+        with plane._lock:
+            changed = {s for s in set(by_service) | set(plane._slices) if by_service.get(s) != plane._slices.get(s)}
+            plane._slices, plane._slice_owner = by_service, owner
+        plane.mark(changed)
+        plane.slices_listed.set()
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        view = eps.project_slice(obj)
+        name = eps.slice_id(obj)
+        plane = self.plane
+        with plane._lock:
+            dirty = self._drop(name)
+            if view is not None:
+                plane._slices.setdefault(view.service, {})[name] = view
+                plane._slice_owner[name] = view.service
+                dirty.add(view.service)
+        plane.mark(dirty)
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        with self.plane._lock:
+            dirty = self._drop(eps.slice_id(obj))
+        self.plane.mark(dirty)
+
+    def _drop(self, name: str) -> set[str]:
+        plane = self.plane
+        service = plane._slice_owner.pop(name, None)
+        if service is None:
+            return set()
+        slices = plane._slices.get(service, {})
+        slices.pop(name, None)
+        if not slices:
+            plane._slices.pop(service, None)
+        return {service}
+
+    def restarted(self, reason: str) -> None:
+        self.plane.metrics.watch_restarts.labels("endpointslices", reason).inc()
+
+
+__all__ = ["ClusterSpec", "ControlPlane", "LoadSpec", "Chain"]

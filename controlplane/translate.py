@@ -1,0 +1,197 @@
+"""Services + EndpointSlices + this node -> what the node-local Envoy must hold. Pure, never raises.
+
+The one translation to Envoy. Its output is plain frozen data (``ServiceResources``: cluster and endpoint
+specs, and which listener chain each redirected key takes); ``controlplane.resources`` turns specs into
+protobuf, and only for the specs that changed.
+
+The configuration shape (docs/controlplane.md has the measurements behind it): per IP family ONE listener
+on the proxy port whose filter chains never change per Service: ``tcp`` and ``http`` for Service addresses
+(ClusterIP, externalIP, load-balancer IP), ``tcp-nodeport`` and ``http-nodeport`` for NodePorts. A filter
+chain matcher (destination IP -> destination port) picks the chain; only that map changes when a Service
+comes or goes, and Envoy updates a listener whose matcher alone changed without draining a connection.
+The chain names the upstream cluster after the connection's original destination (``%DOWNSTREAM_LOCAL_
+ADDRESS%`` after the ``original_dst`` listener filter): tcp_proxy through the ``envoy.tcp_proxy.cluster``
+filter state, HTTP through a header set before routing. So every redirected key has its own cluster
+(``10.96.0.10:80``, ``[fd00::10]:80``, ``nodeport4:30080``) and its own endpoints (EDS) -- which is also
+what lets ClusterIP traffic follow internalTrafficPolicy and NodePort/external traffic follow
+externalTrafficPolicy, as kube-proxy does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from controlplane import endpoints as eps
+from redirector.desired import EMPTY, ServiceEntries, service_entries, service_id
+from redirector.model import Family, Key, Kind
+from shared import constants as c
+from shared import policy
+
+Protocol = Literal["tcp", "http", "h2c"]
+Chain = Literal["tcp", "http"]
+
+# How Envoy speaks to a port, by appProtocol. HTTP/1.1 (and websockets over it) and cleartext HTTP/2 are
+# terminated by Envoy; everything else -- TLS included (https, h2, wss: Envoy cannot read those) -- is
+# proxied as TCP.
+HTTP1_APP_PROTOCOLS = frozenset({"http", "ws", "kubernetes.io/ws", "https-terminated-elsewhere", "grpc-web"})
+H2C_APP_PROTOCOLS = frozenset({"h2c", "kubernetes.io/h2c", "grpc", "http2"})
+
+
+def upstream_protocol(app_protocol: object) -> Protocol:
+    if not isinstance(app_protocol, str):
+        return "tcp"
+    value = app_protocol.strip().lower()
+    return "http" if value in HTTP1_APP_PROTOCOLS else "h2c" if value in H2C_APP_PROTOCOLS else "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """This node, as far as the translation cares."""
+
+    name: str
+    ipv6: bool = True  # the node can bind an IPv6 listener
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """What the translation keeps of one Service (the API dict is dropped as soon as it is projected)."""
+
+    sid: str
+    namespace: str
+    name: str
+    served: bool  # Envoy should know it: ours (labelled), or eligible and not another proxy's
+    labelled: bool  # carries OUR handoff label (the kernel redirects it)
+    entries: ServiceEntries = EMPTY
+    protocols: tuple[tuple[str, Protocol], ...] = ()  # (port name, protocol)
+    internal_local: bool = False  # internalTrafficPolicy: Local
+    external_local: bool = False  # externalTrafficPolicy: Local
+    problems: tuple[str, ...] = ()
+
+
+def project_service(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROXY_NAME) -> ServiceView:
+    meta = _mapping(service.get("metadata"))
+    spec = _mapping(service.get("spec"))
+    labels = _mapping(meta.get("labels"))
+    label = labels.get(c.SERVICE_PROXY_NAME_LABEL)
+    labelled = label == proxy_name
+    problems: list[str] = []
+    try:
+        reason = policy.ineligibility(service)
+    except Exception as exc:  # noqa: BLE001 - the policy never raises; if it did, this Service alone is skipped
+        reason = f"policy error: {type(exc).__name__}"
+    served = labelled or (label is None and reason is None)
+    if labelled and reason is not None:
+        problems.append(f"labelled but not eligible ({reason}): only its TCP ports are served")
+    sid = service_id(service)
+    namespace, _, name = sid.partition("/")
+    if not served:
+        return ServiceView(sid, namespace, name, False, labelled)
+    entries = service_entries(service)
+    protocols: list[tuple[str, Protocol]] = []
+    for raw in _list(spec.get("ports")):
+        p = _mapping(raw)
+        raw_name = p.get("name")
+        port_name = raw_name if isinstance(raw_name, str) else ""
+        protocols.append((port_name, upstream_protocol(p.get("appProtocol"))))
+    itp, etp = spec.get("internalTrafficPolicy"), spec.get("externalTrafficPolicy")
+    if itp not in (None, "Cluster", "Local"):
+        problems.append(f"internalTrafficPolicy {itp!r} is unknown: treated as Cluster")
+    if etp not in (None, "Cluster", "Local"):
+        problems.append(f"externalTrafficPolicy {etp!r} is unknown: treated as Cluster")
+    problems.extend(entries.errors)
+    return ServiceView(sid, namespace, name, True, labelled, entries, tuple(protocols), itp == "Local", etp == "Local",
+                       tuple(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """One upstream cluster (EDS): named after the redirected key it serves."""
+
+    name: str
+    stat_name: str
+    protocol: Protocol
+    service: str  # "namespace/name", for people
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """The endpoints (ClusterLoadAssignment) of one cluster."""
+
+    name: str
+    endpoints: tuple[eps.Endpoint, ...]
+
+
+@dataclass(frozen=True)
+class ServiceResources:
+    """Everything one Service contributes to Envoy's configuration."""
+
+    clusters: tuple[ClusterSpec, ...] = ()
+    loads: tuple[LoadSpec, ...] = ()
+    chains: tuple[tuple[Key, Chain], ...] = ()  # listener matcher entries
+    problems: tuple[str, ...] = field(default=())
+
+
+NOTHING = ServiceResources()
+
+
+def cluster_name(key: Key) -> str:
+    """The cluster a key's connections go to: exactly what Envoy's formatter prints for the connection's
+    original destination (``%DOWNSTREAM_LOCAL_ADDRESS%``), or ``nodeport<family>:<port>`` for NodePorts."""
+    if key.ip is None:
+        return f"nodeport{key.family}:{key.port}"
+    return f"[{key.ip}]:{key.port}" if key.family == 6 else f"{key.ip}:{key.port}"
+
+
+_STAT_SUFFIX: dict[Kind, str] = {"clusterIP": "", "externalIP": "_ext", "loadBalancer": "_lb", "nodePort": "_np"}
+
+
+def stat_name(view: ServiceView, port_number: int, family: Family, kind: Kind) -> str:
+    """Stats per Service port: Kubernetes names never contain '_' or '.', so the name stays unambiguous and
+    Envoy's stat tags (split on '.') are not confused by IP addresses."""
+    return f"{view.namespace}_{view.name}_{port_number}_ipv{family}{_STAT_SUFFIX[kind]}"
+
+
+def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: NodeInfo) -> ServiceResources:
+    """One Service's clusters, endpoints and listener entries."""
+    if not view.served or not view.entries.keys:
+        return ServiceResources(problems=view.problems) if view.problems else NOTHING
+    slices = tuple(slices)
+    protocols = dict(view.protocols)
+    numbers = _port_numbers(view)
+    clusters: list[ClusterSpec] = []
+    loads: list[LoadSpec] = []
+    chains: list[tuple[Key, Chain]] = []
+    selected: dict[tuple[str, Family, bool], tuple[eps.Endpoint, ...]] = {}
+    for key, (kind, port_name) in zip(view.entries.keys, view.entries.claims, strict=True):
+        if key.family == 6 and not node.ipv6:
+            continue
+        protocol = protocols.get(port_name, "tcp")
+        local = view.internal_local if kind == "clusterIP" else view.external_local
+        pick = (port_name, key.family, local)
+        if pick not in selected:
+            selected[pick] = eps.select(slices, port_name, key.family, node=node.name if local else None)
+        name = cluster_name(key)
+        clusters.append(ClusterSpec(name, stat_name(view, numbers.get(port_name, key.port), key.family, kind),
+                                    protocol, view.sid))
+        loads.append(LoadSpec(name, selected[pick]))
+        chains.append((key, "tcp" if protocol == "tcp" else "http"))
+    return ServiceResources(tuple(clusters), tuple(loads), tuple(chains), view.problems)
+
+
+def _port_numbers(view: ServiceView) -> dict[str, int]:
+    """Service port number per port name, from the ClusterIP keys (NodePort keys carry the node port)."""
+    numbers: dict[str, int] = {}
+    for key, (kind, port_name) in zip(view.entries.keys, view.entries.claims, strict=True):
+        if kind != "nodePort":
+            numbers.setdefault(port_name, key.port)
+    return numbers
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
