@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -9,22 +10,73 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from webhook.certs import CertStore
 
 # kube-apiserver keeps connections to webhooks alive; closing idle ones early only costs handshakes.
 KEEP_ALIVE_SECONDS = 60
+# From a connection's TLS handshake (or a kept-alive connection's next byte) to the end of the request's
+# headers. kube-apiserver writes a whole request at once and gives up after timeoutSeconds (3).
+HEAD_TIMEOUT_SECONDS = 10.0
 
 
-def build_server(app: Any, certs: CertStore, *, host: str, port: int) -> uvicorn.Server:
+class HeadDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on reading each request's head.
+
+    uvicorn only times out a connection after a response (keep-alive); a client that completes the TLS
+    handshake and then sends nothing, or half a header, would hold its socket forever. Armed when the
+    connection is made and when the first byte of a next request arrives; disarmed once the headers are
+    complete. On expiry the connection is closed (no response: there is no request to answer).
+    """
+
+    head_timeout: float = HEAD_TIMEOUT_SECONDS
+    _head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self.cycle is None or self.cycle.response_complete:  # these bytes start a request's head
+            self._arm_head_deadline()
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_deadline()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self._head_deadline is None:
+            self._head_deadline = self.loop.call_later(self.head_timeout, self._head_deadline_expired)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_deadline_expired(self) -> None:
+        self._head_deadline = None
+        if not self.transport.is_closing():
+            self.logger.debug("closing a connection whose request head did not arrive in %ss", self.head_timeout)
+            self.transport.close()
+
+
+def build_server(app: Any, certs: CertStore, *, host: str, port: int,
+                 head_timeout: float = HEAD_TIMEOUT_SECONDS) -> uvicorn.Server:
     """A uvicorn server whose SSLContext is ``certs.server_context`` (rotations reach new handshakes)."""
+    protocol = type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"head_timeout": head_timeout})
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         ssl_context_factory=lambda _config, _default: certs.server_context,
         loop="uvloop",
-        http="httptools",
+        http=protocol,
         lifespan="off",
         log_config=None,
         access_log=False,
@@ -49,13 +101,13 @@ class RunningServer:
 
 
 def serve_in_thread(app: Any, certs: CertStore, *, host: str = "127.0.0.1", port: int = 0,
-                    startup_timeout: float = 10.0) -> RunningServer:
+                    startup_timeout: float = 10.0, head_timeout: float = HEAD_TIMEOUT_SECONDS) -> RunningServer:
     """Bind (port 0: any free port), start uvicorn in a daemon thread, return once it accepts."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = build_server(app, certs, host=host, port=sock.getsockname()[1])
+    server = build_server(app, certs, host=host, port=sock.getsockname()[1], head_timeout=head_timeout)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="webhook-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from shared.logs import JsonFormatter
 from shared.tls import KeyPair, make_serving_cert
 from tests.support.polling import wait_for
 from tests.webhook.conftest import HOSTNAME, Webhook, metric, start_webhook, stop_webhook
+from webhook.server import serve_in_thread
 
 
 def review(uid: str = "uid-1", namespace: str = "default", opt: str | None = c.OPT_ENABLED) -> dict[str, Any]:
@@ -165,3 +167,40 @@ def test_without_a_namespace_cache_ready_fails_and_admission_is_allowed_untouche
         assert metric(text, "lightpath_webhook_namespace_cache_synced") == 0
     finally:
         stop_webhook(hook)
+
+
+def _closed_by_server(tls: ssl.SSLSocket) -> bool:
+    """Read until the server closes the connection (True), or until the socket's own timeout (False)."""
+    try:
+        while tls.recv(65536):
+            pass
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError):
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_request_head_that_does_not_arrive_gets_the_connection_closed(webhook: Webhook) -> None:
+    """Issue 17 item 6: a client that completed the TLS handshake and sent nothing, or half a header, was
+    still connected after 80 s (uvicorn's keep-alive timer only starts after a response)."""
+    strict = serve_in_thread(webhook.app, webhook.certs, head_timeout=0.3)
+
+    def connect() -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", strict.port), timeout=20)  # far past the 0.3 s deadline
+        return webhook.client_context().wrap_socket(raw, server_hostname=HOSTNAME)
+
+    try:
+        with connect() as silent:
+            assert _closed_by_server(silent), "a connection that never sent a byte stayed open"
+        with connect() as half:
+            half.sendall(b"POST /mutate HTTP/1.1\r\nHost: " + HOSTNAME.encode() + b"\r\nContent-Ty")
+            assert _closed_by_server(half), "a connection with half a header stayed open"
+        with connect() as reused:
+            reused.sendall(http_request(review(uid="in-time")))  # a whole request is served as before
+            status, body = read_response(reused)
+            assert status == 200 and body["response"]["uid"] == "in-time"
+            reused.sendall(b"POST /mutate HTTP/1.1\r\nHo")  # then the next head stalls on the kept-alive connection
+            assert _closed_by_server(reused), "a kept-alive connection with half a header stayed open"
+    finally:
+        strict.stop()
