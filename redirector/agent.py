@@ -92,6 +92,9 @@ class Agent:
         self._counts = {(f, m): 0 for f in ("ipv4", "ipv6") for m in ("address", "nodePort")}
         # The newest event-to-rule latencies (seconds), exact, for debug endpoints and benchmarks.
         self.latencies: deque[float] = deque(maxlen=4096)
+        # Times the sync loop looked and found nothing due (read under ``tracker.cond``): lets a test see the
+        # loop considered an event and chose to wait, instead of sleeping and hoping.
+        self.idle_checks = 0
         self.watcher: Any = None  # the ServiceWatcher, when one is attached (debug endpoints)
 
     # -- reading (debug server) -----------------------------------------------------------------------
@@ -140,6 +143,7 @@ class Agent:
         while not self._stop.is_set():
             with cond:
                 while not self._stop.is_set() and not self._due():
+                    self.idle_checks += 1
                     cond.wait(timeout=self._wait_time())
             if self._stop.is_set():
                 break

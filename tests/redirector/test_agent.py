@@ -68,9 +68,13 @@ def running(node: NetNS) -> Iterator[Running]:
 
 
 def test_nothing_is_programmed_before_the_first_list(node: NetNS, running: Running) -> None:
-    tracker = running.agent.tracker
-    tracker.upsert(service("a", cluster_ips=["10.96.0.1"]))
-    assert not wait_until_or_false(lambda: running.agent.status.transactions > 0, 0.3)
+    tracker, agent = running.agent.tracker, running.agent
+    with tracker.cond:  # re-entrant: the loop cannot look between the event and the count
+        tracker.upsert(service("a", cluster_ips=["10.96.0.1"]))
+        seen = agent.idle_checks
+    # The loop woke up for the event, looked, and chose to wait: a deterministic signal, no sleep.
+    wait_until(lambda: agent.idle_checks > seen, what="the sync loop considered the event")
+    assert agent.status.transactions == 0 and not agent.status.first_sync_done
     assert "lightpath" not in nft(node.name, "list tables")
     tracker.replace([service("b", cluster_ips=["10.96.0.2"])])  # the list supersedes earlier events
     wait_until(lambda: running.kernel_has({Key(4, "10.96.0.2", 80)}), what="first full sync")
@@ -122,7 +126,9 @@ def test_a_failed_transaction_schedules_a_full_sync_that_repairs(node: NetNS, ru
     wait_until(lambda: running.metric("sync_errors_total", kind="incremental") == 1)
     wait_until(lambda: running.kernel_has({Key(4, "10.96.0.2", 80)}) and not running.agent.status.full_sync_pending)
     assert running.metric("sync_duration_seconds_count", kind="full") == 2
-    assert running.agent.snapshot()["last_error"] is None or running.agent.status.last_success
+    snap = running.agent.snapshot()
+    assert snap["last_error"].startswith("incremental sync: ")  # the failure is reported...
+    assert snap["last_error_time"] is None and snap["last_success"] is not None  # ...and cleared by the repair
     assert running.metric("drift_repairs_total") == 0  # the meddling left the kernel as wanted: nothing repaired
 
 
@@ -214,11 +220,3 @@ def test_a_restarted_agent_adopts_the_rules_without_flushing(node: NetNS) -> Non
         assert handles(node.name) == handles_before
     finally:
         second.stop()
-
-
-def wait_until_or_false(fn: Any, timeout: float) -> bool:
-    try:
-        wait_until(fn, timeout=timeout)
-    except TimeoutError:
-        return False
-    return True

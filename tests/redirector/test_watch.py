@@ -40,6 +40,11 @@ class View:
             self.index.put(sid, change.entries)
         return set(self.index.service_ids())
 
+    def restarted(self, reason: str) -> bool:
+        """Whether the watcher has reported a restart for ``reason`` (drains the tracker, as a sync does)."""
+        self.services()
+        return reason in self.restarts
+
 
 @pytest.fixture
 def api() -> Iterator[SandboxApiServer]:
@@ -125,7 +130,7 @@ def test_a_stalled_watch_is_detected_and_restarted(api: SandboxApiServer, watchi
     wait_until(lambda: view.tracker.listed.is_set())
     api.stall_watches(True)
     create(api, "during-stall")
-    wait_until(lambda: view.services() is not None and "stalled" in view.restarts, timeout=10, what="stall detected")
+    wait_until(lambda: view.restarted("stalled"), timeout=10, what="stall detected")
     api.stall_watches(False)
     wait_until(lambda: "shop/during-stall" in view.services(), timeout=10, what="caught up after the stall")
 
@@ -135,7 +140,7 @@ def test_api_server_down_and_back(api: SandboxApiServer, watching: Any) -> None:
     create(api, "before")
     wait_until(lambda: view.services() == {"shop/before"})
     api.stop()
-    wait_until(lambda: view.services() is not None and "error" in view.restarts, timeout=10, what="errors seen")
+    wait_until(lambda: view.restarted("error"), timeout=10, what="errors seen")
     create(api, "while-down")
     api.start()
     wait_until(lambda: view.services() == {"shop/before", "shop/while-down"}, timeout=15, what="converged")
@@ -147,7 +152,7 @@ def test_server_timeout_ends_the_watch_and_it_resumes(api: SandboxApiServer) -> 
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: view.services() is not None and "expired" in view.restarts, timeout=10)
+        wait_until(lambda: view.restarted("expired"), timeout=10)
         create(api, "after")
         wait_until(lambda: "shop/after" in view.services())
         assert watcher.lists == 1  # resumed from its resourceVersion, no re-list
@@ -202,7 +207,7 @@ def test_a_watch_that_ends_at_once_is_backed_off_not_reopened_in_a_loop() -> Non
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: view.services() is not None and "error" in view.restarts, what="the empty watch seen")
+        wait_until(lambda: view.restarted("error"), what="the empty watch seen")
         assert len(_EndsWatchesAtOnce.watches) == 1
         assert "resourceVersion=7" in _EndsWatchesAtOnce.watches[0]
     finally:
