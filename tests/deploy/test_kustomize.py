@@ -18,7 +18,8 @@ from tests.deploy.manifests import DEPLOY, Obj, kustomize
 
 K8S_VERSIONS = sorted({"1.30", kubernetes_validate.utils.major_minor(kubernetes_validate.latest_version())})
 CERT_MANAGER_GROUP = "cert-manager.io"
-COMPONENTS = ["namespace", "webhook", "policy", "redirector", "proxy", "default"]
+COMPONENTS = ["namespace", "webhook", "policy", "redirector", "proxy", "node", "default"]
+WEBHOOK_NAMESPACE, NODE_NAMESPACE = "lightpath-system", "lightpath-node"
 
 
 def _is_cert_manager(obj: Obj) -> bool:
@@ -33,21 +34,30 @@ def test_each_component_builds_on_its_own(component: str) -> None:
 def test_default_has_every_piece(default_objs: list[Obj]) -> None:
     kinds = Counter(o["kind"] for o in default_objs)
     assert kinds == {
-        "Namespace": 1, "ServiceAccount": 2, "ClusterRole": 2, "ClusterRoleBinding": 2, "ConfigMap": 1,
+        "Namespace": 2, "ServiceAccount": 2, "ClusterRole": 2, "ClusterRoleBinding": 2, "ConfigMap": 1, "ResourceQuota": 1,
         "Service": 1, "Deployment": 1, "PodDisruptionBudget": 1, "DaemonSet": 2, "Issuer": 2, "Certificate": 2,
         "MutatingWebhookConfiguration": 1, "ValidatingAdmissionPolicy": 1, "ValidatingAdmissionPolicyBinding": 1,
     }
 
 
-def test_namespaced_objects_live_in_lightpath_system(default_objs: list[Obj]) -> None:
+def test_namespaced_objects_live_in_their_components_namespace(default_objs: list[Obj]) -> None:
+    """The webhook's objects in lightpath-system, the node agents' in lightpath-node (issue 17 item 10)."""
     cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration",
                       "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+    node_components = {"redirector", "proxy", "node"}
     for o in default_objs:
         ns = o["metadata"].get("namespace")
         if o["kind"] in cluster_scoped:
             assert ns is None, f"{o['kind']} {o['metadata']['name']} is cluster-scoped but has namespace {ns}"
-        else:
-            assert ns == "lightpath-system", f"{o['kind']} {o['metadata']['name']} is in {ns!r}"
+            continue
+        component = (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component")
+        want = NODE_NAMESPACE if component in node_components else WEBHOOK_NAMESPACE
+        assert ns == want, f"{o['kind']} {o['metadata']['name']} ({component}) is in {ns!r}, not {want}"
+    assert {o["metadata"]["name"] for o in default_objs if o["kind"] == "Namespace"} == {WEBHOOK_NAMESPACE, NODE_NAMESPACE}
+    for binding in (o for o in default_objs if o["kind"] == "ClusterRoleBinding"):
+        for subject in binding["subjects"]:
+            account = next(o for o in default_objs if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == subject["name"])
+            assert subject["namespace"] == account["metadata"]["namespace"], f"{binding['metadata']['name']} binds a ServiceAccount that is not there"
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)

@@ -128,3 +128,36 @@ def test_ports_do_not_collide(default_objs: list[Obj]) -> None:
     ports = [p["containerPort"] for ds in (_redirector(default_objs), _proxy(default_objs)) for p in container(ds).get("ports", [])]
     assert len(ports) == len(set(ports))
     assert not set(ports) & {10249, 10256}
+
+
+def test_node_agents_run_on_linux_nodes_only(default_objs: list[Obj]) -> None:
+    """Issue 17 item 8: both DaemonSets tolerated every taint with no OS selector, so they landed on
+    Windows nodes (nftables, a linux image). Every Linux node still gets them, tainted or not, like kube-proxy."""
+    for ds in (_redirector(default_objs), _proxy(default_objs)):
+        pod = ds["spec"]["template"]["spec"]
+        assert pod.get("nodeSelector") == {"kubernetes.io/os": "linux"}, ds["metadata"]["name"]
+        assert pod["tolerations"] == [{"operator": "Exists"}], ds["metadata"]["name"]
+        assert "affinity" not in pod, "nothing else narrows the nodes"
+
+
+def _quota_covers(quota: Obj, priority_class: str) -> bool:
+    for expr in quota["spec"].get("scopeSelector", {}).get("matchExpressions", []):
+        if expr["scopeName"] == "PriorityClass" and expr["operator"] == "In" and priority_class in expr["values"]:
+            return True
+    return False
+
+
+def test_system_priority_pods_have_a_covering_quota_in_their_namespace(default_objs: list[Obj]) -> None:
+    """Issue 17 item 9: clusters that limit system-node-critical to namespaces with a covering
+    ResourceQuota (GKE) refuse the pods without one ("insufficient quota to match these scopes")."""
+    critical = [w for w in default_objs if w["kind"] in ("DaemonSet", "Deployment")
+                and str(w["spec"]["template"]["spec"].get("priorityClassName", "")).startswith("system-")]
+    assert {w["metadata"]["name"] for w in critical} == {"lightpath-redirector", "lightpath-proxy"}
+    nodes = 5_000  # the largest clusters Kubernetes supports
+    for workload in critical:
+        cls = workload["spec"]["template"]["spec"]["priorityClassName"]
+        quotas = [q for q in default_objs if q["kind"] == "ResourceQuota"
+                  and q["metadata"]["namespace"] == workload["metadata"]["namespace"] and _quota_covers(q, cls)]
+        assert quotas, f"{workload['metadata']['name']}: no ResourceQuota covers priority class {cls} in its namespace"
+        hard = quotas[0]["spec"]["hard"]["pods"]
+        assert int(hard.removesuffix("k")) * (1000 if hard.endswith("k") else 1) >= 2 * nodes

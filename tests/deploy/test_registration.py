@@ -24,7 +24,7 @@ from kubernetes import client
 from sandbox.apiserver import SandboxApiServer
 from shared import constants as c
 from shared.tls import make_ca
-from tests.deploy.manifests import Obj, container, env_of, one
+from tests.deploy.manifests import Obj, container, env_of, find, one
 from tests.support.polling import wait_for
 from tests.support.secret_volume import SecretVolume
 from webhook.app import create_app
@@ -63,7 +63,7 @@ def cluster(self_signed_objs: list[Obj], tmp_path: Path) -> Iterator[Cluster]:
     with SandboxApiServer(bookmark_interval=0.5) as api:
         core = client.CoreV1Api(api.api_client())
         admission = client.AdmissionregistrationV1Api(api.api_client())
-        for ns in (one(self_signed_objs, "Namespace"), {"metadata": {"name": "kube-system"}}):
+        for ns in (*find(self_signed_objs, "Namespace"), {"metadata": {"name": "kube-system"}}):
             core.create_namespace(copy.deepcopy(ns))
         certs = CertStore(settings.tls_cert_file, settings.tls_key_file, reload_interval=0.05)
         certs.load()
