@@ -16,6 +16,7 @@ from shared import constants as c
 from shared.policy import Action, Decision, PolicyConfig, decide, wants_proxy
 
 Op = dict[str, Any]
+ANNOTATIONS_LIMIT = 256 * 1024  # bytes of keys and values; kube-apiserver refuses a larger total
 _NOT_PRINTABLE = re.compile(r"[^ -~]")
 
 
@@ -87,7 +88,7 @@ def plan(
     if not ours_to_explain:
         return Plan()
 
-    if current != steady.reason:
+    if current != steady.reason and _annotation_fits(annotations, steady.reason):
         if isinstance(meta.get("annotations"), Mapping):
             op = "replace" if c.REASON_ANNOTATION in annotations else "add"
             ops.append({"op": op, "path": REASON_PATH, "value": steady.reason})
@@ -95,6 +96,14 @@ def plan(
             ops.append({"op": "add", "path": "/metadata/annotations", "value": {c.REASON_ANNOTATION: steady.reason}})
 
     return Plan(tuple(ops), steady.reason, _warning(service, decision, asked))
+
+
+def _annotation_fits(annotations: Mapping[str, Any], reason: str) -> bool:
+    """Would the Service's annotations stay within kube-apiserver's total limit with our reason? If not,
+    the reason is left out: the write would be refused after we answered 200 (the label still moves)."""
+    others = sum(len(str(k).encode()) + len(str(v).encode()) for k, v in annotations.items()
+                 if k != c.REASON_ANNOTATION and isinstance(v, str))
+    return others + len(c.REASON_ANNOTATION) + len(reason.encode()) <= ANNOTATIONS_LIMIT
 
 
 def _warning(service: Mapping[str, Any], decision: Decision, asked: bool) -> str | None:

@@ -9,7 +9,7 @@ import pytest
 
 from shared import constants as c
 from shared.policy import PolicyConfig, decide
-from webhook.patch import LABEL_PATH, REASON_PATH, escape, plan
+from webhook.patch import ANNOTATIONS_LIMIT, LABEL_PATH, REASON_PATH, escape, plan
 
 CONFIG = PolicyConfig()
 OPTED_IN = {c.OPT_LABEL: c.OPT_ENABLED}
@@ -129,3 +129,15 @@ def test_warning_is_printable_and_bounded() -> None:
     svc = service(ports=[{"name": "d\nns" + "x" * 400, "port": 53, "protocol": "UDP"}])
     warning = plan(svc, decide(svc, OPTED_IN, CONFIG), OPTED_IN, CONFIG).warning
     assert warning is not None and len(warning) <= 256 and "\n" not in warning
+
+
+def test_the_reason_is_left_out_when_it_would_push_annotations_over_the_limit() -> None:
+    """kube-apiserver refuses a Service whose annotations exceed 256 KiB in total; the webhook never adds
+    the annotation that would tip it over (issue 17 item 1), but still moves the label."""
+    room = ANNOTATIONS_LIMIT - len("big") - 30  # less than the key and the reason need
+    ops, patched = run(service(annotations={"big": "x" * room}), OPTED_IN)
+    assert [o["path"] for o in ops] == ["/metadata/labels"]
+    assert c.REASON_ANNOTATION not in patched["metadata"]["annotations"]
+    assert patched["metadata"]["labels"][c.SERVICE_PROXY_NAME_LABEL] == c.DEFAULT_PROXY_NAME
+    ops, patched = run(service(annotations={"big": "x" * (room - 300)}), OPTED_IN)
+    assert c.REASON_ANNOTATION in patched["metadata"]["annotations"]
