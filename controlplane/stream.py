@@ -28,13 +28,14 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.resources import CLUSTER, LISTENER, ROUTE, SHORT, TYPES
 from controlplane.store import Store
+from shared.errors import ControlPlaneError
 
 WILDCARD = frozenset({CLUSTER, LISTENER})
 MAX_RESOURCES_PER_RESPONSE = 5_000
 _nonces = itertools.count(1)
 
 
-class StreamError(Exception):
+class StreamError(ControlPlaneError):
     """The peer broke the protocol in a way that ends the stream (e.g. the wrong node id)."""
 
 
