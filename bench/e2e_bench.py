@@ -7,7 +7,8 @@ One run, one topology (sandbox.netns: a node and two pods, nothing on the host's
 side by side on the same backend:
 - ``direct`` 10.96.0.20:80, unlabelled: the kube-proxy STAND-IN's nftables DNAT (sandbox.kubeproxy);
 - ``envoy``  10.96.0.10:80, labelled, appProtocol http: the redirector's nftables backend (redirector.nft)
-  REDIRECTs it to the node-local Envoy (sandbox.envoy: http_connection_manager, STATIC cluster).
+  REDIRECTs it to the node-local Envoy, programmed over Delta ADS by the product's control plane
+  (controlplane: http_connection_manager, EDS cluster).
 The backend is a second Envoy in the backend pod answering 200 "ok" itself (direct_response): a C++ server
 that costs next to nothing, so the figures are about the path, not the application.
 Measured from the client pod: wrk (HTTP/1.1 keep-alive) at 1 and 50 connections -> p50/p99 and req/s; and
@@ -32,9 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from controlplane.embedded import EmbeddedControlPlane
 from redirector.model import Key
 from sandbox import kubeproxy
-from sandbox.envoy import translate
 from sandbox.envoy_process import ENVOY_BIN, EnvoyProcess
 from sandbox.netns import NetNS, Topology, run_in_netns
 from shared import constants as c
@@ -150,7 +151,10 @@ def run(duration: int, fresh_rounds: int) -> dict[str, Any]:
         slices = [endpoint_slice(s["metadata"]["name"], topo.pod_ips[0]) for s in services]
         kubeproxy.apply(topo.node.name, kubeproxy.standin_ruleset(services, slices))
         run_in_netns(topo.node.name, _redirect, [Key(4, ENVOY_IP, 80)])
-        envoy = EnvoyProcess(topo.node, Path(tmp) / "envoy").start(translate([services[1]], slices))
+        plane = EmbeddedControlPlane("bench-node", [services[1]], slices, ipv6=False).start(Path(tmp) / "xds.sock")
+        envoy = EnvoyProcess(topo.node, Path(tmp) / "envoy", xds_socket=Path(tmp) / "xds.sock", node_id="bench-node").start()
+        if not plane.wait_in_sync(30):
+            raise RuntimeError("Envoy did not ACK the control plane's configuration")
         try:
             deadline = time.monotonic() + 20
             while True:
@@ -165,7 +169,7 @@ def run(duration: int, fresh_rounds: int) -> dict[str, Any]:
             # The very first request of each path: Envoy has no upstream connection yet.
             first = run_in_netns(client.name, _fresh, [DIRECT_IP, ENVOY_IP], 1)
             results["first_request_s"] = {"direct": first[DIRECT_IP][0], "envoy": first[ENVOY_IP][0]}
-            assert envoy.counter("cluster.bench_envoy_80.upstream_rq_total") == 1, "the envoy path did not go through Envoy"
+            assert envoy.counter("cluster.bench_envoy_80_ipv4.upstream_rq_total") == 1, "the envoy path did not go through Envoy"
             fresh = run_in_netns(client.name, _fresh, [DIRECT_IP, ENVOY_IP], fresh_rounds, timeout=600)
             results["fresh"] = {name: {"p50": pct(fresh[ip], 0.5), "p99": pct(fresh[ip], 0.99), "mean": statistics.mean(fresh[ip])}
                                 for name, ip in (("direct", DIRECT_IP), ("envoy", ENVOY_IP))}
@@ -175,10 +179,11 @@ def run(duration: int, fresh_rounds: int) -> dict[str, Any]:
                     wrk(client, ip, conns, 2)  # warm-up
                     r = wrk(client, ip, conns, duration)
                     results["wrk"][f"{name}/{conns}"] = {k: v for k, v in r.items() if k != "raw"}
-            results["envoy_upstream_rq_total"] = envoy.counter("cluster.bench_envoy_80.upstream_rq_total")
+            results["envoy_upstream_rq_total"] = envoy.counter("cluster.bench_envoy_80_ipv4.upstream_rq_total")
             results["loadavg_after"] = os.getloadavg()[0]
         finally:
             envoy.stop()
+            plane.stop()
     return results
 
 

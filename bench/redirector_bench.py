@@ -494,7 +494,7 @@ def agent_rss(api: Any, n: int) -> dict[str, float]:
         with log_path.open("wb") as log:
             start = time.perf_counter()
             proc = ns.popen([str(Path(sys.executable).parent / "lightpath-redirector"), "run", "--kubeconfig",
-                             str(kubeconfig), "--debug-port", "0"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                             str(kubeconfig), "--debug-port", "0", "--xds-socket", "none"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             try:
                 wait_until(lambda: b"full sync done" in log_path.read_bytes(), timeout=300, interval=0.01)
                 ready = time.perf_counter() - start

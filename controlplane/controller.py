@@ -120,6 +120,9 @@ class ControlPlane:
         while not (self.services_listed.is_set() and self.slices_listed.is_set()):
             if self._stop.wait(0.05):
                 return
+        self.mark(())  # the first push happens even for an empty cluster (readiness waits for it)
+        with self._cond:
+            self._pending.dirty.add("")
         while not self._stop.is_set():
             with self._cond:
                 while not self._stop.is_set() and not self._pending.dirty:
@@ -287,6 +290,18 @@ class ControlPlane:
             candidates = {k for f in self.families for k, chain in self.listeners[f].keys.items() if chain == "http"}
         if candidates:
             self.on_gate(candidates)
+
+    def nacked(self, stream: Stream, type_url: str, names: list[str], message: str) -> None:
+        """Envoy refused a response: count it and say which Services it concerns (they stay un-redirected)."""
+        self.metrics.nacks.labels(res.SHORT[type_url]).inc()
+        services = sorted({sid for n in names for sid in self._claimants.get(n, ())})
+        log.warning("Envoy refused a configuration: the Services concerned stay with their last served state",
+                    extra={"type": res.SHORT[type_url], "resources": names[:20], "services": services[:20],
+                           "error": message[:500]})
+
+    def pushed(self, type_url: str, updated: int, removed: int) -> None:
+        self.metrics.pushes.labels(res.SHORT[type_url]).inc()
+        self.metrics.pushed_resources.labels(res.SHORT[type_url]).inc(updated + removed)
 
     # -- facts -----------------------------------------------------------------------------------------------
 

@@ -45,10 +45,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     """Serves ``store`` to every Envoy that connects; ``on_ack`` hears what each confirms."""
 
     def __init__(self, store: Store, *, expected_node: str | None = None, on_ack: Callable[[Stream, str, dict[str, str | None]], None] | None = None,
+                 on_nack: Callable[[Stream, str, list[str], str], None] | None = None,
                  on_stream: Callable[[Stream, bool], None] | None = None, on_push: Callable[[str, int, int], None] | None = None) -> None:
         self.store = store
         self.expected_node = expected_node
         self.on_ack = on_ack
+        self.on_nack = on_nack
         self.on_stream = on_stream
         self.on_push = on_push
         self.cond = threading.Condition(threading.RLock())
@@ -125,7 +127,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             if self.on_ack is not None:
                 self.on_ack(stream, type_url, versions)
 
-        stream = Stream(self.store, peer=peer, expected_node=self.expected_node, on_ack=acked)
+        def nacked(type_url: str, names: list[str], message: str) -> None:
+            if self.on_nack is not None:
+                self.on_nack(stream, type_url, names, message)
+
+        stream = Stream(self.store, peer=peer, expected_node=self.expected_node, on_ack=acked, on_nack=nacked)
         with self.cond:
             self.streams.append(stream)
         log.info("Envoy connected", extra={"peer": peer})

@@ -54,6 +54,7 @@ class TypeState:
     type_url: str
     subscribed: set[str] | None = None  # None: wildcard
     opened: bool = False  # Envoy asked for this type
+    answer_due: bool = False  # the first request is answered even with nothing to send (Envoy waits for it)
     pending: set[str] = field(default_factory=set)  # names to look at again
     sent: dict[str, str] = field(default_factory=dict)  # name -> version Envoy has or is being sent
     acked: dict[str, str] = field(default_factory=dict)  # name -> version Envoy confirmed
@@ -73,13 +74,15 @@ class Stream:
     server's). ``on_ack`` hears every confirmed change (the gate); ``on_push`` every response sent."""
 
     def __init__(self, store: Store, *, peer: str = "", expected_node: str | None = None,
-                 on_ack: Acked | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 on_ack: Acked | None = None, on_nack: Callable[[str, list[str], str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.peer = peer
         self.expected_node = expected_node
         self.node_id: str | None = None
         self.types = {t: TypeState(t, subscribed=None if t in WILDCARD else set()) for t in TYPES}
         self.on_ack = on_ack
+        self.on_nack = on_nack
         self.clock = clock
         self.connected_at = clock()
         self.latencies: deque[float] = deque(maxlen=1024)  # response -> ACK, seconds
@@ -111,6 +114,7 @@ class Stream:
             return
         if not state.opened:
             state.opened = True
+            state.answer_due = True
             self._open(state, request)
         else:
             self._subscriptions(state, request)
@@ -186,6 +190,8 @@ class Stream:
         else:
             state.probe.extend(sorted(updates))
         state.pending |= set(updates)
+        if self.on_nack is not None:
+            self.on_nack(state.type_url, sorted(updates), message)
 
     # -- responses --------------------------------------------------------------------------------------
 
@@ -196,7 +202,7 @@ class Stream:
         out: list[discovery_pb2.DeltaDiscoveryResponse] = []
         for type_url in TYPES:
             state = self.types[type_url]
-            if not state.opened or state.inflight is not None or not (state.pending or state.probe):
+            if not state.opened or state.inflight is not None or not (state.pending or state.probe or state.answer_due):
                 continue
             if type_url in (LISTENER, ROUTE) and self.types[CLUSTER].inflight is not None:
                 continue  # listeners after the clusters they route to
@@ -241,8 +247,9 @@ class Stream:
                         continue  # being isolated one by one
                     response.resources.add(name=name, version=current.version, resource=current.body)
                     versions[name] = current.version
-        if not versions:
+        if not versions and not state.answer_due:
             return None
+        state.answer_due = False
         for name, version in versions.items():
             if version is not None:
                 state.sent[name] = version
@@ -265,7 +272,7 @@ class Stream:
                 if state.type_url in WILDCARD:
                     return False
                 continue
-            if state.inflight is not None or state.probe:
+            if state.inflight is not None or state.probe or state.answer_due:
                 return False
             for name in state.pending:
                 current = self.store.get(state.type_url, name)

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from redirector import config
 from redirector.debug import cli as debug_cli
-from shared import constants as c
 from shared import logs
 
 if TYPE_CHECKING:
@@ -92,26 +91,19 @@ def cleanup(settings: config.Settings) -> int:
 
 
 def run(settings: config.Settings) -> int:
-    from kubernetes import client
-
-    from redirector.agent import Agent
     from redirector.backends import make_backend
-    from redirector.watch import ServiceWatcher
+    from redirector.node import build
 
     # Fewer, later collections: the agent holds ~100k small long-lived objects at 10,000 Services, and the
     # default thresholds would walk them all many times during a full sync.
     gc.set_threshold(50_000, 20, 20)
     try:
         backend = make_backend(settings)
-        api = client.CoreV1Api(api_client(settings))
+        node = build(settings, backend, api_client(settings))
     except Exception as exc:  # noqa: BLE001
         log.error("cannot start", extra={"backend": settings.backend, "error": str(exc)})
         return 1
-    agent = Agent(backend, proxy_label=(c.SERVICE_PROXY_NAME_LABEL, settings.proxy_name),
-                  resync_period=settings.resync_period, batch_idle=settings.batch_idle, batch_max=settings.batch_max)
-    watcher = ServiceWatcher(api, agent.tracker, proxy_name=settings.proxy_name, server_timeout=settings.watch_timeout,
-                             read_timeout=settings.watch_read_timeout)
-    agent.watcher = watcher
+    agent = node.agent
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -120,30 +112,29 @@ def run(settings: config.Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    threads = [threading.Thread(target=watcher.run, name="watch", daemon=True),
-               threading.Thread(target=agent.run, name="sync", daemon=True)]
-    for thread in threads:
-        thread.start()
-    health = start_health_server(agent, settings, threads[1])
-    if health is None:
-        watcher.stop()
-        agent.stop()
+    try:
+        node.start(settings)
+    except Exception as exc:  # noqa: BLE001 - e.g. the xDS socket directory is not writable
+        log.error("cannot start", extra={"error": str(exc), "xds_socket": str(settings.xds_socket)})
+        node.stop()
         return 1
-    stop_debug = start_debug_server(agent, settings, threads[1])
+    health = start_health_server(agent, settings, node.sync_thread)
+    if health is None:
+        node.stop()
+        return 1
+    stop_debug = start_debug_server(agent, settings, node.sync_thread)
     log.info("redirector running", extra={"backend": backend.name, "proxy_name": settings.proxy_name,
                                           "node": settings.node, "proxy_port": settings.proxy_port,
-                                          "version": version()})
+                                          "control_plane": node.plane is not None,
+                                          "xds_socket": str(settings.xds_socket), "version": version()})
     while not stop.wait(1.0):
-        if not all(t.is_alive() for t in threads):
+        if not node.alive():
             log.error("an agent thread died: exiting")
             break
         if not health.running:
             log.error("the health server stopped: exiting (the kubelet probes it)", extra={"error": health.error})
             break
-    watcher.stop()
-    agent.stop()
-    for thread in threads:
-        thread.join(timeout=5)
+    node.stop()
     if stop_debug is not None:
         stop_debug()
     health.stop()

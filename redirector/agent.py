@@ -23,14 +23,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from redirector.changes import ChangeTracker
 from redirector.desired import DesiredIndex, ServiceEntries, ServiceId
 from redirector.metrics import Metrics
-from redirector.model import Backend, Delta, DesiredState, Key
+from redirector.model import Backend, Delta, DesiredState, Gate, Key
 
 log = logging.getLogger(__name__)
 __all__ = ["Agent", "ChangeTracker", "SyncStatus"]
@@ -67,6 +67,7 @@ class Agent:
         retry_max: float = 10.0,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        gate: Gate | None = None,
     ) -> None:
         if resync_period <= 0 or batch_idle < 0 or batch_max < batch_idle:
             raise ValueError("resync_period must be > 0 and 0 <= batch_idle <= batch_max")
@@ -96,6 +97,14 @@ class Agent:
         # loop considered an event and chose to wait, instead of sleeping and hoping.
         self.idle_checks = 0
         self.watcher: Any = None  # the ServiceWatcher, when one is attached (debug endpoints)
+        # The gate (the control plane): a key enters the kernel only once the proxy serves it. Keys the gate
+        # reports as possibly servable wait in ``_gate_pending`` for the next sync; keys already in the
+        # kernel stay whatever the gate says (Envoy keeps serving its last configuration).
+        self.gate = gate
+        self.plane: Any = None  # the control plane, when there is one (health and debug endpoints)
+        self._gate_pending: set[Key] = set()
+        self._inherited: frozenset[Key] = frozenset()  # what the kernel held when this agent started
+        self._first_full = True
 
     # -- reading (debug server) -----------------------------------------------------------------------
 
@@ -132,6 +141,23 @@ class Agent:
 
     # -- running --------------------------------------------------------------------------------------
 
+    def gate_changed(self, keys: Iterable[Key]) -> None:
+        """The gate says these keys may have become servable: look at them in the next sync (any thread)."""
+        with self.tracker.cond:
+            self._gate_pending.update(keys)
+            self.tracker.cond.notify_all()
+
+    def gated(self) -> int:
+        """Desired keys not in the kernel because the proxy does not serve them yet."""
+        with self._lock:
+            return len(self.index.keys() - self._applied)
+
+    def _servable(self, keys: Iterable[Key]) -> set[Key]:
+        keys = set(keys)
+        if self.gate is None or not keys:
+            return keys
+        return self.gate.servable(keys) | (keys & self._inherited)
+
     def stop(self) -> None:
         self._stop.set()
         with self.tracker.cond:
@@ -156,7 +182,7 @@ class Agent:
         now = time.monotonic()
         if self.status.full_sync_pending or now >= self._next_full:
             return now >= self._retry_at if self.status.last_error_time is not None else True
-        return self.tracker.has_work()
+        return self.tracker.has_work() or bool(self._gate_pending)
 
     def _wait_time(self) -> float:
         if not self.tracker.listed.is_set():
@@ -182,6 +208,8 @@ class Agent:
     def sync_once(self) -> None:
         """Fold pending changes into the desired state and program the kernel (one or two transactions)."""
         relist, changes, restarts = self.tracker.take()
+        with self.tracker.cond:
+            gate_pending, self._gate_pending = self._gate_pending, set()
         for reason in restarts:
             self.metrics.watch_restarts.labels(reason).inc()
         started, self._cpu_started = time.perf_counter(), time.thread_time()
@@ -197,8 +225,10 @@ class Agent:
                 after = self.index.get(sid)
                 if after is not None and (after.unserved or after.errors) and after != before:
                     self._log_problems(sid, after)
-            add = frozenset(k for k in touched if self.index.has_key(k) and k not in self._applied)
+            touched |= gate_pending
+            wanted = {k for k in touched if self.index.has_key(k) and k not in self._applied}
             delete = frozenset(k for k in touched if k in self._applied and not self.index.has_key(k))
+        add = frozenset(self._servable(wanted))
         arrivals = [c.since for c in changes.values()] + ([relist[1]] if relist else [])
         self.metrics.batch_size.observe(len(changes) + (len(relist[0]) if relist else 0))
         now = time.monotonic()
@@ -235,9 +265,16 @@ class Agent:
         counts like a periodic one (e.g. a table deleted by hand makes the next incremental sync fail)."""
         check = not periodic and self._belief_ok
         with self._lock:
-            keys = self.index.keys()
-            believed = frozenset(self._applied) if check else None
+            desired = self.index.keys()
+            applied = frozenset(self._applied)
+            believed = applied if check else None
         try:
+            if self._first_full and self.gate is not None:
+                # A restarted agent: what the kernel holds was served by Envoy when it was installed, and
+                # Envoy keeps serving its last configuration; never take those redirects away to re-gate them.
+                self._inherited = self.backend.read()
+            keys = desired if self.gate is None else frozenset(
+                (desired & (applied | self._inherited)) | self._servable(desired - applied - self._inherited))
             before = self.backend.read() if check else None
             repaired = self.backend.ensure(keys)
         except Exception as exc:  # noqa: BLE001
@@ -250,6 +287,7 @@ class Agent:
             self._counts = dict.fromkeys(self._counts, 0)
             self._count(keys, +1)
         self._belief_ok = True
+        self._first_full = False
         if drifted and repaired:
             self.metrics.drift_repairs.inc()
             log.warning("resync repaired drift in the kernel rules", extra={"entries": len(keys)})

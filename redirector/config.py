@@ -49,6 +49,10 @@ class Settings:
     batch_idle: float = 0.002
     batch_max: float = 0.010
     log_level: str = "INFO"
+    # The control plane (Envoy over Delta ADS). Both None: no control plane, redirects are not gated (a
+    # kernel-only agent for a proxy configured some other way).
+    xds_socket: Path | None = Path(c.DEFAULT_XDS_SOCKET)
+    xds_address: str | None = None  # optional loopback TCP listener, e.g. 127.0.0.1:18000
 
     def __post_init__(self) -> None:
         if self.proxy_uid is None and self.proxy_mark is None:
@@ -113,6 +117,13 @@ def _seconds(minimum: float) -> Callable[[str], float]:
     return convert
 
 
+def _loopback(text: str) -> str:
+    from controlplane.server import check_loopback
+
+    check_loopback(text)
+    return text
+
+
 def _name(text: str) -> str:
     if not text or len(text) > 63 or not text.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ValueError("must be 1-63 letters, digits, '-', '_' or '.'")
@@ -149,6 +160,11 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "client read timeout of the watch stream: a stream silent for longer is restarted"),
     ("--batch-idle", "BATCH_IDLE", "batch_idle", _seconds(0.0), "quiet time that ends a batch of changes"),
     ("--batch-max", "BATCH_MAX", "batch_max", _seconds(0.0), "longest a change waits for its batch"),
+    ("--xds-socket", "XDS_SOCKET", "xds_socket", _optional(Path),
+     "unix socket the control plane serves Envoy on (shared with the Envoy pod); 'none' with no --xds-address: "
+     "no control plane, redirects not gated on Envoy"),
+    ("--xds-address", "XDS_ADDRESS", "xds_address", _optional(_loopback),
+     "optional loopback TCP address for xDS as well, e.g. 127.0.0.1:18000 (never a routable address)"),
     ("--log-level", "LOG_LEVEL", "log_level", _choice(LOG_LEVELS, upper=True), f"one of {', '.join(LOG_LEVELS)}"),
 )
 

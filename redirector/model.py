@@ -115,6 +115,14 @@ def diff(desired: Iterable[Key], actual: Iterable[Key]) -> Delta:
     return Delta(add=want - have, delete=have - want)
 
 
+class Gate(Protocol):
+    """Who says a redirect may enter the kernel: the control plane, once the local Envoy serves the key."""
+
+    def servable(self, keys: Iterable[Key]) -> set[Key]:
+        """The subset of ``keys`` the proxy serves now."""
+        ...
+
+
 class BackendError(RedirectorError, RuntimeError):
     """A kernel read or write failed. Every backend raises this (or a subclass, e.g. ``IptablesError``) and
     nothing else for a kernel failure; the agent then schedules a full sync."""

@@ -3,20 +3,18 @@
 WHY a module of its own: ``sandbox.scenario`` tells the story; this holds the plumbing that makes each
 piece run for real: the webhook as a ``lightpath-webhook`` process over TLS, its registration from the
 manifests ``kubectl kustomize deploy/default`` builds, the redirector as ``lightpath-redirector run`` in
-the node namespace, and the loop that feeds the Services to Envoy (``sandbox.envoy`` translates).
+the node namespace with its control plane (the product's: it programs the node's Envoy over xDS).
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,10 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
-from kubernetes import client
 
-from sandbox.envoy import EnvoyResources, translate
-from sandbox.envoy_process import EnvoyProcess
 from sandbox.netns import NetNS, run_in_netns
 from shared import constants as c
 from shared.errors import SandboxError
@@ -189,18 +184,23 @@ def netns_get(netns: NetNS, url: str, timeout: float = 3) -> tuple[int, str]:
 
 
 class RedirectorProcess:
-    """``lightpath-redirector run`` (nftables backend) inside the node namespace."""
+    """``lightpath-redirector run`` (nftables backend, control plane on ``xds_socket``) inside the node namespace."""
 
     DEBUG = f"http://{c.REDIRECTOR_DEBUG_ADDRESS}:{c.REDIRECTOR_DEBUG_PORT}"
 
-    def __init__(self, node: NetNS, kubeconfig: Path, log_path: Path, extra_args: Sequence[str] = ()) -> None:
+    NODE_NAME = "sandbox-node"
+
+    def __init__(self, node: NetNS, kubeconfig: Path, log_path: Path, extra_args: Sequence[str] = (),
+                 *, xds_socket: Path) -> None:
         self.node, self.kubeconfig, self.log_path, self.extra_args = node, kubeconfig, log_path, list(extra_args)
+        self.xds_socket = xds_socket
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self, timeout: float = 20) -> RedirectorProcess:
         argv = [*tool("lightpath-redirector"), "run", "--kubeconfig", str(self.kubeconfig),
-                "--backend", "nftables", "--node-name", "sandbox-node", *self.extra_args]
+                "--backend", "nftables", "--node-name", self.NODE_NAME, "--xds-socket", str(self.xds_socket),
+                *self.extra_args]
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as out:
             self.proc = self.node.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -241,57 +241,4 @@ class RedirectorProcess:
 
     def stop(self) -> None:
         _stop_process(self.proc)
-
-
-# -- Envoy's configuration from the API --------------------------------------------------------------
-
-
-def list_dicts(fn: Callable[..., Any]) -> list[dict[str, Any]]:
-    """A list call's items as plain JSON dicts (what every pure translation takes)."""
-    items: list[dict[str, Any]] = json.loads(fn(_preload_content=False).data).get("items") or []
-    return items
-
-
-class EnvoySync:
-    """Keeps Envoy's files in step with the API: list Services and EndpointSlices, translate, write.
-
-    A short-interval list loop rather than a watch: the sandbox API is local and lists are cheap, and the
-    translation is idempotent (unchanged output is never rewritten). A production proxy would use xDS.
-    """
-
-    def __init__(self, api: client.ApiClient, envoy: EnvoyProcess, interval: float = 0.05) -> None:
-        self.envoy, self.interval = envoy, interval
-        self._core, self._discovery = client.CoreV1Api(api), client.DiscoveryV1Api(api)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.errors: list[str] = []
-
-    def resources(self) -> EnvoyResources:
-        services = list_dicts(self._core.list_service_for_all_namespaces)
-        slices = list_dicts(self._discovery.list_endpoint_slice_for_all_namespaces)
-        return translate(services, slices)
-
-    def start(self) -> EnvoySync:
-        self.envoy.start(self.resources())
-        self._thread = threading.Thread(target=self._loop, name="envoy-sync", daemon=True)
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.envoy.update(self.resources())
-            except Exception as exc:  # noqa: BLE001 - kept for the scenario to report, retried next round
-                self.errors.append(repr(exc))
-                log.warning("envoy sync failed", extra={"error": repr(exc)})
-
-    def routes(self) -> tuple[str, ...]:
-        current = self.envoy.config.current
-        return current.routes if current else ()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
-        self.envoy.stop()
 

@@ -27,7 +27,6 @@ from redirector.model import Key
 from sandbox import components as comp
 from sandbox.apiserver import SandboxApiServer
 from sandbox.client_loop import ClientLoop, Handover, Record, handover
-from sandbox.envoy import cluster_name
 from sandbox.envoy_process import EnvoyProcess
 from sandbox.kubeproxy import TABLE as STANDIN_TABLE
 from sandbox.kubeproxy import StandinSync
@@ -40,7 +39,7 @@ from shared.errors import SandboxError
 
 NAMESPACE = "demo"
 WEB, DNS, MIXED = "web", "dns", "mixed"
-WEB_STAT = f"cluster.{cluster_name(NAMESPACE, WEB, 80)}.upstream_rq_total"
+WEB_STAT = f"cluster.{NAMESPACE}_{WEB}_80_ipv4.upstream_rq_total"  # controlplane.translate.stat_name
 Say = Callable[[str], None]
 DEBUG_PATHS = ("/healthz", "/readyz", "/debug/services", "/debug/diff", "/debug/lookup?ip={web}&port=80",
                "/debug/lookup?ip={dns}&port=53")
@@ -148,17 +147,20 @@ class Scenario:
         relay = self.stack.enter_context(NetnsRelay(self.topo.node.name, ("127.0.0.1", self.api.port)))
         node_kubeconfig = comp.node_kubeconfig(self.workdir / "node-kubeconfig", relay.url)
         self.show("API from the node", f"{relay.url} (a relay into the node namespace; the host network is untouched)")
-        self.envoy = EnvoyProcess(self.topo.node, self.workdir / "envoy")
-        self.envoy_sync = comp.EnvoySync(self.api.api_client(), self.envoy)
-        self.stack.callback(self.envoy_sync.stop)
-        self.envoy_sync.start()
-        self.show("envoy", f"{self.envoy.binary} on 0.0.0.0:{c.DEFAULT_PROXY_PORT} and [::]:{c.DEFAULT_PROXY_PORT} "
-                  f"(original_dst listener filter), admin 127.0.0.1:{c.ENVOY_ADMIN_PORT} in the node")
-        self.redirector = comp.RedirectorProcess(self.topo.node, node_kubeconfig, self.workdir / "redirector.log")
+        xds = self.workdir / "run" / "xds.sock"
+        self.redirector = comp.RedirectorProcess(self.topo.node, node_kubeconfig, self.workdir / "redirector.log",
+                                                 xds_socket=xds)
         self.stack.callback(self.redirector.stop)
         self.redirector.start()
         self.show("lightpath-redirector run --backend nftables", f"pid {self.redirector.proc.pid if self.redirector.proc else '?'}; "
-                  f"/healthz -> {self.redirector.debug_text('/healthz', 200)}")
+                  f"control plane on unix:{xds}; /healthz -> {self.redirector.debug_text('/healthz', 200)}")
+        self.envoy = EnvoyProcess(self.topo.node, self.workdir / "envoy", xds_socket=xds,
+                                  node_id=comp.RedirectorProcess.NODE_NAME)
+        self.stack.callback(self.envoy.stop)
+        self.envoy.start()
+        self.show("envoy", f"{self.envoy.binary}: bootstrap = Delta ADS over unix:{xds} (as deploy/proxy ships it), "
+                  f"admin 127.0.0.1:{c.ENVOY_ADMIN_PORT} in the node; listeners, clusters and endpoints come from "
+                  "the agent's control plane")
         self.listeners = [
             http_listener(self.backend, 8080, name="backend-http"),
             udp_listener(self.backend, 5353, name="backend-dns"),
@@ -215,7 +217,7 @@ class Scenario:
         headers = json.loads(resp["body"])["headers"]
         envoy_headers = {k: v for k, v in headers.items() if k.startswith("x-envoy") or k in ("x-request-id", "x-forwarded-for")}
         self.show(f"GET http://{self.ips[WEB]}/hello from the client pod -> headers the backend received", json.dumps(envoy_headers, indent=1))
-        check("x-request-id" in headers and any(k.startswith("x-envoy-") for k in headers), "no Envoy headers: not proxied")
+        check("x-request-id" in headers and "x-forwarded-proto" in headers, "no Envoy headers: not proxied")
         after = self.envoy.counter(WEB_STAT)
         self.show("envoy admin /stats", f"{WEB_STAT}: {before} -> {after}")
         check(after == before + 1, "Envoy's stats did not count the request")
@@ -298,8 +300,15 @@ class Scenario:
         return time.monotonic() - start
 
     def wait_envoy_route(self, name: str, timeout: float = 10) -> None:
-        """Until Envoy serves a chain for ``name`` (EnvoySync only publishes routes Envoy has applied)."""
-        comp.poll(lambda: any(r.startswith(f"{self.ips[name]}:") for r in self.envoy_sync.routes()), timeout, f"Envoy route for {name}")
+        """Until the node's Envoy serves ``name`` (ACKed by Envoy, per the agent's /debug/proxy), then show it."""
+        def served() -> bool:
+            status, body = self.redirector.debug(f"/debug/proxy?service={NAMESPACE}/{name}")
+            rows = json.loads(body)["services"] if status == 200 else []
+            return bool(rows) and all(k["served"] for k in rows[0]["keys"])
+
+        comp.poll(served, timeout, f"Envoy serving {name}")
+        self.show(f"lightpath-redirector debug proxy --service {NAMESPACE}/{name} (what Envoy ACKed)",
+                  self.redirector.debug_text(f"/debug/proxy?service={NAMESPACE}/{name}&format=text", limit=1500))
 
     def node_nft(self, table: str) -> str:
         return self.topo.node.run(["nft", "list", "table", *table.split()]).stdout

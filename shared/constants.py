@@ -61,3 +61,6 @@ HTTP_APP_PROTOCOLS: Final = frozenset(
         "kubernetes.io/wss",
     }
 )
+
+# The control plane's xDS socket, in a hostPath directory shared by the agent and Envoy pods.
+DEFAULT_XDS_SOCKET: Final = "/run/lightpath/xds.sock"

@@ -361,3 +361,28 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"HTTP {exc.status}: {exc.reason}"
     return f"{type(exc).__name__}: {exc}"[:300]
+
+
+class FanOut:
+    """One watch feeding several sinks (the node agent's Services feed the kernel tracker and the control
+    plane). A list is read once and handed to each sink in turn, in the order given."""
+
+    def __init__(self, *sinks: WatchSink) -> None:
+        self.sinks = sinks
+
+    def replace(self, items: Iterable[dict[str, Any]]) -> None:
+        listed = list(items)  # consumed once; raising half-way publishes nothing to anyone
+        for sink in self.sinks:
+            sink.replace(listed)
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.upsert(obj)
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.delete(obj)
+
+    def restarted(self, reason: str) -> None:
+        for sink in self.sinks:
+            sink.restarted(reason)

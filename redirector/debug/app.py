@@ -46,6 +46,7 @@ FormatQ = Annotated[Format | None, Query(description="json (default) or text (an
                                                     "Accept: text/plain works too")]
 LimitQ = Annotated[int | None, Query(ge=1, le=MAX_LIMIT, description=f"page size (default 500, max {MAX_LIMIT})")]
 ContinueQ = Annotated[str | None, Query(alias="continue", max_length=2048, description="token of the previous page")]
+ServiceQ = Annotated[str | None, Query(max_length=300, description="only this Service (namespace/name)")]
 IpQ = Annotated[str, Query(max_length=100, description="IPv4 or IPv6 address")]
 PortQ = Annotated[int, Query(ge=1, le=65535, description="TCP port")]
 ERRORS: dict[int | str, dict[str, Any]] = {400: {"description": "invalid query parameter or a request body"}}
@@ -156,6 +157,15 @@ def create_debug_app(
             if listed is not None:
                 body = lookup(query, **common, services=listed)
         return answer(request, "lookup", body, format)
+
+    @app.get("/debug/proxy", summary="what the node's Envoy holds per Service: ACKed versions, refusals, endpoints",
+             responses=UNAVAILABLE)
+    def proxy(request: Request, limit: LimitQ = None, service: ServiceQ = None, format: FormatQ = None) -> Response:
+        size = check_limit(limit) or 200
+        body = source.proxy_report(size, service)
+        if body is None:
+            raise Unavailable("this agent runs without a control plane (--xds-socket none)")
+        return answer(request, "proxy", body, format)
 
     @app.get("/debug/config", summary="the effective settings (no secrets)")
     def config(request: Request, format: FormatQ = None) -> Response:

@@ -26,6 +26,7 @@ ENDPOINTS: Mapping[str, str] = {
     "diff": "/debug/diff",
     "lookup": "/debug/lookup",
     "config": "/debug/config",
+    "proxy": "/debug/proxy",
 }
 
 
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the debug server's port [env LIGHTPATH_DEBUG_PORT; default: %(default)s]")
     parser.add_argument("--limit", type=int, help="services/rules/diff: page size [no env]")
     parser.add_argument("--continue", dest="continue_token", metavar="TOKEN", help="services/rules: next page [no env]")
+    parser.add_argument("--service", metavar="NAMESPACE/NAME", help="proxy only: one Service [no env]")
     parser.add_argument("--json", action="store_true", help="print the JSON answer instead of the table [no env]")
     parser.add_argument("--timeout", type=float, default=15.0,
                         help="seconds to wait for the answer [no env; default: %(default)s]")
@@ -76,6 +78,10 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
         params["limit"] = str(args.limit)
     if args.continue_token:
         params["continue"] = args.continue_token
+    if getattr(args, "service", None):
+        if args.endpoint != "proxy":
+            raise ValueError("--service is for the proxy endpoint only")
+        params["service"] = args.service
     if args.endpoint != "metrics":
         params["format"] = "json" if args.json else "text"
     host = f"[{args.debug_address}]" if ":" in args.debug_address else args.debug_address

@@ -39,6 +39,9 @@ class SyncFacts:
     last_error_time: float | None = None
     watch_connected: bool | None = None
     resource_version: str | None = None
+    # The control plane (None: the agent runs without one). True once the newest Envoy ACKed everything.
+    proxy_in_sync: bool | None = None
+    proxy_detail: str | None = None
 
 
 class DebugSource(Protocol):
@@ -55,6 +58,10 @@ class DebugSource(Protocol):
 
     def sync_facts(self) -> SyncFacts:
         """The sync loop's health facts (/healthz, /readyz)."""
+        ...
+
+    def proxy_report(self, limit: int, service: str | None) -> dict[str, Any] | None:
+        """What the node's Envoy holds per Service (/debug/proxy); None without a control plane."""
         ...
 
     def list_services(self) -> list[dict[str, Any]] | None:
@@ -115,7 +122,32 @@ class AgentSource:
             last_error_time=status.last_error_time,
             watch_connected=getattr(watcher, "connected", None),
             resource_version=getattr(watcher, "resource_version", None),
+            **self._proxy_facts(),
         )
+
+    def _proxy_facts(self) -> dict[str, Any]:
+        plane = getattr(self.agent, "plane", None)
+        if plane is None:
+            return {}
+        if plane.in_sync():
+            return {"proxy_in_sync": True, "proxy_detail": f"Envoy ACKed revision {plane.store.revision}"}
+        server = plane.server
+        stream = server.newest() if server is not None else None
+        if stream is None:
+            detail = "no Envoy connected to the control plane"
+        elif not plane.first_push_done.is_set():
+            detail = "the control plane has not translated the first list yet"
+        else:
+            detail = f"Envoy {stream.node_id} has not ACKed revision {plane.store.revision} yet"
+        return {"proxy_in_sync": False, "proxy_detail": detail}
+
+    def proxy_report(self, limit: int, service: str | None) -> dict[str, Any] | None:
+        plane = getattr(self.agent, "plane", None)
+        if plane is None:
+            return None
+        report: dict[str, Any] = plane.report(limit=limit, service=service)
+        report["gated_entries"] = self.agent.gated()
+        return report
 
     def list_services(self) -> list[dict[str, Any]] | None:
         api = self._api if self._api is not None else getattr(getattr(self.agent, "watcher", None), "api", None)

@@ -111,7 +111,32 @@ def render(endpoint: str, body: Mapping[str, Any]) -> str:
     return RENDERERS.get(endpoint, fields)(body)
 
 
+def proxy_text(body: Mapping[str, Any]) -> str:
+    out = [f"node {body.get('node')}: {body.get('services_served')} Services served by Envoy of "
+           f"{body.get('services_known')} known; revision {body.get('revision')}; "
+           f"in sync: {_cell(body.get('in_sync'))}; redirects waiting for Envoy: {body.get('gated_entries', 0)}\n"]
+    for stream in body.get("streams", []):
+        types = stream.get("types", {})
+        parts = [f"{t} acked={v.get('acked')} nacks={v.get('nacks')} refused={v.get('refused')}" for t, v in types.items()]
+        out.append(f"stream {stream.get('peer')} node={stream.get('node')} in_sync={_cell(stream.get('in_sync'))}: "
+                   + "; ".join(parts) + "\n")
+    if not body.get("streams"):
+        out.append("no Envoy connected\n")
+    rows: list[list[object]] = []
+    for svc in body.get("services", []):
+        for key in svc.get("keys", []):
+            rows.append([svc["service"], key["key"], key["chain"], key["endpoints"], key["acked"], key["served"],
+                         key["refused"]])
+        for problem in svc.get("problems", []):
+            rows.append([svc["service"], "", "", "", "", "", problem])
+    out.append("\n" + table(["SERVICE", "KEY", "CHAIN", "ENDPOINTS", "ACKED", "SERVED", "REFUSED / PROBLEM"], rows))
+    if body.get("truncated"):
+        out.append("(more Services: use --limit or ?service=namespace/name)\n")
+    return "".join(out)
+
+
 RENDERERS: dict[str, Renderer] = {
+    "proxy": proxy_text,
     "services": services_text,
     "rules": rules_text,
     "diff": diff_text,

@@ -74,10 +74,13 @@ def ready_view(
         ready, reason = False, f"cannot check the proxy port: {probe_error}"
     elif not found:
         ready, reason = False, f"nothing listens on TCP port {proxy_port} (the proxy is down): redirected traffic would be refused"
+    elif facts.proxy_in_sync is False:
+        ready, reason = False, f"Envoy is not in sync with the control plane: {facts.proxy_detail}"
     else:
         ready, reason = True, "ok"
     body = {"status": "ready" if ready else "not ready", "reason": reason, "firstSyncDone": facts.first_sync_done,
-            "proxyPort": proxy_port, "listeners": found}
+            "proxyPort": proxy_port, "listeners": found, "proxyInSync": facts.proxy_in_sync,
+            "proxyDetail": facts.proxy_detail}
     return (200 if ready else 503), body
 
 

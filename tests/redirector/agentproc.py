@@ -33,12 +33,16 @@ class AgentProcess:
         self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *extra: str) -> AgentProcess:
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> AgentProcess:
+        # Kernel-only (no control plane, redirects not gated on Envoy): these tests are about the kernel side;
+        # tests/e2e runs the agent with its control plane and a real Envoy.
+        xds = [] if any(a.startswith("--xds") for a in (*self.args, *extra)) else ["--xds-socket", "none"]
         argv = [str(BINARY), "run", "--kubeconfig", str(self.kubeconfig), "--debug-port", "0",
-                "--log-level", "DEBUG", *self.args, *extra]
+                "--log-level", "DEBUG", *xds, *self.args, *extra]
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as out:
-            self.proc = self.node.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.proc = self.node.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                        env={**os.environ, **env} if env else None)
         return self
 
     def wait_synced(self, timeout: float = 30) -> None:

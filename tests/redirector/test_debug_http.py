@@ -110,7 +110,7 @@ def test_schemathesis_finds_no_server_errors(dn: DebugNode, mode: GenerationMode
     wait_until(lambda: dn.get("/readyz").status_code == 200)
     schema = schemathesis.openapi.from_asgi("/openapi.json", dn.app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 8
+    assert len(operations) == 9
     for operation in operations:
         if mode is GenerationMode.NEGATIVE and not operation.definition.raw.get("parameters"):
             continue  # /metrics takes nothing: there is no invalid input to make

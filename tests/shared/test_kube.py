@@ -3,8 +3,6 @@ against the sandbox API server by tests/redirector/test_watch.py and tests/webho
 
 from __future__ import annotations
 
-import socket
-
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
@@ -28,7 +26,7 @@ def test_a_chunk_per_byte_still_yields_whole_lines() -> None:
 
 def test_read_timeouts_are_recognised_by_type_not_text() -> None:
     assert is_read_timeout(urllib3.exceptions.ReadTimeoutError(None, "/", "Read timed out."))
-    assert is_read_timeout(socket.timeout("timed out"))
+    assert is_read_timeout(TimeoutError("timed out"))
     assert is_read_timeout(urllib3.exceptions.ProtocolError("Connection broken", TimeoutError("timed out")))
     wrapped = RuntimeError("watch failed")
     wrapped.__cause__ = urllib3.exceptions.ReadTimeoutError(None, "/", "x")

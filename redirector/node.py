@@ -1,0 +1,138 @@
+"""The node agent assembled: one set of watches feeding both the kernel side and the control plane.
+
+    Services reflector ──FanOut──> ChangeTracker ──> Agent (sync loop) ──> nftables / iptables
+                             └───> ControlPlane ──> Store ──> AdsServer ──> Envoy
+    EndpointSlices reflector ────> ControlPlane           ACKs ──> gate ──> Agent
+
+``NodeAgent`` owns the threads; ``redirector.__main__`` runs one until SIGTERM, tests and benchmarks run
+one in-process. The tracker goes first in the fan-out, so the kernel side always knows a Service before
+Envoy can ACK it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import Message
+from kubernetes import client
+
+from controlplane import resources as res
+from controlplane.controller import ControlPlane, Mangle
+from controlplane.metrics import ControlPlaneMetrics
+from controlplane.server import AdsServer
+from controlplane.translate import NodeInfo
+from redirector.agent import Agent
+from redirector.config import Settings
+from redirector.model import Backend
+from redirector.watch import EndpointSliceWatcher, ServiceWatcher
+from shared import constants as c
+from shared.kube import FanOut
+
+log = logging.getLogger(__name__)
+
+
+def node_has_ipv6() -> bool:
+    """Can this node bind an IPv6 listener? (Envoy would refuse the whole IPv6 listener otherwise.)"""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::", 0))
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class NodeAgent:
+    agent: Agent
+    services: ServiceWatcher
+    plane: ControlPlane | None = None
+    slices: EndpointSliceWatcher | None = None
+    server: AdsServer | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self, settings: Settings) -> NodeAgent:
+        if self.server is not None:
+            self.server.start(socket_path=settings.xds_socket, tcp_address=settings.xds_address)
+        targets: list[tuple[str, Any]] = [("watch-services", self.services.run), ("sync", self.agent.run)]
+        if self.plane is not None and self.slices is not None:
+            targets += [("watch-endpointslices", self.slices.run), ("controlplane", self.plane.run)]
+        self.threads = [threading.Thread(target=fn, name=name, daemon=True) for name, fn in targets]
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    @property
+    def sync_thread(self) -> threading.Thread:
+        return self.threads[1]
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self.threads)
+
+    def stop(self) -> None:
+        """Threads end; the kernel rules stay, and Envoy keeps serving its last configuration."""
+        self.services.stop()
+        if self.slices is not None:
+            self.slices.stop()
+        if self.plane is not None:
+            self.plane.stop()
+        self.agent.stop()
+        if self.server is not None:
+            self.server.stop()
+        for thread in self.threads:
+            thread.join(timeout=5)
+
+
+TEST_REFUSE_ENV = "LIGHTPATH_TEST_REFUSE_SERVICE"
+
+
+def refuse_service(sid: str) -> Mangle:
+    """TEST HOOK (``$LIGHTPATH_TEST_REFUSE_SERVICE=namespace/name``): give that Service's clusters a connect
+    timeout Envoy's validation refuses, so tests can watch a real NACK. Never set in a deployment."""
+    namespace, _, name = sid.partition("/")
+    prefix = f"{namespace}_{name}_"
+
+    def mangle(type_url: str, message: Message) -> None:
+        if type_url == res.CLUSTER and getattr(message, "alt_stat_name", "").startswith(prefix):
+            message.connect_timeout.seconds = -1  # type: ignore[attr-defined]
+
+    return mangle
+
+
+def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle: Mangle | None = None,
+          ipv6: bool | None = None) -> NodeAgent:
+    """The agent for ``settings``: with the control plane unless both xDS listeners are off."""
+    core = client.CoreV1Api(api)
+    watch: dict[str, Any] = {"server_timeout": settings.watch_timeout, "read_timeout": settings.watch_read_timeout}
+    label = (c.SERVICE_PROXY_NAME_LABEL, settings.proxy_name)
+    if settings.xds_socket is None and settings.xds_address is None:
+        agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period,
+                      batch_idle=settings.batch_idle, batch_max=settings.batch_max)
+        services = ServiceWatcher(core, agent.tracker, proxy_name=settings.proxy_name, **watch)
+        agent.watcher = services
+        return NodeAgent(agent, services)
+    node = NodeInfo(settings.node, ipv6=node_has_ipv6() if ipv6 is None else ipv6)
+    if mangle is None and os.environ.get(TEST_REFUSE_ENV):
+        log.warning("TEST HOOK active: Envoy will refuse a Service's clusters", extra={"service": os.environ[TEST_REFUSE_ENV]})
+        mangle = refuse_service(os.environ[TEST_REFUSE_ENV])
+    plane = ControlPlane(node, proxy_port=settings.proxy_port, proxy_name=settings.proxy_name, mangle=mangle,
+                         batch_idle=settings.batch_idle, batch_max=max(settings.batch_max, 0.02))
+    agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, batch_idle=settings.batch_idle,
+                  batch_max=settings.batch_max, gate=plane)
+    plane.metrics = ControlPlaneMetrics(agent.metrics.registry)
+    plane.on_gate = agent.gate_changed
+    server = AdsServer(plane.store, expected_node=settings.node, on_ack=plane.acked, on_nack=plane.nacked,
+                       on_push=plane.pushed)
+    plane.attach(server)
+    services = ServiceWatcher(core, FanOut(agent.tracker, plane.services), labelled_only=False, **watch)
+    slices = EndpointSliceWatcher(client.DiscoveryV1Api(api), plane.slices, **watch)
+    agent.watcher = services
+    agent.plane = plane
+    return NodeAgent(agent, services, plane, slices, server)
+

@@ -1,0 +1,126 @@
+"""A node as deployed: ``lightpath-redirector run`` with its control plane, a real Envoy on the xDS socket,
+pods with echo servers, all in network namespaces; the Kubernetes API is the sandbox TEST DOUBLE."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+from redirector.model import Key
+from sandbox.apiserver import SandboxApiServer
+from sandbox.components import netns_get
+from sandbox.envoy_process import EnvoyProcess
+from sandbox.netns import NetNS, Topology
+from sandbox.resources import NAMESPACES
+from sandbox.traffic import Listener, http_listener, tcp_listener
+from shared import constants as c
+from tests.redirector.agentproc import AgentProcess
+from tests.redirector.conftest import nft_backend
+
+NS = "shop"
+NODE = "sandbox-node"
+DEBUG = f"http://{c.REDIRECTOR_DEBUG_ADDRESS}:{c.REDIRECTOR_DEBUG_PORT}"
+CLUSTER_IPS = ("10.96.0.10", "fd00:10:96::10")
+
+
+class EnvoyNode:
+    def __init__(self, api: SandboxApiServer, topo: Topology, workdir: Path, agent_args: Sequence[str] = ()) -> None:
+        self.api, self.topo, self.workdir = api, topo, workdir
+        self.socket = workdir / "run" / "xds.sock"
+        self.agent = AgentProcess(topo.node, api, workdir, args=[
+            "--xds-socket", str(self.socket), "--node-name", NODE, "--debug-port", str(c.REDIRECTOR_DEBUG_PORT),
+            "--batch-idle", "0.001", *agent_args])
+        self.envoy = EnvoyProcess(topo.node, workdir / "envoy", xds_socket=self.socket, node_id=NODE)
+        self.core = client.CoreV1Api(api.api_client())
+        self.discovery = client.DiscoveryV1Api(api.api_client())
+        self.kernel = nft_backend(topo.node.name)
+        self.listeners: list[Listener] = []
+
+    # -- objects --------------------------------------------------------------------------------------
+
+    def service(self, name: str, ports: Sequence[dict[str, Any]], *, ips: Sequence[str] = CLUSTER_IPS[:1],
+                labelled: bool = True, **spec: Any) -> dict[str, Any]:
+        labels = {c.SERVICE_PROXY_NAME_LABEL: c.DEFAULT_PROXY_NAME} if labelled else {}
+        families = ["IPv6" if ":" in ip else "IPv4" for ip in ips]
+        body = {"metadata": {"name": name, "namespace": NS, "labels": labels},
+                "spec": {"clusterIP": ips[0], "clusterIPs": list(ips), "ipFamilies": families,
+                         "ipFamilyPolicy": "RequireDualStack" if len(ips) > 1 else "SingleStack",
+                         "ports": [{"protocol": "TCP", **p} for p in ports], **spec}}
+        created: dict[str, Any] = self.core.create_namespaced_service(NS, body, _preload_content=False).json()
+        return created
+
+    def endpoints(self, service: str, ports: dict[str, int], pods: Sequence[int], *, family: int = 4,
+                  ready: Sequence[bool] | None = None, name: str | None = None) -> None:
+        """Create or replace the Service's EndpointSlice of ``family`` listing ``pods`` (indexes)."""
+        ips = self.topo.pod_ips if family == 4 else self.topo.pod_ips6
+        slice_name = name or f"{service}-ipv{family}"
+        states = list(ready) if ready is not None else [True] * len(pods)
+        body = {"metadata": {"name": slice_name, "namespace": NS, "labels": {"kubernetes.io/service-name": service}},
+                "addressType": f"IPv{family}",
+                "endpoints": [{"addresses": [ips[i]], "nodeName": NODE, "conditions": {"ready": ok}}
+                              for i, ok in zip(pods, states, strict=True)],
+                "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports.items()]}
+        try:
+            self.discovery.read_namespaced_endpoint_slice(slice_name, NS, _preload_content=False)
+        except client.ApiException:
+            self.discovery.create_namespaced_endpoint_slice(NS, body, _preload_content=False)
+        else:
+            self.discovery.replace_namespaced_endpoint_slice(slice_name, NS, body, _preload_content=False)
+
+    def serve(self, pod: int, mode: str = "http", family: int = 4, port: int = 0) -> Listener:
+        ns = self.topo.pods[pod]
+        listener = (http_listener if mode == "http" else tcp_listener)(ns, port, family, name=f"pod{pod}")
+        self.listeners.append(listener)
+        return listener
+
+    # -- facts ----------------------------------------------------------------------------------------
+
+    def kernel_keys(self) -> frozenset[Key]:
+        return frozenset(self.kernel.read())
+
+    def debug(self, path: str) -> tuple[int, Any]:
+        status, body = netns_get(self.topo.node, DEBUG + path)
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body
+
+    def proxy(self, service: str | None = None) -> dict[str, Any]:
+        status, body = self.debug("/debug/proxy" + (f"?service={NS}/{service}" if service else ""))
+        assert status == 200, body
+        return dict(body)
+
+    def served_keys(self, service: str) -> set[str]:
+        rows = self.proxy(service)["services"]
+        return {k["key"] for row in rows for k in row["keys"] if k["served"]}
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.stop()
+        self.envoy.stop()
+        self.agent.stop()
+
+
+@contextmanager
+def envoy_node(workdir: Path, *, pods: int = 3, start_envoy: bool = True, agent_args: Sequence[str] = (),
+               agent_env: dict[str, str] | None = None) -> Iterator[EnvoyNode]:
+    with SandboxApiServer(bookmark_interval=1.0) as api, Topology(pods, prefix="lpr") as topo:
+        api.operations.create(NAMESPACES, None, {"metadata": {"name": NS}})
+        node = EnvoyNode(api, topo, workdir, agent_args)
+        try:
+            node.agent.start(env=agent_env)
+            node.agent.wait_synced()
+            if start_envoy:
+                node.envoy.start()
+            yield node
+        finally:
+            node.close()
+
+
+def pod(node: EnvoyNode, i: int) -> NetNS:
+    return node.topo.pods[i]
