@@ -251,10 +251,12 @@ STAT_PREFIXES = ("server.", "listener_manager.", "cluster_manager.", "control_pl
 
 
 def bootstrap(*, node_id: str, xds_socket: str | None = None, xds_address: tuple[str, int] | None = None,
-              admin_port: int = c.ENVOY_ADMIN_PORT, mark: int = c.DEFAULT_PROXY_MARK) -> dict[str, Any]:
-    """Envoy's bootstrap (JSON): everything over ADS from the agent, admin on loopback, the proxy mark on
-    every upstream socket (so the agent never redirects Envoy's own connections), only the stats operators
-    need. ``deploy/proxy`` ships exactly this (a test compares them)."""
+              admin_port: int = c.ENVOY_ADMIN_PORT, mark: int | None = c.DEFAULT_PROXY_MARK,
+              max_connections: int = 1_000_000) -> dict[str, Any]:
+    """Envoy's bootstrap (JSON): everything over ADS from the agent, admin on loopback, only the stats
+    operators need. ``mark``: set on every upstream socket so the agent never redirects Envoy's own
+    connections (needs CAP_NET_ADMIN; the shipped DaemonSet runs Envoy as the UID the agent exempts instead,
+    ``mark=None``). ``deploy/proxy`` ships exactly this (``lightpath-redirector bootstrap``; a test compares)."""
     if (xds_socket is None) == (xds_address is None):
         raise ValueError("give exactly one of xds_socket and xds_address")
     if xds_socket is not None:
@@ -263,7 +265,7 @@ def bootstrap(*, node_id: str, xds_socket: str | None = None, xds_address: tuple
         assert xds_address is not None
         target = {"socket_address": {"address": xds_address[0], "port_value": xds_address[1]}}
     ads = {"ads": {}, "resource_api_version": "V3"}
-    return {
+    boot: dict[str, Any] = {
         "node": {"id": node_id, "cluster": "lightpath"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "dynamic_resources": {
@@ -281,9 +283,17 @@ def bootstrap(*, node_id: str, xds_socket: str | None = None, xds_address: tuple
             "load_assignment": {"cluster_name": "lightpath_xds", "endpoints": [
                 {"lb_endpoints": [{"endpoint": {"address": target}}]}]},
         }]},
-        "cluster_manager": {"upstream_bind_config": {
-            "socket_options": [{"level": SOL_SOCKET, "name": SO_MARK, "int_value": mark, "state": "STATE_PREBIND"}]}},
         "stats_config": {"stats_matcher": {"inclusion_list": {"patterns": [
             *({"safe_regex": {"regex": p}} for p in STAT_PATTERNS), *({"prefix": p} for p in STAT_PREFIXES)]}}},
+        # A safety net against running out of file descriptors, not a limit kube-proxy would have.
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+                                      "DownstreamConnectionsConfig",
+                             "max_active_downstream_connections": max_connections}}]},
     }
+    if mark is not None:
+        boot["cluster_manager"] = {"upstream_bind_config": {"socket_options": [
+            {"level": SOL_SOCKET, "name": SO_MARK, "int_value": mark, "state": "STATE_PREBIND"}]}}
+    return boot
 

@@ -164,7 +164,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
-    def start(self, *, socket_path: Path | None = None, tcp_address: str | None = None) -> AdsServer:
+    def start(self, *, socket_path: Path | None = None, tcp_address: str | None = None,
+              owner: int | None = None) -> AdsServer:
+        """``owner``: a UID that gets the socket (mode 0660), so a non-root Envoy can connect and nobody else."""
         if socket_path is None and tcp_address is None:
             raise ValueError("the xDS server needs a unix socket path or a loopback TCP address")
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 1, thread_name_prefix="xds"),
@@ -186,6 +188,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         server.start()
         if socket_path is not None:
             os.chmod(socket_path, 0o660)
+            if owner is not None:
+                os.chown(socket_path, owner, -1)
         self._server = server
         log.info("xDS server listening", extra={"socket": str(socket_path) if socket_path else None, "tcp": tcp_address})
         return self

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from redirector import config
 from redirector.debug import cli as debug_cli
+from shared import constants as c
 from shared import logs
 
 if TYPE_CHECKING:
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     debug = sub.add_parser("debug", help="print a debug endpoint of this node's agent as a table (or --json)",
                            epilog=ENV_NOTE)
     debug_cli.add_arguments(debug)
+    boot = sub.add_parser("bootstrap", help="print the node-local Envoy's bootstrap (what deploy/proxy ships)")
+    boot.add_argument("--node-id", default="lightpath-proxy",
+                      help="node.id (the DaemonSet overrides it with --service-node $(NODE_NAME)) [default: %(default)s]")
+    boot.add_argument("--xds-socket", default=c.DEFAULT_XDS_SOCKET, help="the agent's xDS socket [default: %(default)s]")
+    boot.add_argument("--admin-port", type=int, default=c.ENVOY_ADMIN_PORT, help="admin port on 127.0.0.1 [default: %(default)s]")
+    boot.add_argument("--proxy-mark", default="none",
+                      help="SO_MARK on upstream sockets (needs CAP_NET_ADMIN), or 'none' when the agent exempts "
+                           "Envoy's UID instead (the shipped DaemonSet) [default: %(default)s]")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -64,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"lightpath-redirector {version()}")
         return 0
+    if args.command == "bootstrap":
+        return print_bootstrap(args)
     if args.command == "debug":
         return debug_cli.run(args)
     try:
@@ -75,6 +86,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "cleanup":
         return cleanup(settings)
     return run(settings)
+
+
+def print_bootstrap(args: argparse.Namespace) -> int:
+    import json
+
+    from controlplane.resources import bootstrap
+
+    try:
+        mark = None if str(args.proxy_mark).lower() == "none" else int(str(args.proxy_mark), 0)
+    except ValueError:
+        print(f"lightpath-redirector bootstrap: --proxy-mark {args.proxy_mark!r} is not a number or 'none'", file=sys.stderr)
+        return 2
+    print(json.dumps(bootstrap(node_id=args.node_id, xds_socket=args.xds_socket, admin_port=args.admin_port, mark=mark),
+                     indent=2))
+    return 0
 
 
 def cleanup(settings: config.Settings) -> int:
@@ -113,7 +139,7 @@ def run(settings: config.Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        node.start(settings)
+        node.start(settings, socket_owner=settings.proxy_uid)
     except Exception as exc:  # noqa: BLE001 - e.g. the xDS socket directory is not writable
         log.error("cannot start", extra={"error": str(exc), "xds_socket": str(settings.xds_socket)})
         node.stop()

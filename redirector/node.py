@@ -57,9 +57,10 @@ class NodeAgent:
     server: AdsServer | None = None
     threads: list[threading.Thread] = field(default_factory=list)
 
-    def start(self, settings: Settings) -> NodeAgent:
+    def start(self, settings: Settings, *, socket_owner: int | None = None) -> NodeAgent:
+        """``socket_owner``: the proxy's UID, given the xDS socket so a non-root Envoy can connect."""
         if self.server is not None:
-            self.server.start(socket_path=settings.xds_socket, tcp_address=settings.xds_address)
+            self.server.start(socket_path=settings.xds_socket, tcp_address=settings.xds_address, owner=socket_owner)
         targets: list[tuple[str, Any]] = [("watch-services", self.services.run), ("sync", self.agent.run)]
         if self.plane is not None and self.slices is not None:
             targets += [("watch-endpointslices", self.slices.run), ("controlplane", self.plane.run)]

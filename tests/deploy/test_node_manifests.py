@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
+from controlplane.resources import ListenerBuilder, bootstrap
+
 from redirector.config import ENV_PREFIX, OPTIONS, Settings, settings_from
 from shared import constants as c
 from tests.deploy.manifests import Obj, container, one, port_number
@@ -88,13 +90,27 @@ def _envoy_files(objs: list[Obj]) -> dict[str, Any]:
 
 
 def test_proxy_listens_where_the_redirector_sends_traffic(default_objs: list[Obj]) -> None:
+    """The agent's control plane gives Envoy its listeners: on the proxy port the agent redirects to, for both
+    families; Envoy finds the control plane on the socket the agent serves, through one shared hostPath."""
     settings = _redirector_settings(default_objs)
-    files = _envoy_files(default_objs)
-    (listener,) = files["lds.yaml"]["resources"]
-    addr = listener["address"]["socket_address"]
-    assert addr == {"address": "0.0.0.0", "port_value": settings.proxy_port}
     assert settings.proxy_port == c.DEFAULT_PROXY_PORT
-    assert [f["name"] for f in listener["listener_filters"]] == ["envoy.filters.listener.original_dst"]
+    for family, address in ((4, "0.0.0.0"), (6, "::")):
+        listener = ListenerBuilder(family, settings.proxy_port).listener
+        assert (listener.address.socket_address.address, listener.address.socket_address.port_value) == (
+            address, settings.proxy_port)
+        assert [f.name for f in listener.listener_filters] == ["envoy.filters.listener.original_dst"]
+    boot = _envoy_files(default_objs)["envoy.yaml"]
+    (cluster,) = boot["static_resources"]["clusters"]
+    pipe = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"]
+    assert settings.xds_socket is not None and pipe == str(settings.xds_socket)
+    assert boot["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
+    mounts = []
+    for ds in (_redirector(default_objs), _proxy(default_objs)):
+        spec = ds["spec"]["template"]["spec"]
+        (mount,) = [m for m in container(ds)["volumeMounts"] if pipe.startswith(m["mountPath"] + "/")]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        mounts.append(volume["hostPath"]["path"])
+    assert mounts[0] == mounts[1] == str(settings.xds_socket.parent)
     ctr = container(_proxy(default_objs))
     assert port_number(ctr, "proxy") == settings.proxy_port
 
@@ -116,11 +132,17 @@ def test_proxy_admin_is_loopback_only_and_probed(default_objs: list[Obj]) -> Non
     pod = _proxy(default_objs)["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is True and {"operator": "Exists"} in pod["tolerations"]
     mount = next(m for m in ctr["volumeMounts"] if m["name"] == "config")
-    assert "subPath" not in mount, "watched_directory needs the whole ConfigMap directory (atomic symlink swap)"
-    bootstrap = _envoy_files(default_objs)["envoy.yaml"]
-    for source in ("lds_config", "cds_config"):
-        pcs = bootstrap["dynamic_resources"][source]["path_config_source"]
-        assert pcs["path"].startswith(mount["mountPath"] + "/") and pcs["watched_directory"]["path"] == mount["mountPath"]
+    assert f"{mount['mountPath']}/envoy.yaml" in ctr["args"]
+
+
+def test_shipped_bootstrap_is_the_one_the_product_generates(default_objs: list[Obj]) -> None:
+    """deploy/proxy ships ``lightpath-redirector bootstrap`` verbatim (regenerate it with that command)."""
+    settings = _redirector_settings(default_objs)
+    shipped = _envoy_files(default_objs)["envoy.yaml"]
+    assert settings.xds_socket is not None
+    assert shipped == bootstrap(node_id="lightpath-proxy", xds_socket=str(settings.xds_socket), mark=None)
+    args = container(_proxy(default_objs))["args"]
+    assert args[args.index("--service-node") + 1] == "$(NODE_NAME)"  # the node id the agent expects
 
 
 def test_ports_do_not_collide(default_objs: list[Obj]) -> None:
