@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from controlplane.resources import ListenerBuilder, bootstrap
-
 from redirector.config import ENV_PREFIX, OPTIONS, Settings, settings_from
 from shared import constants as c
 from tests.deploy.manifests import Obj, container, one, port_number
