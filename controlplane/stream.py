@@ -217,16 +217,14 @@ class Stream:
         response = discovery_pb2.DeltaDiscoveryResponse(type_url=state.type_url)
         probe = False
         with store.lock:
-            if state.probe:
+            while state.probe and not probe:  # past names that vanished or need nothing now (no idle round each)
                 name = state.probe.popleft()
                 current = store.get(state.type_url, name)
                 if current is not None and self._wants(state, name) and state.sent.get(name) != current.version:
                     response.resources.add(name=name, version=current.version, resource=current.body)
                     versions[name] = current.version
                     probe = True
-                if not versions:
-                    return None
-            else:
+            if not probe:
                 hold_removals = state.type_url == CLUSTER and self._listener_busy()
                 for name in sorted(state.pending):
                     if len(versions) >= MAX_RESOURCES_PER_RESPONSE:
