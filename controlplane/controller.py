@@ -51,6 +51,12 @@ GateListener = Callable[[set[Key]], None]
 LISTENER_VERSIONS_KEPT = 8
 
 
+def _winner(claimants: set[str]) -> str:
+    """The Service that gets a contested key: the smallest (namespace, name), as ``redirector.desired``'s index
+    decides for the kernel (plain "namespace/name" order differs: "a-b/x" < "a/x")."""
+    return min(claimants, key=lambda sid: sid.partition("/")[::2])
+
+
 @dataclass
 class _Pending:
     dirty: set[str] = field(default_factory=set)
@@ -90,6 +96,7 @@ class ControlPlane:
         self._published: dict[str, ServiceResources] = {}
         self._claimants: dict[str, set[str]] = {}  # cluster name -> Services claiming it
         self._keys: dict[str, Key] = {}  # cluster name -> key
+        self._retake: set[str] = set()  # claimants of a key whose owner left: republished in full, not diffed
         self.push_latencies: deque[float] = deque(maxlen=4096)  # change arrival -> pushed to the store
         self._last_last_event = 0.0
 
@@ -166,7 +173,7 @@ class ControlPlane:
                 slices = self._slices.get(sid, {}).values()
                 new = translate_service(view, slices, self.node) if view is not None else NOTHING
                 old = self._published.get(sid, NOTHING)
-                if new == old:
+                if new == old and sid not in self._retake:
                     continue
                 self._apply(sid, old, new, clusters, loads, cluster_removes, load_removes, touched, again)
                 if new is NOTHING or (not new.clusters and not new.problems):
@@ -197,6 +204,8 @@ class ControlPlane:
     def _apply(self, sid: str, old: ServiceResources, new: ServiceResources, clusters: dict[str, bytes],
                loads: dict[str, bytes], cluster_removes: set[str], load_removes: set[str], touched: set[Family],
                again: set[str]) -> None:
+        retake = sid in self._retake  # what it published lost to another Service: the store holds that one's
+        self._retake.discard(sid)
         old_clusters = {s.name: s for s in old.clusters}
         old_loads = {s.name: s for s in old.loads}
         new_clusters = {s.name: s for s in new.clusters}
@@ -207,7 +216,7 @@ class ControlPlane:
             if key in new_chains:
                 continue
             claimants = self._claimants.get(name, set())
-            was_owner = bool(claimants) and min(claimants) == sid
+            was_owner = bool(claimants) and _winner(claimants) == sid
             claimants.discard(sid)
             if not claimants:
                 self._claimants.pop(name, None)
@@ -218,20 +227,21 @@ class ControlPlane:
                 load_removes.add(name)
             elif was_owner:
                 again |= claimants  # the next claimant takes the key over
+                self._retake |= claimants
         for key, chain in new.chains:
             name = cluster_name(key)
             claimants = self._claimants.setdefault(name, set())
             claimants.add(sid)
-            if min(claimants) != sid:
+            if _winner(claimants) != sid:
                 continue  # another Service claims this key and wins (the kernel index decides the same way)
             self._keys[name] = key
             if self.listeners[key.family].keys.get(key) != chain:
                 self.listeners[key.family].set(key, chain)
                 touched.add(key.family)
             cspec, lspec = new_clusters[name], new_loads[name]
-            if old_clusters.get(name) != cspec or name in cluster_removes:
+            if retake or old_clusters.get(name) != cspec or name in cluster_removes:
                 clusters[name] = self._bytes(res.CLUSTER, res.cluster(cspec))
-            if old_loads.get(name) != lspec or name in load_removes:
+            if retake or old_loads.get(name) != lspec or name in load_removes:
                 loads[name] = self._bytes(res.ENDPOINT, res.load_assignment(lspec))
             cluster_removes.discard(name)
             load_removes.discard(name)
