@@ -155,7 +155,8 @@ def test_the_worker_publishes_routes_and_the_first_push_after_both_lists() -> No
     p = plane()
     with running(p):
         p.services.replace([service()])
-        assert not p.first_push_done.wait(0.05)  # slices not listed yet
+        until(lambda: len(p.store.names(res.ROUTE)) == 2, "the worker's static routes")
+        assert not p.first_push_done.is_set() and p.store.names(res.CLUSTER) == []  # slices not listed yet
         p.slices.replace([endpoint_slice(endpoints=[endpoint("10.0.0.1")])])
         assert p.first_push_done.wait(5)
         until(lambda: load(p, "10.96.0.10:80") == [("10.0.0.1", 8080)], "the first push")
