@@ -71,8 +71,8 @@ def service_entries(service: Mapping[str, Any]) -> ServiceEntries:
     meta = mapping(service.get("metadata"))
     spec = mapping(service.get("spec"))
     svc_type = spec.get("type") or "ClusterIP"
-    if svc_type not in policy.ELIGIBLE_TYPES or spec.get("clusterIP") == "None":
-        return EMPTY
+    if type(svc_type) is not str or svc_type not in policy.ELIGIBLE_TYPES or spec.get("clusterIP") == "None":
+        return EMPTY  # a list or map as type (unhashable) is no Service we could serve either
     namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
     errors: list[str] = []
     found = addresses(spec, service, errors)

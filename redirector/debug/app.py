@@ -159,12 +159,13 @@ def create_debug_app(
         return answer(request, "lookup", body, format)
 
     @app.get("/debug/proxy", summary="what the node's Envoy holds per Service: ACKed versions, refusals, endpoints",
-             responses=UNAVAILABLE)
+             responses={404: {"description": "this agent runs without a control plane"}})
     def proxy(request: Request, limit: LimitQ = None, service: ServiceQ = None, format: FormatQ = None) -> Response:
         size = check_limit(limit) or 200
         body = source.proxy_report(size, service)
         if body is None:
-            raise Unavailable("this agent runs without a control plane (--xds-socket none)")
+            return JSONResponse({"detail": "this agent runs without a control plane (--xds-socket none)"},
+                                status_code=404)
         return answer(request, "proxy", body, format)
 
     @app.get("/debug/config", summary="the effective settings (no secrets)")

@@ -183,3 +183,12 @@ def test_incremental_deltas_always_match_a_full_recompute(evts: list[tuple[bool,
         assert kernel == set(full.entries)
         assert index.state() == full
         assert not diff(index.keys(), full.keys())
+
+
+def test_a_type_that_is_a_list_or_a_map_is_no_entry_and_no_crash() -> None:
+    from redirector.desired import service_entries
+
+    for odd in (["ClusterIP"], {"a": 1}):
+        svc = {"metadata": {"name": "x", "namespace": "n"},
+               "spec": {"type": odd, "clusterIP": "10.96.0.1", "ports": [{"port": 80, "protocol": "TCP"}]}}
+        assert service_entries(svc).keys == ()
