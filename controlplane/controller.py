@@ -80,6 +80,7 @@ class ControlPlane:
         self._listener_keys: dict[Family, OrderedDict[str, frozenset[Key]]] = {f: OrderedDict() for f in self.families}
         self.services = ServiceSink(self)
         self.slices = SliceSink(self)
+        self.nodes = NodeSink(self)
         self.server: AdsServer | None = None
         self.on_gate: GateListener | None = None
         self._cond = threading.Condition()
@@ -400,6 +401,44 @@ class ServiceSink:
 
     def restarted(self, reason: str) -> None:
         self.plane.metrics.watch_restarts.labels("services", reason).inc()
+
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+class NodeSink:
+    """``shared.kube.WatchSink`` for this node's Node object: its zone decides topology-hint routing, so a
+    zone change re-translates every Service (rare: a node's zone label is set when it joins)."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    def _zone(self, obj: dict[str, Any] | None) -> None:
+        labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
+        zone = labels.get(ZONE_LABEL) if isinstance(labels, dict) else None
+        zone = zone if isinstance(zone, str) and zone else None
+        plane = self.plane
+        with plane._lock:
+            if plane.node.zone == zone:
+                return
+            plane.node = NodeInfo(plane.node.name, ipv6=plane.node.ipv6, zone=zone)
+            everyone = set(plane._views)
+        log.info("node zone changed: re-translating every Service", extra={"zone": zone, "services": len(everyone)})
+        plane.mark(everyone)
+
+    def replace(self, items: Iterable[dict[str, Any]]) -> None:
+        mine = [i for i in items if (i.get("metadata") or {}).get("name") == self.plane.node.name]
+        self._zone(mine[0] if mine else None)
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        if (obj.get("metadata") or {}).get("name") == self.plane.node.name:
+            self._zone(obj)
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        return  # a deleted Node takes its pods with it; the zone we knew is as good as any
+
+    def restarted(self, reason: str) -> None:
+        self.plane.metrics.watch_restarts.labels("node", reason).inc()
 
 
 class SliceSink:

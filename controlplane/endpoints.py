@@ -1,9 +1,12 @@
 """EndpointSlices -> the endpoints a Service port sends to, on this node. Pure, never raises on odd input.
 
 ``project_slice`` keeps what the translation needs of one EndpointSlice (a few tuples, not the API dict);
-``select`` applies kube-proxy's rules (pkg/proxy/topology.go, CategorizeEndpoints) to the slices of one
-Service: ready endpoints; when none is ready, the serving+terminating ones (KEP-1669); with a Local traffic
-policy only this node's, with the same fallback among them.
+``select`` applies kube-proxy's rules (pkg/proxy/topology.go, CategorizeEndpoints and topologyModeFromHints,
+as of Kubernetes v1.33) to the slices of one Service: ready endpoints; when none is ready, the
+serving+terminating ones (KEP-1669); with a Local traffic policy only this node's, with the same fallback
+among them; otherwise topology hints (trafficDistribution PreferSameNode/PreferClose/PreferSameZone, or
+topology-aware routing) narrow the set to this node's or this zone's endpoints when EVERY ready endpoint
+carries hints and at least one names this node (zone) -- else all endpoints, exactly as kube-proxy falls back.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class EndpointView:
     terminating: bool
     node: str | None = None
     zone: str | None = None
+    zone_hints: frozenset[str] = frozenset()  # hints.forZones
+    node_hints: frozenset[str] = frozenset()  # hints.forNodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,34 +79,62 @@ def project_slice(obj: Mapping[str, Any]) -> SliceView | None:
         terminating = cond.get("terminating") is True
         node = ep.get("nodeName")
         zone = ep.get("zone")
+        hints = _mapping(ep.get("hints"))
         endpoints.append(EndpointView(addresses, ready, serving, terminating,
-                                      node if isinstance(node, str) else None, zone if isinstance(zone, str) else None))
+                                      node if isinstance(node, str) else None, zone if isinstance(zone, str) else None,
+                                      _names(hints.get("forZones")), _names(hints.get("forNodes"))))
     namespace = str(meta.get("namespace") or "default")
     return SliceView(slice_id(obj), f"{namespace}/{service}", family, tuple(ports), tuple(endpoints))
 
 
-def select(slices: Iterable[SliceView], port_name: str, family: Family, *, node: str | None = None) -> tuple[Endpoint, ...]:
+def select(slices: Iterable[SliceView], port_name: str, family: Family, *, node: str | None = None,
+           local: bool = False, zone: str | None = None) -> tuple[Endpoint, ...]:
     """The (ip, port) a Service port of one IP family sends new connections to, sorted and deduplicated.
 
-    ``node``: a Local traffic policy: only endpoints on this node. Ready endpoints first; when none is ready,
-    the ones still serving while terminating (their connections drain instead of being refused).
+    ``local``: a Local traffic policy: only endpoints on ``node`` (hints do not apply). Otherwise topology
+    hints for ``node``/``zone`` when they apply (``topology_mode``). Ready endpoints first; when none is
+    ready, the ones still serving while terminating (their connections drain instead of being refused).
     """
-    ready: set[Endpoint] = set()
-    fallback: set[Endpoint] = set()
+    found: list[tuple[Endpoint, EndpointView]] = []
     for view in slices:
         if view.family != family:
             continue
         number = next((n for name, n in view.ports if name == port_name), None)
         if number is None:
             continue
-        for ep in view.endpoints:
-            if node is not None and ep.node != node:
-                continue
-            if ep.ready and not ep.terminating:
-                ready.update((ip, number) for ip in ep.addresses[:1])
-            elif ep.serving and ep.terminating:
-                fallback.update((ip, number) for ip in ep.addresses[:1])
+        found.extend(((ep.addresses[0], number), ep) for ep in view.endpoints)
+    if local:
+        found = [(e, ep) for e, ep in found if node is not None and ep.node == node]
+        mode = None
+    else:
+        mode = topology_mode([ep for _, ep in found], node, zone)
+    ready: set[Endpoint] = set()
+    fallback: set[Endpoint] = set()
+    for endpoint, ep in found:
+        if mode == "node" and node not in ep.node_hints or mode == "zone" and zone not in ep.zone_hints:
+            continue
+        if ep.ready and not ep.terminating:
+            ready.add(endpoint)
+        elif ep.serving and ep.terminating:
+            fallback.add(endpoint)
     return tuple(sorted(ready or fallback))
+
+
+def topology_mode(endpoints: Iterable[EndpointView], node: str | None, zone: str | None) -> str | None:
+    """kube-proxy's topologyModeFromHints: "node" when every ready endpoint has node hints and one names
+    this node; else "zone" likewise for zone hints; else None (all endpoints)."""
+    ready = [ep for ep in endpoints if ep.ready]
+    if not ready:
+        return None
+    if all(ep.node_hints for ep in ready) and node is not None and any(node in ep.node_hints for ep in ready):
+        return "node"
+    if all(ep.zone_hints for ep in ready) and zone is not None and any(zone in ep.zone_hints for ep in ready):
+        return "zone"
+    return None
+
+
+def _names(value: object) -> frozenset[str]:
+    return frozenset(str(h.get("name")) for h in (_mapping(x) for x in _list(value)) if isinstance(h.get("name"), str))
 
 
 def _address(value: object, family: Family) -> str | None:

@@ -86,9 +86,20 @@ def _cluster_template(protocol: str) -> cluster_pb2.Cluster:
 _CLUSTER_TEMPLATES = {p: _cluster_template(p) for p in ("tcp", "http", "h2c")}
 
 
+def _affinity(template: cluster_pb2.Cluster) -> cluster_pb2.Cluster:
+    """ClientIP session affinity: a ring hash over the client address (the chains hash on source_ip)."""
+    hashed = cluster_pb2.Cluster()
+    hashed.CopyFrom(template)
+    hashed.lb_policy = cluster_pb2.Cluster.RING_HASH
+    return hashed
+
+
+_AFFINITY_TEMPLATES = {p: _affinity(t) for p, t in _CLUSTER_TEMPLATES.items()}
+
+
 def cluster(spec: ClusterSpec) -> cluster_pb2.Cluster:
     built = cluster_pb2.Cluster()
-    built.CopyFrom(_CLUSTER_TEMPLATES[spec.protocol])
+    built.CopyFrom((_AFFINITY_TEMPLATES if spec.affinity else _CLUSTER_TEMPLATES)[spec.protocol])
     built.name = spec.name
     built.alt_stat_name = spec.stat_name
     return built
@@ -127,6 +138,7 @@ def _tcp_chain(family: Family, nodeport: bool) -> listener_components_pb2.Filter
     value.object_key = "envoy.tcp_proxy.cluster"
     value.format_string.CopyFrom(_format(_destination(family, nodeport)))
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix="lightpath_tcp", cluster="lightpath_no_cluster")
+    proxy.hash_policy.add().source_ip.SetInParent()  # used by ring-hash (session affinity) clusters only
     chain = listener_components_pb2.FilterChain(name="tcp-nodeport" if nodeport else "tcp")
     chain.filters.add(name="envoy.filters.network.set_filter_state", typed_config=pack(state))
     chain.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(proxy))
@@ -226,6 +238,7 @@ def route_configuration(family: Family) -> route_pb2.RouteConfiguration:
     route.match.prefix = "/"
     route.route.cluster_header = CLUSTER_HEADER
     route.route.timeout.SetInParent()  # 0: no request timeout, as through kube-proxy
+    route.route.hash_policy.add().connection_properties.source_ip = True  # ring-hash (affinity) clusters only
     route.request_headers_to_remove.append(CLUSTER_HEADER)
     return config
 

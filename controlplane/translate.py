@@ -52,6 +52,7 @@ class NodeInfo:
 
     name: str
     ipv6: bool = True  # the node can bind an IPv6 listener
+    zone: str | None = None  # the Node's topology.kubernetes.io/zone label (topology hints)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class ServiceView:
     protocols: tuple[tuple[str, Protocol], ...] = ()  # (port name, protocol)
     internal_local: bool = False  # internalTrafficPolicy: Local
     external_local: bool = False  # externalTrafficPolicy: Local
+    affinity: bool = False  # sessionAffinity: ClientIP
     problems: tuple[str, ...] = ()
 
 
@@ -100,9 +102,14 @@ def project_service(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROX
         problems.append(f"internalTrafficPolicy {itp!r} is unknown: treated as Cluster")
     if etp not in (None, "Cluster", "Local"):
         problems.append(f"externalTrafficPolicy {etp!r} is unknown: treated as Cluster")
+    affinity = spec.get("sessionAffinity")
+    if affinity not in (None, "None", "ClientIP"):
+        problems.append(f"sessionAffinity {affinity!r} is unknown: treated as None")
+    elif affinity != "ClientIP" and spec.get("sessionAffinityConfig"):
+        problems.append("sessionAffinityConfig without sessionAffinity: ClientIP is ignored")
     problems.extend(entries.errors)
     return ServiceView(sid, namespace, name, True, labelled, entries, tuple(protocols), itp == "Local", etp == "Local",
-                       tuple(problems))
+                       affinity == "ClientIP", tuple(problems))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +120,7 @@ class ClusterSpec:
     stat_name: str
     protocol: Protocol
     service: str  # "namespace/name", for people
+    affinity: bool = False  # ClientIP session affinity: consistent hashing on the client's address
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +179,10 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
         local = view.internal_local if kind == "clusterIP" else view.external_local
         pick = (port_name, key.family, local)
         if pick not in selected:
-            selected[pick] = eps.select(slices, port_name, key.family, node=node.name if local else None)
+            selected[pick] = eps.select(slices, port_name, key.family, node=node.name, local=local, zone=node.zone)
         name = cluster_name(key)
         clusters.append(ClusterSpec(name, stat_name(view, numbers.get(port_name, key.port), key.family, kind),
-                                    protocol, view.sid))
+                                    protocol, view.sid, view.affinity))
         loads.append(LoadSpec(name, selected[pick]))
         chains.append((key, "tcp" if protocol == "tcp" else "http"))
     return ServiceResources(tuple(clusters), tuple(loads), tuple(chains), view.problems)

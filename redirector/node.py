@@ -29,7 +29,7 @@ from controlplane.translate import NodeInfo
 from redirector.agent import Agent
 from redirector.config import Settings
 from redirector.model import Backend
-from redirector.watch import EndpointSliceWatcher, ServiceWatcher
+from redirector.watch import EndpointSliceWatcher, NodeWatcher, ServiceWatcher
 from shared import constants as c
 from shared.kube import FanOut
 
@@ -55,6 +55,7 @@ class NodeAgent:
     plane: ControlPlane | None = None
     slices: EndpointSliceWatcher | None = None
     server: AdsServer | None = None
+    node: NodeWatcher | None = None
     threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self, settings: Settings, *, socket_owner: int | None = None) -> NodeAgent:
@@ -64,6 +65,8 @@ class NodeAgent:
         targets: list[tuple[str, Any]] = [("watch-services", self.services.run), ("sync", self.agent.run)]
         if self.plane is not None and self.slices is not None:
             targets += [("watch-endpointslices", self.slices.run), ("controlplane", self.plane.run)]
+        if self.node is not None:
+            targets.append(("watch-node", self.node.run))
         self.threads = [threading.Thread(target=fn, name=name, daemon=True) for name, fn in targets]
         for thread in self.threads:
             thread.start()
@@ -81,6 +84,8 @@ class NodeAgent:
         self.services.stop()
         if self.slices is not None:
             self.slices.stop()
+        if self.node is not None:
+            self.node.stop()
         if self.plane is not None:
             self.plane.stop()
         self.agent.stop()
@@ -133,7 +138,8 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     plane.attach(server)
     services = ServiceWatcher(core, FanOut(agent.tracker, plane.services), labelled_only=False, **watch)
     slices = EndpointSliceWatcher(client.DiscoveryV1Api(api), plane.slices, **watch)
+    node_watch = NodeWatcher(core, plane.nodes, settings.node, **watch)
     agent.watcher = services
     agent.plane = plane
-    return NodeAgent(agent, services, plane, slices, server)
+    return NodeAgent(agent, services, plane, slices, server, node=node_watch)
 

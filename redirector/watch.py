@@ -16,7 +16,7 @@ from kubernetes import client
 from shared import constants as c
 from shared.kube import EndedAtOnce, Gone, Reflector, WatchSink
 
-__all__ = ["EndedAtOnce", "EndpointSliceWatcher", "Gone", "ServiceWatcher", "WatchSink"]
+__all__ = ["EndedAtOnce", "EndpointSliceWatcher", "Gone", "NodeWatcher", "ServiceWatcher", "WatchSink"]
 
 
 class ServiceWatcher(Reflector):
@@ -27,6 +27,14 @@ class ServiceWatcher(Reflector):
         self.api = api  # the debug lookup lists through it
         selector = f"{c.SERVICE_PROXY_NAME_LABEL}={proxy_name}" if labelled_only else None
         super().__init__(api.list_service_for_all_namespaces, sink, what="services", label_selector=selector, **options)
+
+
+class NodeWatcher(Reflector):
+    """Keeps ``sink`` informed about this node's own Node object (its zone label, for topology hints)."""
+
+    def __init__(self, api: client.CoreV1Api, sink: WatchSink, node: str, **options: Any) -> None:
+        self.api = api
+        super().__init__(api.list_node, sink, what="node", field_selector=f"metadata.name={node}", **options)
 
 
 class EndpointSliceWatcher(Reflector):

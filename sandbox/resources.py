@@ -39,11 +39,12 @@ class ResourceType:
 NAMESPACES = ResourceType("", "v1", "namespaces", "Namespace", False, ("ns",))
 SERVICES = ResourceType("", "v1", "services", "Service", True, ("svc",), ("status",))
 ENDPOINTSLICES = ResourceType("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True)
+NODES = ResourceType("", "v1", "nodes", "Node", False, ("no",))
 MUTATING_WEBHOOKS = ResourceType(
     "admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False
 )
 
-ALL: tuple[ResourceType, ...] = (NAMESPACES, SERVICES, ENDPOINTSLICES, MUTATING_WEBHOOKS)
+ALL: tuple[ResourceType, ...] = (NAMESPACES, SERVICES, ENDPOINTSLICES, NODES, MUTATING_WEBHOOKS)
 
 
 def lookup(group: str, version: str, plural: str) -> ResourceType | None:

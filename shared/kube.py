@@ -133,6 +133,7 @@ class Reflector:
         *,
         what: str = "objects",
         label_selector: str | None = None,
+        field_selector: str | None = None,
         server_timeout: int = 300,
         read_timeout: float = 90.0,
         connect_timeout: float = 10.0,
@@ -148,6 +149,7 @@ class Reflector:
         self.sink = sink
         self.what = what
         self.label_selector = label_selector
+        self.field_selector = field_selector
         self.server_timeout = server_timeout
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
@@ -165,7 +167,8 @@ class Reflector:
         self._lock = threading.Lock()
 
     def _selector(self) -> dict[str, Any]:
-        return {"label_selector": self.label_selector} if self.label_selector else {}
+        selectors = {"label_selector": self.label_selector, "field_selector": self.field_selector}
+        return {k: v for k, v in selectors.items() if v}
 
     # -- lifecycle ------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ def view(obj: dict[str, Any]) -> eps.SliceView:
 
 
 def pick(*objs: dict[str, Any], port: str = "http", family: int = 4, node: str | None = None) -> tuple[eps.Endpoint, ...]:
-    return eps.select([view(o) for o in objs], port, family, node=node)  # type: ignore[arg-type]
+    return eps.select([view(o) for o in objs], port, family, node=node, local=node is not None)  # type: ignore[arg-type]
 
 
 def test_projection_keeps_what_the_translation_needs() -> None:
@@ -120,3 +120,41 @@ def test_odd_values_inside_a_slice_are_skipped() -> None:
     assert found.ports == (("http", 8080), ("", 81))
     assert [e.addresses for e in found.endpoints] == [("10.0.0.1",), ("10.0.0.4",)]
     assert found.endpoints[1].node is None and found.endpoints[1].ready is True
+
+
+def _hinted(ip: str, zones: list[str] | None = None, nodes: list[str] | None = None, **kw: object) -> dict[str, object]:
+    ep: dict[str, object] = endpoint(ip, **kw)  # type: ignore[arg-type]
+    hints: dict[str, object] = {}
+    if zones is not None:
+        hints["forZones"] = [{"name": z} for z in zones]
+    if nodes is not None:
+        hints["forNodes"] = [{"name": n} for n in nodes]
+    if hints:
+        ep["hints"] = hints
+    return ep
+
+
+def _topo(s: dict[str, object], *, node: str = NODE, zone: str | None = "zone-a") -> tuple[tuple[str, int], ...]:
+    return eps.select([view(s)], "http", 4, node=node, zone=zone)  # type: ignore[arg-type]
+
+
+def test_zone_hints_narrow_to_this_zone_only_when_every_ready_endpoint_has_them() -> None:
+    s = endpoint_slice(endpoints=[_hinted("10.0.0.1", ["zone-a"]), _hinted("10.0.0.2", ["zone-b"])])
+    assert _topo(s) == (("10.0.0.1", 8080),)
+    assert _topo(s, zone=None) == (("10.0.0.1", 8080), ("10.0.0.2", 8080))  # no zone label: all
+    assert _topo(s, zone="zone-c") == (("10.0.0.1", 8080), ("10.0.0.2", 8080))  # no hint for us: all
+    partial = endpoint_slice(endpoints=[_hinted("10.0.0.1", ["zone-a"]), _hinted("10.0.0.2")])
+    assert _topo(partial) == (("10.0.0.1", 8080), ("10.0.0.2", 8080))
+    # A not-ready endpoint without hints does not disable them (kube-proxy looks at ready ones only).
+    with_unready = endpoint_slice(endpoints=[_hinted("10.0.0.1", ["zone-a"]), _hinted("10.0.0.2", ["zone-b"]),
+                                             _hinted("10.0.0.3", ready=False)])
+    assert _topo(with_unready) == (("10.0.0.1", 8080),)
+
+
+def test_node_hints_win_over_zone_hints_when_they_name_this_node() -> None:
+    s = endpoint_slice(endpoints=[_hinted("10.0.0.1", ["zone-a"], ["other"]), _hinted("10.0.0.2", ["zone-a"], [NODE])])
+    assert _topo(s) == (("10.0.0.2", 8080),)
+    assert _topo(s, node="third") == (("10.0.0.1", 8080), ("10.0.0.2", 8080))  # falls back to zone hints
+    # A Local traffic policy ignores hints: both endpoints are on this node.
+    local = eps.select([view(s)], "http", 4, node=NODE, local=True, zone="zone-a")  # type: ignore[arg-type]
+    assert local == (("10.0.0.1", 8080), ("10.0.0.2", 8080))

@@ -72,6 +72,37 @@ class EnvoyNode:
         else:
             self.discovery.replace_namespaced_endpoint_slice(slice_name, NS, body, _preload_content=False)
 
+    def slice(self, service: str, ports: dict[str, int], endpoints: Sequence[dict[str, Any]], *, family: int = 4,
+              name: str | None = None) -> None:
+        """Create or replace an EndpointSlice from endpoint specs: {"pod": i, "node": name, "ready": bool,
+        "serving": bool, "terminating": bool, "zone": z, "for_zones": [...], "for_nodes": [...]}."""
+        ips = self.topo.pod_ips if family == 4 else self.topo.pod_ips6
+        items = []
+        for spec in endpoints:
+            conditions = {k: spec[k] for k in ("ready", "serving", "terminating") if k in spec}
+            item: dict[str, Any] = {"addresses": [ips[spec["pod"]]], "nodeName": spec.get("node", NODE),
+                                    "conditions": conditions or {"ready": True}}
+            if "zone" in spec:
+                item["zone"] = spec["zone"]
+            hints = {}
+            if "for_zones" in spec:
+                hints["forZones"] = [{"name": z} for z in spec["for_zones"]]
+            if "for_nodes" in spec:
+                hints["forNodes"] = [{"name": n} for n in spec["for_nodes"]]
+            if hints:
+                item["hints"] = hints
+            items.append(item)
+        slice_name = name or f"{service}-ipv{family}"
+        body = {"metadata": {"name": slice_name, "namespace": NS, "labels": {"kubernetes.io/service-name": service}},
+                "addressType": f"IPv{family}", "endpoints": items,
+                "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports.items()]}
+        try:
+            self.discovery.read_namespaced_endpoint_slice(slice_name, NS, _preload_content=False)
+        except client.ApiException:
+            self.discovery.create_namespaced_endpoint_slice(NS, body, _preload_content=False)
+        else:
+            self.discovery.replace_namespaced_endpoint_slice(slice_name, NS, body, _preload_content=False)
+
     def serve(self, pod: int, mode: str = "http", family: int = 4, port: int = 0) -> Listener:
         ns = self.topo.pods[pod]
         listener = (http_listener if mode == "http" else tcp_listener)(ns, port, family, name=f"pod{pod}")

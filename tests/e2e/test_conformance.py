@@ -1,0 +1,122 @@
+"""kube-proxy's Service semantics on the lightpath path, with real packets through the real redirect and a
+real Envoy programmed by the agent's control plane (rows of docs/conformance.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from redirector.model import Key
+from sandbox.traffic import http_request, wait_until
+from tests.e2e.envoynode import CLUSTER_IPS, NODE, NS, EnvoyNode, envoy_node
+
+pytestmark = pytest.mark.root
+IP = CLUSTER_IPS[0]
+HTTP = [{"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"}]
+
+
+def servers(node: EnvoyNode, ip: str, port: int, n: int = 30, source: int = 2) -> list[str]:
+    """Which pod answered each of ``n`` requests (a new connection each) from pod ``source``."""
+    out = []
+    for _ in range(n):
+        reply = http_request(node.topo.pods[source], ip, port, "/")
+        assert reply["status"] == 200, reply
+        out.append(str(json.loads(reply["body"])["server"]))
+    return out
+
+
+def settled(node: EnvoyNode, want: set[str], ip: str = IP, port: int = 80, source: int = 2) -> None:
+    """Until the answers come from exactly ``want`` (the control plane pushed, Envoy applied)."""
+    wait_until(lambda: set(servers(node, ip, port, 12, source)) == want, timeout=20, what=f"served by {sorted(want)}")
+    assert set(servers(node, ip, port, 30, source)) == want
+
+
+def start(node: EnvoyNode, pods: int = 3, port: int = 8080) -> None:
+    for i in range(pods):
+        node.serve(i, "http", 4, port=port)
+
+
+def test_internal_traffic_policy_local_and_terminating_endpoints(tmp_path: Path) -> None:
+    with envoy_node(tmp_path) as node:
+        start(node)
+        node.service("web", HTTP, internalTrafficPolicy="Local")
+        eps: list[dict[str, Any]] = [{"pod": 0}, {"pod": 1, "node": "other-node"}, {"pod": 2, "node": "other-node"}]
+        node.slice("web", {"http": 8080}, eps)
+        wait_until(lambda: Key(4, IP, 80) in node.kernel_keys(), timeout=20, what="redirect")
+        settled(node, {"pod0"})  # ITP Local: only this node's endpoint
+        # Cluster policy again: every ready endpoint.
+        node.core.patch_namespaced_service("web", NS, {"spec": {"internalTrafficPolicy": "Cluster"}})
+        settled(node, {"pod0", "pod1", "pod2"})
+        # KEP-1669: terminating endpoints get no new connections while ready ones exist...
+        node.slice("web", {"http": 8080}, [{"pod": 0, "ready": False, "serving": True, "terminating": True},
+                                           {"pod": 1}, {"pod": 2}])
+        settled(node, {"pod1", "pod2"})
+        # ...and serve when none is ready (not refused while they drain).
+        node.slice("web", {"http": 8080}, [{"pod": 0, "ready": False, "serving": True, "terminating": True},
+                                           {"pod": 1, "ready": False, "serving": False, "terminating": True}])
+        settled(node, {"pod0"})
+
+
+def test_session_affinity_client_ip_keeps_a_client_on_one_endpoint(tmp_path: Path) -> None:
+    with envoy_node(tmp_path, pods=4) as node:
+        start(node)
+        node.service("web", HTTP, sessionAffinity="ClientIP",
+                     sessionAffinityConfig={"clientIP": {"timeoutSeconds": 600}})
+        node.slice("web", {"http": 8080}, [{"pod": 0}, {"pod": 1}, {"pod": 2}])
+        wait_until(lambda: Key(4, IP, 80) in node.kernel_keys(), timeout=20, what="redirect")
+        wait_until(lambda: len(set(servers(node, IP, 80, 5, source=3))) == 1, timeout=20, what="affinity applied")
+        assert len(set(servers(node, IP, 80, 30, source=3))) == 1  # 30 new connections, one endpoint
+        # Without affinity the same client is spread over the endpoints.
+        node.core.patch_namespaced_service("web", NS, {"spec": {"sessionAffinity": "None", "sessionAffinityConfig": None}})
+        wait_until(lambda: len(set(servers(node, IP, 80, 12, source=3))) > 1, timeout=20, what="spread again")
+
+
+def test_topology_hints_follow_the_nodes_zone(tmp_path: Path) -> None:
+    with envoy_node(tmp_path) as node:
+        start(node)
+        node.core.create_node({"metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": "zone-a"}}})
+        node.service("web", HTTP, trafficDistribution="PreferClose")
+        eps: list[dict[str, Any]] = [{"pod": 0, "zone": "zone-a", "for_zones": ["zone-a"]},
+                                     {"pod": 1, "zone": "zone-b", "for_zones": ["zone-b"]},
+                                     {"pod": 2, "zone": "zone-b", "for_zones": ["zone-b"]}]
+        node.slice("web", {"http": 8080}, eps)
+        wait_until(lambda: Key(4, IP, 80) in node.kernel_keys(), timeout=20, what="redirect")
+        settled(node, {"pod0"})  # hinted for this node's zone
+        # One ready endpoint without hints: kube-proxy ignores hints altogether.
+        node.slice("web", {"http": 8080}, [*eps[:2], {"pod": 2, "zone": "zone-b"}])
+        settled(node, {"pod0", "pod1", "pod2"})
+        # PreferSameNode: node hints win when every endpoint has them and one names this node.
+        node.slice("web", {"http": 8080}, [{"pod": 1, "for_zones": ["zone-a"], "for_nodes": [NODE]},
+                                           {"pod": 2, "for_zones": ["zone-a"], "for_nodes": ["other-node"]}])
+        settled(node, {"pod1"})
+
+
+def test_named_target_ports_per_pod_renumbered_ports_and_type_change(tmp_path: Path) -> None:
+    with envoy_node(tmp_path) as node:
+        node.serve(0, "http", 4, port=8080)
+        node.serve(1, "http", 4, port=9090)
+        node.service("web", [{"name": "http", "port": 80, "targetPort": "web", "appProtocol": "http"}])
+        # Two slices, one named port, different numbers per pod (a rolling change of containerPort).
+        node.slice("web", {"http": 8080}, [{"pod": 0}], name="web-a")
+        node.slice("web", {"http": 9090}, [{"pod": 1}], name="web-b")
+        wait_until(lambda: Key(4, IP, 80) in node.kernel_keys(), timeout=20, what="redirect")
+        settled(node, {"pod0", "pod1"})
+        # The Service port renumbered on UPDATE: the old key goes, the new one serves.
+        node.core.patch_namespaced_service("web", NS, {"spec": {"ports": [
+            {"name": "http", "port": 8000, "targetPort": "web", "protocol": "TCP", "appProtocol": "http"}]}},
+            _content_type="application/merge-patch+json")
+        wait_until(lambda: Key(4, IP, 8000) in node.kernel_keys() and Key(4, IP, 80) not in node.kernel_keys(),
+                   timeout=20, what="renumbered")
+        settled(node, {"pod0", "pod1"}, port=8000)
+        # ClusterIP -> NodePort: the node port appears and serves from a pod through Envoy.
+        svc = node.core.patch_namespaced_service("web", NS, {"spec": {"type": "NodePort"}}, _preload_content=False).json()
+        node_port = svc["spec"]["ports"][0]["nodePort"]
+        wait_until(lambda: Key(4, None, node_port) in node.kernel_keys(), timeout=20, what="NodePort redirect")
+        settled(node, {"pod0", "pod1"}, ip=node.topo.node_ip, port=node_port)
+        # Hairpin: a pod reaching itself through its own Service.
+        node.slice("web", {"http": 8080}, [{"pod": 0}], name="web-a")
+        node.discovery.delete_namespaced_endpoint_slice("web-b", NS)
+        settled(node, {"pod0"}, port=8000, source=0)
