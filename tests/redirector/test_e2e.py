@@ -220,7 +220,7 @@ def test_sigkill_in_the_middle_of_a_large_sync_leaves_old_or_new(env: Env) -> No
     new = all_keys(env.api, env.core)
     assert len(new) == len(old) == 2 * n and not (new & old)
     env.agent.start()
-    wait_until(lambda: env.agent.alive() and env.agent.logged("listed labelled Services"), timeout=30)
+    wait_until(lambda: env.agent.alive() and env.agent.logged("listed", what="services"), timeout=30)
     env.agent.signal(signal.SIGKILL)  # right after the list: during the computation or the transaction
     seen = env.kernel.read()
     assert seen in (old, new), f"a mix: {len(seen & old)} old and {len(seen & new)} new entries"
