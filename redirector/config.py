@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redirector.model import Family
 from shared import constants as c
 
 ENV_PREFIX = "LIGHTPATH_"
@@ -38,6 +39,11 @@ class Settings:
     # Which iptables binaries write the rules. Must match the host's (kube-proxy's) variant, or our jump
     # lands in the other ruleset; "auto" trusts the image's `iptables` alternative.
     iptables_variant: str = "auto"
+    # How the kernel sends Service traffic to the proxy: DNAT to these node-local addresses (kept on lo by the
+    # backend), or REDIRECT, which drops pod traffic on CNIs that leave the host veth without an address.
+    redirect_mode: str = c.DEFAULT_REDIRECT_MODE
+    redirect_address: str = c.DEFAULT_REDIRECT_ADDRESS
+    redirect_address6: str = c.DEFAULT_REDIRECT_ADDRESS6
     # The health server (/healthz, /readyz, /metrics) is always on: the kubelet probes it.
     health_address: str = c.REDIRECTOR_HEALTH_ADDRESS
     health_port: int = c.REDIRECTOR_HEALTH_PORT
@@ -124,6 +130,15 @@ def _loopback(text: str) -> str:
     return text
 
 
+def _address(family: Family) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        from redirector.localaddr import check_address
+
+        return check_address(text, family)
+
+    return convert
+
+
 def _name(text: str) -> str:
     if not text or len(text) > 63 or not text.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ValueError("must be 1-63 letters, digits, '-', '_' or '.'")
@@ -147,6 +162,13 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("--iptables-chain", "IPTABLES_CHAIN", "iptables_chain", _name, "iptables nat chain the agent owns"),
     ("--iptables-variant", "IPTABLES_VARIANT", "iptables_variant", _choice(IPTABLES_VARIANTS),
      "iptables binaries: nft, legacy, or auto (the image's `iptables`); must match the host's kube-proxy"),
+    ("--redirect-mode", "REDIRECT_MODE", "redirect_mode", _choice(c.REDIRECT_MODES),
+     "dnat: to --redirect-address(6), kept on lo by the agent (works on every CNI); redirect: REDIRECT, which "
+     "drops pod traffic where the host veth has no address (Calico, Cilium chaining, AWS VPC CNI)"),
+    ("--redirect-address", "REDIRECT_ADDRESS", "redirect_address", _address(4),
+     "node-local IPv4 address the dnat mode sends Service traffic to (never 127.0.0.0/8)"),
+    ("--redirect-address6", "REDIRECT_ADDRESS6", "redirect_address6", _address(6),
+     "node-local IPv6 address the dnat mode sends Service traffic to (a ULA; not ::1 or link-local)"),
     ("--health-address", "HEALTH_ADDRESS", "health_address", str,
      "address of the always-on health server (/healthz, /readyz, /metrics)"),
     ("--health-port", "HEALTH_PORT", "health_port", _int_range(1, 65535, "port"),

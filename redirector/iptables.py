@@ -6,7 +6,8 @@ the kernel never holds half a change, and ``-w`` honours the xtables lock other 
 CNI plugins) take. ``variant`` picks the binaries, so the same code drives iptables-nft and
 iptables-legacy hosts. The rule text and every decision live in ``redirector.iptables_rules``;
 this module only runs ``*-save`` / ``*-restore``. python-iptables is not used: it only sees the
-legacy tables (see docs/redirector.md, "iptables backend").
+legacy tables (see docs/redirector.md, "iptables backend"). In "dnat" mode (the default) it also owns
+the DNAT targets on lo (``redirector.localaddr``): added before any rule points at them, removed after.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from redirector import iptables_rules as rules
+from redirector.localaddr import LoopbackAddresses
 from redirector.model import BackendError, Delta, Family, Key
+from shared import constants as c
 from shared.constants import DEFAULT_IPTABLES_CHAIN, DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT
 
 Variant = Literal["auto", "nft", "legacy"]
@@ -66,6 +69,9 @@ class IptablesBackend:
         families: Iterable[Family] = (4, 6),
         netns: str | None = None,
         timeout: float = 120.0,
+        mode: str = c.DEFAULT_REDIRECT_MODE,
+        address4: str = c.DEFAULT_REDIRECT_ADDRESS,
+        address6: str = c.DEFAULT_REDIRECT_ADDRESS6,
     ) -> None:
         """``netns`` runs the binaries inside /run/netns/<name> (tests, benchmarks); None = our own netns.
 
@@ -74,11 +80,13 @@ class IptablesBackend:
         """
         if variant not in ("auto", "nft", "legacy"):
             raise ValueError(f"variant must be auto, nft or legacy, not {variant!r}")
-        self.cfg = rules.RuleConfig(chain=chain, proxy_port=proxy_port, proxy_mark=proxy_mark, proxy_uid=proxy_uid)
+        self.cfg = rules.RuleConfig(chain=chain, proxy_port=proxy_port, proxy_mark=proxy_mark, proxy_uid=proxy_uid,
+                                    mode=mode, address4=address4, address6=address6)
         self.variant: Variant = variant
         self.lock_path, self.lock_wait, self.timeout = lock_path, lock_wait, timeout
         self.families: tuple[Family, ...] = tuple(sorted(set(families)))
         self.netns = netns
+        self.addresses = LoopbackAddresses([(f, self.cfg.address(f)) for f in self.families], netns=netns)
         self._prefix = ["nsenter", f"--net=/run/netns/{netns}", "--"] if netns else []
         # What the kernel holds as far as we know (key -> exact rule spec); None = ask the kernel.
         self._written: dict[Family, dict[Key, str]] | None = None
@@ -94,6 +102,11 @@ class IptablesBackend:
         wanted = self._by_family(keys)
         repaired, written = False, {}
         self._written = None  # memory is either right or absent: a failure below leaves it absent
+        if self.cfg.mode == "dnat":  # the targets first: no rule ever points at an address we lack
+            added = self.addresses.ensure()
+            if added:
+                log.info("redirect addresses added to lo", extra={"addresses": added})
+                repaired = True
         for family in self.families:
             saved = rules.parse_save(self.save(family))
             specs = rules.redirect_specs(self.cfg, wanted[family], {})
@@ -158,6 +171,8 @@ class IptablesBackend:
             "proxy_port": self.cfg.proxy_port,
             "proxy_mark": None if self.cfg.proxy_mark is None else f"{self.cfg.proxy_mark:#x}",
             "proxy_uid": self.cfg.proxy_uid,
+            "redirect_mode": self.cfg.mode,
+            "redirect_to": {f"ipv{f}": self.cfg.jump(f) for f in self.families},
             "rules": rules_text,
         }
 
@@ -168,6 +183,9 @@ class IptablesBackend:
             if batch is not None:
                 self.restore_batch(family, batch)
         self._written = None
+        removed = self.addresses.remove()  # after the rules: never a DNAT to an address that is gone
+        if removed:
+            log.info("redirect addresses removed from lo", extra={"addresses": removed})
 
     # -- the imperative shell --------------------------------------------------------------------
 

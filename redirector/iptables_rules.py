@@ -11,8 +11,13 @@ Shape (per family, ``nat`` table), the way kube-proxy lays out KUBE-SERVICES:
     -A LIGHTPATH-OUTPUT -m owner --uid-owner UID -j RETURN      (only with a proxy UID)
     -A LIGHTPATH-OUTPUT -j LIGHTPATH
     -A LIGHTPATH -m mark --mark 0x1666 -j RETURN                (only with a proxy mark)
-    -A LIGHTPATH -d IP/32 -p tcp -m tcp --dport P -m comment --comment "ns/name:port" -j REDIRECT --to-ports 1666
-    -A LIGHTPATH -p tcp -m addrtype --dst-type LOCAL -m tcp --dport NODEPORT -j REDIRECT --to-ports 1666
+    -A LIGHTPATH -d IP/32 -p tcp -m tcp --dport P -j DNAT --to-destination 169.254.16.66:1666
+    -A LIGHTPATH -p tcp -m addrtype --dst-type LOCAL -m tcp --dport NODEPORT -j DNAT --to-destination 169.254.16.66:1666
+
+IPv6 DNATs to ``[<address6>]:1666``. The DNAT targets are node-local addresses of ours on lo
+(``redirector.localaddr``); with ``mode="redirect"`` the target is ``-j REDIRECT --to-ports 1666``, which drops
+pod traffic arriving on an interface without an address (see ``redirector.nftshape``). Reading back accepts
+either target to the proxy, so a mode switch adopts the keys and the next ``ensure`` rewrites the chain.
 
 The owner match is only valid in OUTPUT/POSTROUTING (the kernel rejects it in any chain reachable from
 PREROUTING), hence the separate OUTPUT chain in front of the shared one.
@@ -24,8 +29,11 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from redirector.localaddr import check_address
 from redirector.model import Family, Key
+from shared import constants as c
 from shared.constants import DEFAULT_IPTABLES_CHAIN, DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT
 
 JUMP_COMMENT = "lightpath redirects"
@@ -36,8 +44,17 @@ _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9._:/@-]")
 _LINE_NO = re.compile(r"\bline:? (\d+)")
 _REDIRECT = re.compile(
     r"^(?:-d (?P<ip>[0-9A-Fa-f.:]+)/(?P<plen>\d+) -p tcp|-p tcp -m addrtype --dst-type LOCAL)"
-    r" -m tcp --dport (?P<port>\d+) -j REDIRECT --to-ports (?P<to>\d+)$"
+    r" -m tcp --dport (?P<port>\d+) -j (?:REDIRECT --to-ports (?P<to>\d+)"
+    r"|DNAT --to-destination (?:(?P<addr4>[0-9.]+)|\[(?P<addr6>[0-9A-Fa-f:]+)\]):(?P<dnat_to>\d+))$"
 )
+TO_PROXY_TARGETS = ("REDIRECT", "DNAT")
+
+
+class To(NamedTuple):
+    """Where one of our rules sends a packet: ``address`` None is REDIRECT (to the incoming interface)."""
+
+    address: str | None
+    port: int
 
 
 @dataclass(frozen=True)
@@ -48,8 +65,16 @@ class RuleConfig:
     proxy_port: int = DEFAULT_PROXY_PORT
     proxy_mark: int | None = DEFAULT_PROXY_MARK
     proxy_uid: int | None = None
+    mode: str = c.DEFAULT_REDIRECT_MODE
+    address4: str = c.DEFAULT_REDIRECT_ADDRESS
+    address6: str = c.DEFAULT_REDIRECT_ADDRESS6
 
     def __post_init__(self) -> None:
+        if self.mode not in c.REDIRECT_MODES:
+            raise ValueError(f"redirect mode must be one of {', '.join(c.REDIRECT_MODES)}, not {self.mode!r}")
+        # Canonical text, so our specs compare equal to what iptables-save prints back.
+        object.__setattr__(self, "address4", check_address(self.address4, 4))
+        object.__setattr__(self, "address6", check_address(self.address6, 6))
         if not _CHAIN_NAME.match(self.chain) or len(self.output_chain) > MAX_CHAIN_NAME:
             raise ValueError(
                 f"chain {self.chain!r}: letters, digits, '_' and '-' only, at most "
@@ -75,6 +100,21 @@ class RuleConfig:
     def hooks(self) -> dict[str, str]:
         """Built-in chain -> the chain of ours it jumps to first."""
         return {"PREROUTING": self.chain, "OUTPUT": self.output_chain}
+
+    def address(self, family: Family) -> str:
+        """The DNAT target of ``family`` (kept on lo by the backend in "dnat" mode)."""
+        return self.address4 if family == 4 else self.address6
+
+    def jump(self, family: Family) -> str:
+        """The target of every rule sending ``family`` to the proxy, printed as ``iptables-save`` prints it."""
+        if self.mode == "redirect":
+            return f"-j REDIRECT --to-ports {self.proxy_port}"
+        host = self.address4 if family == 4 else f"[{self.address6}]"
+        return f"-j DNAT --to-destination {host}:{self.proxy_port}"
+
+    def reaches_proxy(self, family: Family, to: To) -> bool:
+        """Does a rule with target ``to`` deliver to our proxy? (REDIRECT or DNAT to our address, either mode.)"""
+        return to.port == self.proxy_port and to.address in (None, self.address(family))
 
 
 @dataclass
@@ -114,19 +154,20 @@ def jump_spec(target: str) -> str:
     return f'-m comment --comment "{JUMP_COMMENT}" -j {target}'
 
 
-def redirect_spec(key: Key, to_port: int, comment: str | None = None) -> str:
-    """One REDIRECT rule spec, printed exactly as ``iptables-save`` prints it back."""
+def redirect_spec(key: Key, cfg: RuleConfig, comment: str | None = None) -> str:
+    """One rule spec sending ``key`` to the proxy (DNAT or REDIRECT per ``cfg.mode``), printed exactly as
+    ``iptables-save`` prints it back."""
     if key.ip is None:
         match = f"-p tcp -m addrtype --dst-type LOCAL -m tcp --dport {key.port}"
     else:
         match = f"-d {key.ip}/{32 if key.family == 4 else 128} -p tcp -m tcp --dport {key.port}"
     note = f' -m comment --comment "{comment_text(comment)}"' if comment else ""
-    return f"{match}{note} -j REDIRECT --to-ports {to_port}"
+    return f"{match}{note} {cfg.jump(key.family)}"
 
 
 def redirect_specs(cfg: RuleConfig, keys: Iterable[Key], comments: Mapping[Key, str]) -> dict[Key, str]:
-    """Each (normalised) key's REDIRECT spec, in rule order."""
-    return {k: redirect_spec(k, cfg.proxy_port, comments.get(k)) for k in sorted(keys, key=sort_key)}
+    """Each (normalised) key's spec, in rule order."""
+    return {k: redirect_spec(k, cfg, comments.get(k)) for k in sorted(keys, key=sort_key)}
 
 
 def chain_rules(cfg: RuleConfig, redirects: Iterable[str]) -> dict[str, list[str]]:
@@ -193,23 +234,27 @@ def target(spec: str) -> str | None:
     return None
 
 
-def parse_redirect(spec: str, family: Family) -> tuple[Key, int] | None:
-    """(key, to-port) of a rule in our exact REDIRECT shape, else None."""
+def parse_redirect(spec: str, family: Family) -> tuple[Key, To] | None:
+    """(key, where it goes) of a rule in our exact REDIRECT or DNAT shape, else None."""
     m = _REDIRECT.match(without_comments(spec))
     if m is None:
         return None
     ip = m["ip"]
     if ip is not None and int(m["plen"]) != (32 if family == 4 else 128):
         return None
-    return Key(family, ip, int(m["port"])), int(m["to"])
+    key = Key(family, ip, int(m["port"]))
+    if m["to"] is not None:
+        return key, To(None, int(m["to"]))
+    address = m["addr4"] if family == 4 else m["addr6"]
+    return (key, To(address, int(m["dnat_to"]))) if address is not None else None
 
 
 def saved_rules(saved: SavedNat, cfg: RuleConfig, family: Family) -> dict[Key, str]:
-    """Key -> the exact spec (comment included) of each rule our chain redirects to the proxy port."""
+    """Key -> the exact spec (comment included) of each rule our chain sends to the proxy."""
     found = {}
     for spec in saved.rules.get(cfg.chain, []):
         parsed = parse_redirect(spec, family)
-        if parsed is not None and parsed[1] == cfg.proxy_port:
+        if parsed is not None and cfg.reaches_proxy(family, parsed[1]):
             found[parsed[0]] = spec
     return found
 
@@ -222,7 +267,7 @@ def saved_keys(saved: SavedNat, cfg: RuleConfig, family: Family) -> frozenset[Ke
 def chains_differ(saved: SavedNat, expected: Mapping[str, list[str]]) -> bool:
     """True when a chain of ours is missing or its rules differ (comments aside) from ``expected``.
 
-    The leading RETURN rules must match in order; the REDIRECT rules after them are compared as a
+    The leading RETURN rules must match in order; the REDIRECT/DNAT rules after them are compared as a
     multiset, because incremental appends land at the end and their order changes nothing.
     """
     for name, specs in expected.items():
@@ -230,7 +275,7 @@ def chains_differ(saved: SavedNat, expected: Mapping[str, list[str]]) -> bool:
             return True
         have = [without_comments(s) for s in saved.rules.get(name, [])]
         want = [without_comments(s) for s in specs]
-        head = next((i for i, s in enumerate(want) if "-j REDIRECT" in s), len(want))
+        head = next((i for i, s in enumerate(want) if target(s) in TO_PROXY_TARGETS), len(want))
         if len(have) != len(want) or have[:head] != want[:head] or sorted(have[head:]) != sorted(want[head:]):
             return True
     return False

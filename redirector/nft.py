@@ -7,6 +7,10 @@ which libnftables sends as one netlink batch, so the kernel applies all of it or
 Two libnftables contexts: one writes, one reads. Listing a big table fills a context's cache with every
 element, and the next command on that context first throws the cache away (about 11 ms for 20,000
 elements): a separate reader keeps single-element writes at ~0.2 ms.
+
+In "dnat" mode (the default) the backend also owns the DNAT targets on lo (``redirector.localaddr``):
+``ensure`` adds a missing one before it writes any rule pointing at it, ``cleanup`` removes them after the
+table. Both live in the namespace of the thread that constructed the backend, like the libnftables sockets.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from redirector.localaddr import LoopbackAddresses
 from redirector.model import BackendError, Delta, Key, diff
 from redirector.nftshape import Command, Layout, dumps
 from shared import constants as c
@@ -35,10 +40,15 @@ class NftBackend:
         proxy_port: int = c.DEFAULT_PROXY_PORT,
         proxy_mark: int | None = c.DEFAULT_PROXY_MARK,
         proxy_uid: int | None = None,
+        mode: str = c.DEFAULT_REDIRECT_MODE,
+        address4: str = c.DEFAULT_REDIRECT_ADDRESS,
+        address6: str = c.DEFAULT_REDIRECT_ADDRESS6,
     ) -> None:
         import nftables  # type: ignore[import-untyped]  # Debian python3-nftables: imported here so the rest of the agent imports without it
 
-        self.layout = Layout(table=table, proxy_port=proxy_port, proxy_mark=proxy_mark, proxy_uid=proxy_uid)
+        self.layout = Layout(table=table, proxy_port=proxy_port, proxy_mark=proxy_mark, proxy_uid=proxy_uid,
+                             mode=mode, address4=address4, address6=address6)
+        self.addresses = LoopbackAddresses(self.layout.addresses())
         # libnftables opens its netlink socket here: the objects belong to the caller's network namespace.
         self._writer = nftables.Nftables()
         self._writer.set_json_output(True)  # libnftables 1.0 parses its input as JSON when this is on
@@ -52,6 +62,7 @@ class NftBackend:
     def ensure(self, keys: Iterable[Key]) -> bool:
         want = frozenset(keys)
         with self._lock:
+            added = self._ensure_addresses()
             listing = self._list()
             if listing is None:
                 log.info("nftables table missing: creating it", extra={"table": self.layout.table, "entries": len(want)})
@@ -69,7 +80,16 @@ class NftBackend:
                          extra={"add": len(delta.add), "delete": len(delta.delete)})
                 self._run(self.layout.delta_commands(delta))
                 return True
-            return False
+            return bool(added)
+
+    def _ensure_addresses(self) -> list[str]:
+        """DNAT mode: put the missing targets on lo first, so no rule ever points at an address we lack."""
+        if self.layout.mode != "dnat":
+            return []
+        added = self.addresses.ensure()
+        if added:
+            log.info("redirect addresses added to lo", extra={"addresses": added})
+        return added
 
     def apply(self, delta: Delta) -> None:
         if not delta:
@@ -101,6 +121,8 @@ class NftBackend:
             "proxy_port": self.layout.proxy_port,
             "proxy_mark": self.layout.proxy_mark,
             "proxy_uid": self.layout.proxy_uid,
+            "redirect_mode": self.layout.mode,
+            "redirect_addresses": self._addresses_held(),
             "ruleset": out if rc == 0 else None,
             "error": err.strip() if rc != 0 else None,
         }
@@ -110,6 +132,19 @@ class NftBackend:
             rc, _, err = self._writer.json_cmd({"nftables": [{"delete": {"table": self.layout.table_ref}}]})
         if rc != 0 and not _not_found(err):
             raise BackendError(f"nftables: deleting table inet {self.layout.table}: {err.strip()}")
+        removed = self.addresses.remove()  # after the rules: never a DNAT to an address that is gone
+        if removed:
+            log.info("redirect addresses removed from lo", extra={"addresses": removed})
+
+    def _addresses_held(self) -> dict[str, bool] | None:
+        """DNAT target -> is it on lo (None: netlink failed; {} in REDIRECT mode), for the debug endpoints."""
+        if self.layout.mode != "dnat":
+            return {}
+        try:
+            held = set(self.addresses.present())
+        except BackendError:
+            return None
+        return {f"{s.address}/{s.prefixlen}": f"{s.address}/{s.prefixlen}" in held for s in self.addresses.specs}
 
     # -- raw transactions (also used by the benchmark for the raw floor) ------------------------------
 

@@ -10,9 +10,16 @@ The table (``inet lightpath`` by default)::
     chain output     { type nat hook output priority -110 }              # the node itself -> Services
         meta mark <proxy mark> return          # the proxy's own traffic is never redirected
         meta skuid <proxy uid> return          # (output only; when a proxy uid is configured)
-        ip daddr . tcp dport @svc4 redirect to :<proxy port>
-        ip6 daddr . tcp dport @svc6 redirect to :<proxy port>
-        fib daddr type local meta nfproto . tcp dport @nodeports redirect to :<proxy port>
+        ip daddr . tcp dport @svc4 dnat ip to <address>:<proxy port>
+        ip6 daddr . tcp dport @svc6 dnat ip6 to [<address6>]:<proxy port>
+        meta nfproto ipv4 fib daddr type local meta nfproto . tcp dport @nodeports dnat ip to <address>:<proxy port>
+        meta nfproto ipv6 fib daddr type local meta nfproto . tcp dport @nodeports dnat ip6 to [<address6>]:<proxy port>
+
+The DNAT targets are node-local addresses of ours on lo (``redirector.localaddr``). With ``mode="redirect"``
+each of those verdicts is ``redirect to :<proxy port>`` instead (and one NodePort rule serves both families):
+REDIRECT rewrites to the incoming interface's primary address and drops pod traffic when that interface has
+none, which is what Calico, Cilium (chaining) and the AWS VPC CNI leave on a pod's host veth. Either way
+conntrack keeps the original destination for the proxy's SO_ORIGINAL_DST.
 
 One set lookup per family: the per-packet cost does not depend on the number of Services. Both chains run
 before kube-proxy's (priority dstnat = -100 on prerouting and output). NodePorts are keyed by family too,
@@ -27,7 +34,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from redirector.localaddr import check_address
 from redirector.model import Delta, Family, Key
+from shared import constants as c
 
 Command = dict[str, Any]
 PRIORITY = -110  # dstnat (-100) - 10: before kube-proxy's nat chains, iptables' and nftables' alike
@@ -49,8 +58,16 @@ class Layout:
     proxy_port: int = 1666
     proxy_mark: int | None = 0x1666
     proxy_uid: int | None = None
+    mode: str = c.DEFAULT_REDIRECT_MODE
+    address4: str = c.DEFAULT_REDIRECT_ADDRESS
+    address6: str = c.DEFAULT_REDIRECT_ADDRESS6
 
     def __post_init__(self) -> None:
+        if self.mode not in c.REDIRECT_MODES:
+            raise ValueError(f"redirect mode must be one of {', '.join(c.REDIRECT_MODES)}, not {self.mode!r}")
+        # Canonical text, so the rules compare equal to what libnftables lists back.
+        object.__setattr__(self, "address4", check_address(self.address4, 4))
+        object.__setattr__(self, "address6", check_address(self.address6, 6))
         if not self.table or not self.table.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"nftables table name must be alphanumeric: {self.table!r}")
         if not 0 < self.proxy_port < 65536:
@@ -78,16 +95,32 @@ class Layout:
         if chain == "output" and self.proxy_uid is not None:
             rules.append(([_match({"meta": {"key": "skuid"}}, self.proxy_uid), {"return": None}],
                           f"{COMMENT}: traffic of the proxy's user is never redirected"))
-        redirect = {"redirect": {"port": self.proxy_port}}
         tcp_dport = {"payload": {"protocol": "tcp", "field": "dport"}}
         for proto, set_name, what in (("ip", "svc4", "IPv4"), ("ip6", "svc6", "IPv6")):
             daddr = {"payload": {"protocol": proto, "field": "daddr"}}
-            rules.append(([_match({"concat": [daddr, tcp_dport]}, f"@{set_name}"), redirect],
+            rules.append(([_match({"concat": [daddr, tcp_dport]}, f"@{set_name}"), self.verdict(proto)],
                           f"{COMMENT}: {what} Service addresses to the local proxy"))
         fib_local = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
-        rules.append(([fib_local, _match({"concat": [{"meta": {"key": "nfproto"}}, tcp_dport]}, "@nodeports"),
-                       redirect], f"{COMMENT}: NodePorts on the node's own addresses to the local proxy"))
+        nodeports = _match({"concat": [{"meta": {"key": "nfproto"}}, tcp_dport]}, "@nodeports")
+        comment = f"{COMMENT}: NodePorts on the node's own addresses to the local proxy"
+        if self.mode == "redirect":
+            rules.append(([fib_local, nodeports, self.verdict("ip")], comment))
+        else:  # one rule per family: the DNAT target is an address of that family
+            for proto, nfproto in (("ip", "ipv4"), ("ip6", "ipv6")):
+                rules.append(([_match({"meta": {"key": "nfproto"}}, nfproto), fib_local, nodeports,
+                               self.verdict(proto)], comment))
         return rules
+
+    def verdict(self, proto: str) -> dict[str, Any]:
+        """The statement sending a packet of ``proto`` ("ip"/"ip6") to the proxy, as libnftables lists it."""
+        if self.mode == "redirect":
+            return {"redirect": {"port": self.proxy_port}}
+        return {"dnat": {"family": proto, "addr": self.address4 if proto == "ip" else self.address6,
+                         "port": self.proxy_port}}
+
+    def addresses(self) -> list[tuple[Family, str]]:
+        """The DNAT targets (kept on lo by the backend in "dnat" mode, removed by its cleanup in either)."""
+        return [(4, self.address4), (6, self.address6)]
 
     # -- transactions ---------------------------------------------------------------------------------
 

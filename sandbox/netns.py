@@ -8,7 +8,8 @@ counter so parallel runs never collide) and removes them afterwards, even when t
 - ``run_in_netns``: run a Python callable in a forked child that entered the netns, so
   libnftables (which acts on the calling process's netns) can be driven without moving pytest.
 - ``Topology``: node + N pods, pod IPs 10.244.0.(10+i) / fd00:10:244::(10+i), node 10.244.0.1 /
-  fd00:10:244::1, service CIDRs routed to a device in the node.
+  fd00:10:244::1, service CIDRs routed to a device in the node. ``addressless=True`` builds the
+  Calico / Cilium-chaining / AWS VPC CNI shape instead: no address on the host side of any veth.
 - Traffic helpers (``tcp_listener``, ``tcp_request``, ...) live in ``sandbox.traffic`` and are
   re-exported here.
 """
@@ -40,6 +41,10 @@ NODE_IP6 = "fd00:10:244::1"
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_CIDR6 = "fd00:10:96::/112"
 SERVICE_DEVICE = "svc0"
+# The addressless (Calico-style) topology: every pod's gateway, answered for by the host veth's MAC.
+POD_GATEWAY = "169.254.1.1"
+POD_GATEWAY6 = "fe80::1"
+HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"  # what Calico gives every host-side veth
 
 _counter = itertools.count()
 
@@ -208,13 +213,21 @@ class Topology:
     the service CIDRs route to a device (so locally generated traffic to a ClusterIP has a
     route and passes the nat output hook). Pods: ``eth0`` with their /32 (/128), default route via
     the node. Use as a context manager; everything is removed on exit.
+
+    ``addressless=True``: the shape Calico, Cilium (chaining) and the AWS VPC CNI give a node, where
+    REDIRECT in prerouting has no address to rewrite to. The host side of each veth has no address
+    (IPv6: only the kernel's own link-local) and the MAC HOST_VETH_MAC; each pod's default route goes
+    via POD_GATEWAY (POD_GATEWAY6), a static neighbour entry pointing at that MAC (what proxy ARP
+    answers on a real node); the node keeps its /32 (/128) routes to the pods, and NODE_IP(/6) sits
+    on the service device, the stand-in for the node's uplink.
     """
 
-    def __init__(self, pods: int = 2, *, ipv6: bool = True, prefix: str = "lp") -> None:
+    def __init__(self, pods: int = 2, *, ipv6: bool = True, prefix: str = "lp", addressless: bool = False) -> None:
         if pods < 0 or pods > 200:
             raise ValueError(f"pods must be in 0..200, got {pods}")
         base = f"{prefix}-{os.getpid()}-{next(_counter)}"
         self.ipv6 = ipv6
+        self.addressless = addressless
         self.node = NetNS(f"{base}-node")
         self.pods = [NetNS(f"{base}-pod{i}") for i in range(pods)]
         self.pod_ips = [f"10.244.0.{10 + i}" for i in range(pods)]
@@ -260,31 +273,45 @@ class Topology:
         ]
         if self.ipv6:
             node.append(f"route add {SERVICE_CIDR6} dev {SERVICE_DEVICE}")
+        if self.addressless:
+            node.append(f"addr add {NODE_IP}/32 dev {SERVICE_DEVICE}")
+            if self.ipv6:
+                node.append(f"addr add {NODE_IP6}/128 dev {SERVICE_DEVICE} nodad")
         for i, pod in enumerate(self.pods):
             veth = f"veth{i}"
+            mac = f" address {HOST_VETH_MAC}" if self.addressless else ""
             node += [
-                f"link add {veth} type veth peer name eth0 netns {pod.name}",
+                f"link add {veth}{mac} type veth peer name eth0 netns {pod.name}",
                 f"link set {veth} up",
-                f"addr add {NODE_IP}/32 dev {veth}",
                 f"route add {self.pod_ips[i]}/32 dev {veth}",
             ]
+            if not self.addressless:
+                node.append(f"addr add {NODE_IP}/32 dev {veth}")
             if self.ipv6:
-                node += [f"addr add {NODE_IP6}/128 dev {veth} nodad", f"route add {self.pod_ips6[i]}/128 dev {veth}"]
+                node.append(f"route add {self.pod_ips6[i]}/128 dev {veth}")
+                if not self.addressless:
+                    node.append(f"addr add {NODE_IP6}/128 dev {veth} nodad")
         _run(["ip", "-n", self.node.name, "-batch", "-"], input="\n".join(node) + "\n")
         for i, pod in enumerate(self.pods):
-            cmds = [
-                "link set eth0 up",
-                f"addr add {self.pod_ips[i]}/32 dev eth0",
-                f"route add {NODE_IP}/32 dev eth0",
-                f"route add default via {NODE_IP} dev eth0",
-            ]
-            if self.ipv6:
-                cmds += [
-                    f"addr add {self.pod_ips6[i]}/128 dev eth0 nodad",
-                    f"route add {NODE_IP6}/128 dev eth0",
-                    f"route add default via {NODE_IP6} dev eth0",
-                ]
-            _run(["ip", "-n", pod.name, "-batch", "-"], input="\n".join(cmds) + "\n")
+            _run(["ip", "-n", pod.name, "-batch", "-"], input="\n".join(self._pod_commands(i)) + "\n")
+
+    def _pod_commands(self, i: int) -> list[str]:
+        """``ip -batch`` lines for pod ``i``'s eth0: its /32 (/128) and a default route via the node."""
+        gateways = [(POD_GATEWAY, self.pod_ips[i], "32", "")]
+        if self.ipv6:
+            gateways.append((POD_GATEWAY6, self.pod_ips6[i], "128", " nodad"))
+        cmds = ["link set eth0 up"]
+        for gateway, ip, plen, flags in gateways:
+            cmds.append(f"addr add {ip}/{plen} dev eth0{flags}")
+            if self.addressless:
+                if ":" not in gateway:  # fe80::/64 is on-link already
+                    cmds.append(f"route add {gateway}/32 dev eth0 scope link")
+                cmds.append(f"neigh add {gateway} lladdr {HOST_VETH_MAC} dev eth0 nud permanent")
+            else:
+                gateway = NODE_IP6 if ":" in gateway else NODE_IP
+                cmds.append(f"route add {gateway}/{plen} dev eth0")
+            cmds.append(f"route add default via {gateway} dev eth0")
+        return cmds
 
 
 _STALE = re.compile(r"^(?P<prefix>.+)-(?P<pid>\d+)-\d+-")

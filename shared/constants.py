@@ -44,6 +44,17 @@ DEFAULT_IPTABLES_CHAIN: Final = "LIGHTPATH"
 # Packets with this mark (set by the proxy) are never redirected.
 DEFAULT_PROXY_MARK: Final = 0x1666
 
+# How the kernel sends a Service's traffic to the proxy. "dnat" (default): to a node-local address of ours
+# on lo, which works whatever address the incoming interface has; "redirect": REDIRECT to the incoming
+# interface's primary address, which drops pod traffic where the CNI leaves the host veth without one
+# (Calico, Cilium chaining, AWS VPC CNI). See docs/redirector.md, "Redirect primitive".
+REDIRECT_MODES: Final = ("dnat", "redirect")
+DEFAULT_REDIRECT_MODE: Final = "dnat"
+# The DNAT targets the agent keeps on lo: link-local IPv4 (as NodeLocal DNSCache's 169.254.20.10) and a
+# ULA. Never 127.0.0.1: forwarded packets reach it only with route_localnet=1 (CVE-2020-8558).
+DEFAULT_REDIRECT_ADDRESS: Final = "169.254.16.66"
+DEFAULT_REDIRECT_ADDRESS6: Final = "fd6c:7066:1666::1"
+
 # appProtocol values that the proxy treats as HTTP; anything else is plain TCP.
 HTTP_APP_PROTOCOLS: Final = frozenset(
     {

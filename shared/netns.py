@@ -26,6 +26,12 @@ def _setns(fd: int, what: str) -> None:
         raise OSError(err, f"setns({what}): {os.strerror(err)}")
 
 
+def enter_fd(fd: int, what: str = "netns fd") -> None:
+    """Move the calling thread into the namespace ``fd`` refers to (kept open by a caller that must come
+    back to a namespace it has no name for, e.g. the one it was created in)."""
+    _setns(fd, what)
+
+
 def enter(name: str) -> None:
     """Move the calling thread into netns ``name`` for good (OSError when it cannot)."""
     fd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)

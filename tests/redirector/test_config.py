@@ -28,6 +28,14 @@ def test_defaults_match_the_shared_constants() -> None:
     assert (s.debug_address, s.debug_port, s.nft_table, s.iptables_chain) == ("127.0.0.1", 10666, "lightpath", "LIGHTPATH")
     assert (s.health_address, s.health_port) == ("127.0.0.1", 10667)
     assert s.resync_period == 30.0 and s.kubeconfig is None
+    assert (s.redirect_mode, s.redirect_address, s.redirect_address6) == ("dnat", "169.254.16.66", "fd6c:7066:1666::1")
+
+
+def test_redirect_mode_and_addresses_from_flags_and_env() -> None:
+    s = parse(["--redirect-mode", "REDIRECT"], {"LIGHTPATH_REDIRECT_ADDRESS6": "FD00:0::66",
+                                                "LIGHTPATH_REDIRECT_ADDRESS": "169.254.99.1"})
+    assert (s.redirect_mode, s.redirect_address, s.redirect_address6) == ("redirect", "169.254.99.1", "fd00::66")
+    assert parse([], {"LIGHTPATH_REDIRECT_MODE": "dnat"}).redirect_mode == "dnat"
 
 
 def test_flags_win_over_env_which_wins_over_defaults() -> None:
@@ -56,6 +64,11 @@ def test_flags_win_over_env_which_wins_over_defaults() -> None:
         ([], {"LIGHTPATH_HEALTH_PORT": "1666"}, "health port 1666 collides with the proxy"),
         (["--debug-port", "10667"], {}, "collides with --health-port"),
         (["--health-address", "localhost"], {}, "health address must be an IP address"),
+        (["--redirect-mode", "tproxy"], {}, "--redirect-mode"),
+        (["--redirect-address", "127.0.0.1"], {}, "route_localnet=1"),  # the CVE-2020-8558 class of problem
+        (["--redirect-address", "fd00::1"], {}, "not an IPv4 address"),
+        ([], {"LIGHTPATH_REDIRECT_ADDRESS6": "::1"}, "LIGHTPATH_REDIRECT_ADDRESS6.*loopback"),
+        (["--redirect-address6", "fe80::1"], {}, "link-local"),
     ],
 )
 def test_bad_values_name_the_culprit(argv: list[str], env: dict[str, str], culprit: str) -> None:
@@ -110,10 +123,14 @@ def test_a_bad_debug_env_value_is_a_usage_error_of_debug_only() -> None:
 def test_cleanup_removes_our_table_and_nothing_else() -> None:
     with NetNS(f"lpr-{os.getpid()}-0-cleanup") as ns:
         nft(ns.name, "add table inet lightpath\nadd table inet keepme\nadd table ip nat")
+        ns.run(["ip", "addr", "add", "169.254.16.66/32", "dev", "lo", "scope", "host"])
+        ns.run(["ip", "addr", "add", "169.254.16.67/32", "dev", "lo"])
         done = ns.run([str(BINARY), "cleanup"], check=False)
         assert done.returncode == 0, done.stderr
         tables = nft(ns.name, "list tables")
         assert "lightpath" not in tables and "keepme" in tables and "table ip nat" in tables
+        lo = ns.run(["ip", "-br", "addr", "show", "dev", "lo"]).stdout
+        assert "169.254.16.66" not in lo and "169.254.16.67/32" in lo  # our DNAT target only
         assert ns.run([str(BINARY), "cleanup"], check=False).returncode == 0  # idempotent
 
 

@@ -18,11 +18,13 @@ pytestmark = pytest.mark.root
 
 
 def saved_keys(dn: DebugNode) -> set[tuple[int, str | None, int]]:
-    """REDIRECT rules of our chain per ``iptables-legacy-save`` / ``ip6tables-legacy-save`` (parsed here)."""
+    """DNAT (or REDIRECT) rules of our chain to the proxy per ``iptables-legacy-save`` / ``ip6tables-legacy-save``
+    (parsed here)."""
     keys: set[tuple[int, str | None, int]] = set()
     for family, tool, host in ((4, "iptables-legacy-save", "/32"), (6, "ip6tables-legacy-save", "/128")):
         for line in dn.node.run([tool, "-t", "nat"]).stdout.splitlines():
-            if not line.startswith("-A LIGHTPATH") or f"--to-ports {PROXY_PORT}" not in line:
+            to_proxy = line.endswith((f"--to-ports {PROXY_PORT}", f":{PROXY_PORT}"))  # REDIRECT or DNAT
+            if not line.startswith("-A LIGHTPATH") or not to_proxy:
                 continue
             port = int(re.search(r"--dport (\d+)", line).group(1))  # type: ignore[union-attr]
             dest = re.search(r" -d (\S+?)" + re.escape(host) + " ", line)

@@ -187,7 +187,8 @@ def test_rules_equal_what_the_kernel_holds(dn: DebugNode) -> None:
     assert owners == {f"{NS}/rules-web:http"}
     page = dn.json("/debug/rules", limit=1)
     assert page["backend"] == "nftables" and page["kernel"]["table"] == "inet lightpath"
-    assert "redirect to :1666" in page["kernel"]["ruleset"]
+    assert "dnat ip to 169.254.16.66:1666" in page["kernel"]["ruleset"]
+    assert page["kernel"]["redirect_mode"] == "dnat"
     text = dn.get("/debug/rules", format="text").text
     assert f"{ips[0]}:80" in text and "FAMILY" in text and "chain prerouting" in text
 

@@ -142,7 +142,7 @@ def test_apply_adds_and_removes_and_read_returns_what_was_written(node: Node) ->
     assert_redirected(node.ns, QUICK[6], 8080)
     assert dial(node.ns, QUICK[4], 8080)["server"] == "refused"
     text = json.dumps(node.backend().describe())
-    assert f"-d {CLUSTER[4]}/32 -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 1666" in text
+    assert f"-d {CLUSTER[4]}/32 -p tcp -m tcp --dport 443 -j DNAT --to-destination 169.254.16.66:1666" in text
     backend.apply(Delta(delete=frozenset({old6})))
     assert backend.read() == {new4, new6}
     assert dial(node.ns, QUICK[6], 8080)["server"] == "refused"
@@ -152,8 +152,8 @@ def test_apply_adds_and_removes_and_read_returns_what_was_written(node: Node) ->
 def test_apply_patches_only_the_touched_rules_even_from_a_fresh_instance(node: Node) -> None:
     first, later = Key(4, QUICK[4], 81), Key(4, QUICK[4], 82)
     # Rules with owner comments, as an older agent wrote them: a restarted agent adopts them as they are.
-    specs = [rules.redirect_spec(k, 1666, "shop/cart:https") for k in (first, later)]
     older = node.backend()
+    specs = [rules.redirect_spec(k, older.cfg, "shop/cart:https") for k in (first, later)]
     older.ensure(set())
     older.restore_batch(4, rules.render_batch(rules.chain_rules(older.cfg, specs)))
     assert node.backend().ensure({first, later}) is False  # comments are labels, not drift
@@ -162,7 +162,8 @@ def test_apply_patches_only_the_touched_rules_even_from_a_fresh_instance(node: N
     restarted.apply(Delta(add=frozenset({lowest}), delete=frozenset({first})))
     chain = node.saved(4).rules["LIGHTPATH"]
     # Patched in place: the new rule is appended (a rewrite would have sorted it first).
-    assert [rules.parse_redirect(spec, 4) for spec in chain[1:]] == [(later, 1666), (lowest, 1666)]
+    to = rules.To("169.254.16.66", 1666)
+    assert [rules.parse_redirect(spec, 4) for spec in chain[1:]] == [(later, to), (lowest, to)]
     assert 'shop/cart:https' in chain[1]
     assert restarted.ensure({later, lowest}) is False  # rule order is not drift
     assert_redirected(node.ns, "10.96.0.1", 80)
@@ -174,7 +175,7 @@ def test_apply_does_not_repair_a_kernel_that_drifted_under_it(node: Node) -> Non
     backend = node.backend()
     a, b, c = Key(4, QUICK[4], 81), Key(4, QUICK[4], 82), Key(4, QUICK[4], 83)
     backend.ensure({a, b})
-    node.iptables(4, "-D", "LIGHTPATH", *rules.redirect_spec(b, 1666).split())
+    node.iptables(4, "-D", "LIGHTPATH", *rules.redirect_spec(b, backend.cfg).split())
     with pytest.raises(BackendError, match="batch line"):
         backend.apply(Delta(add=frozenset({c}), delete=frozenset({b})))  # the patch's "-D b" fails
     assert backend.read() == {a}  # the whole batch was refused: c was not added either
@@ -212,14 +213,14 @@ def test_hand_edits_are_repaired_by_ensure(node: Node) -> None:
     assert backend.ensure(keys) is True
     jump = shlex.split(rules.jump_spec("LIGHTPATH"))
     out_jump = shlex.split(rules.jump_spec("LIGHTPATH-OUTPUT"))
-    rule4 = rules.redirect_spec(Key(4, CLUSTER[4], 80), 1666).split()
+    rule4 = rules.redirect_spec(Key(4, CLUSTER[4], 80), backend.cfg).split()
     edits: dict[str, list[tuple[Family, list[str]]]] = {
         "rule deleted": [(4, ["-D", "LIGHTPATH", *rule4])],
         "output jump deleted": [(4, ["-D", "OUTPUT", *out_jump])],
         "prerouting jump deleted": [(6, ["-D", "PREROUTING", *jump])],
         "jump duplicated": [(4, ["-A", "OUTPUT", *out_jump])],
         "chain flushed": [(6, ["-F", "LIGHTPATH"])],
-        "rule retargeted": [(4, ["-R", "LIGHTPATH", "2", *rule4[:-1], "1667"])],
+        "rule retargeted": [(4, ["-R", "LIGHTPATH", "2", *rule4[:-1], "169.254.16.66:1667"])],
         "foreign rule added": [(4, ["-I", "LIGHTPATH", "1", "-j", "RETURN"])],
         "everything deleted": [
             (4, ["-D", "PREROUTING", *jump]),
@@ -276,6 +277,7 @@ def test_cleanup_removes_ours_and_leaves_other_owners_rules(node: Node) -> None:
         assert (after.chains, after.rules) == (before[family].chains, before[family].rules)
         assert "LIGHTPATH" not in after.chains
     assert backend.read() == frozenset()
+    assert backend.addresses.present() == []  # the DNAT targets on lo go with the rules
     assert dial(node.ns, QUICK[4], 8080)["server"] == "refused"
     assert dial(node.ns, QUICK[6], 8080)["server"] == "refused"
     backend.cleanup()  # idempotent: nothing of ours left, nothing written

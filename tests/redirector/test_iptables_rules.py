@@ -10,6 +10,9 @@ from redirector import iptables_rules as r
 from redirector.model import Key
 
 CFG = r.RuleConfig()
+REDIRECT = r.RuleConfig(mode="redirect")
+DNAT4 = "-j DNAT --to-destination 169.254.16.66:1666"
+DNAT6 = "-j DNAT --to-destination [fd6c:7066:1666::1]:1666"
 
 
 def save_text(chains: dict[str, list[str]], hooks: dict[str, list[str]] | None = None) -> str:
@@ -45,16 +48,18 @@ keys6 = st.builds(
 )
 
 
+@pytest.mark.parametrize("cfg", [CFG, REDIRECT], ids=["dnat", "redirect"])
 @pytest.mark.parametrize("family, keys", [(4, keys4), (6, keys6)])
-def test_rendered_rules_parse_back_to_the_same_keys(family: int, keys: st.SearchStrategy[Key]) -> None:
+def test_rendered_rules_parse_back_to_the_same_keys(family: int, keys: st.SearchStrategy[Key],
+                                                    cfg: r.RuleConfig) -> None:
     @given(st.frozensets(keys, max_size=30), st.booleans())
     def check(wanted: frozenset[Key], with_comments: bool) -> None:
         comments = {k: f"ns/svc-{k.port}:http" for k in wanted} if with_comments else {}
-        chains = layout(CFG, wanted, comments)
+        chains = layout(cfg, wanted, comments)
         saved = r.parse_save(save_text(chains, healthy_hooks()))
-        assert r.saved_keys(saved, CFG, family) == wanted  # type: ignore[arg-type]
+        assert r.saved_keys(saved, cfg, family) == wanted  # type: ignore[arg-type]
         assert not r.chains_differ(saved, chains)
-        assert r.jump_fixes(saved, CFG) == []
+        assert r.jump_fixes(saved, cfg) == []
 
     check()
 
@@ -65,12 +70,14 @@ def test_chain_layout_returns_proxy_traffic_before_any_redirect() -> None:
     assert chains == {
         "LIGHTPATH": [
             "-m mark --mark 0x1666 -j RETURN",
-            '-d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "a/b:http" -j REDIRECT --to-ports 1666',
-            "-p tcp -m addrtype --dst-type LOCAL -m tcp --dport 30080 -j REDIRECT --to-ports 1666",
+            f'-d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "a/b:http" {DNAT4}',
+            f"-p tcp -m addrtype --dst-type LOCAL -m tcp --dport 30080 {DNAT4}",
         ],
         # The owner match is only legal in OUTPUT, so it lives in a chain only OUTPUT jumps to.
         "LIGHTPATH-OUTPUT": ["-m owner --uid-owner 1337 -j RETURN", "-j LIGHTPATH"],
     }
+    assert layout(REDIRECT, [Key(6, None, 30080)], {})["LIGHTPATH"][1] == (
+        "-p tcp -m addrtype --dst-type LOCAL -m tcp --dport 30080 -j REDIRECT --to-ports 1666")
     unmarked = layout(r.RuleConfig(proxy_mark=None), [], {})
     assert unmarked == {"LIGHTPATH": [], "LIGHTPATH-OUTPUT": ["-j LIGHTPATH"]}
 
@@ -79,7 +86,7 @@ def test_batch_declares_our_chains_only_then_commits() -> None:
     batch = r.render_batch(layout(CFG, [Key(6, "fd00:10:96::a", 443)], {}), ["-I OUTPUT 1 -j X"])
     lines = batch.splitlines()
     assert lines[:3] == ["*nat", ":LIGHTPATH - [0:0]", ":LIGHTPATH-OUTPUT - [0:0]"]
-    assert "-A LIGHTPATH -d fd00:10:96::a/128 -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 1666" in lines
+    assert f"-A LIGHTPATH -d fd00:10:96::a/128 -p tcp -m tcp --dport 443 {DNAT6}" in lines
     assert lines[-2:] == ["-I OUTPUT 1 -j X", "COMMIT"]
     assert not any(line.startswith((":PREROUTING", ":OUTPUT")) for line in lines)  # built-ins never declared
 
@@ -115,7 +122,7 @@ def test_saved_rules_keep_the_exact_spec_for_deletion_and_patches_flush_nothing(
     specs = r.redirect_specs(CFG, [k], {k: "shop/cart:https"})
     saved = r.parse_save(save_text(r.chain_rules(CFG, specs.values())))
     assert r.saved_rules(saved, CFG, 4) == specs
-    add = r.redirect_spec(Key(4, "10.96.0.11", 80), 1666)
+    add = r.redirect_spec(Key(4, "10.96.0.11", 80), CFG)
     assert r.patch_batch("LIGHTPATH", [add], [specs[k]]).splitlines() == [
         "*nat",
         f"-D LIGHTPATH {specs[k]}",
@@ -214,3 +221,28 @@ def test_rule_order_is_numeric_with_nodeports_last() -> None:
     keys = [Key(4, None, 30000), Key(4, "10.96.0.100", 80), Key(4, "10.96.0.9", 80), Key(4, "10.96.0.9", 8)]
     ordered = sorted(keys, key=r.sort_key)
     assert ordered == [Key(4, "10.96.0.9", 8), Key(4, "10.96.0.9", 80), Key(4, "10.96.0.100", 80), keys[0]]
+
+
+def test_dnat_targets_are_canonical_and_never_loopback() -> None:
+    cfg = r.RuleConfig(address4="169.254.0.7", address6="FD00:0:0::0:7")
+    assert cfg.address6 == "fd00::7"  # compared with ip6tables-save text, so canonical
+    assert cfg.jump(6) == "-j DNAT --to-destination [fd00::7]:1666"
+    for bad in ({"address4": "127.0.0.1"}, {"address6": "::1"}, {"address6": "fe80::1"}, {"address4": "fd00::1"},
+                {"mode": "tproxy"}):
+        with pytest.raises(ValueError):
+            r.RuleConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_reading_back_accepts_either_target_to_the_proxy_so_a_mode_switch_adopts_the_keys() -> None:
+    old = [Key(4, "10.96.0.10", 80), Key(4, None, 30080)]
+    saved = r.parse_save(save_text(layout(REDIRECT, old, {}), healthy_hooks()))
+    assert r.saved_keys(saved, CFG, 4) == set(old)  # the keys an agent in dnat mode inherits...
+    assert r.chains_differ(saved, layout(CFG, old, {}))  # ...and the shape its ensure rewrites
+    strays = {"LIGHTPATH": [
+        "-d 10.96.0.11/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 169.254.16.67:1666",  # not ours
+        "-d 10.96.0.12/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 169.254.16.66:1667",  # other port
+        "-d 10.96.0.13/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 169.254.16.66",  # no port
+        "-d 10.96.0.14/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 169.254.16.66:1666",
+    ]}
+    assert r.saved_keys(r.parse_save(save_text(strays)), CFG, 4) == {Key(4, "10.96.0.14", 80)}
+    assert r.parse_redirect(strays["LIGHTPATH"][3], 4) == (Key(4, "10.96.0.14", 80), r.To("169.254.16.66", 1666))

@@ -49,7 +49,8 @@ def test_ensure_creates_the_table_and_a_second_ensure_changes_nothing(topo: Topo
     assert backend.ensure(keys) is False  # the listed shape compares equal to ours: no churn every resync
     assert handles(topo.node.name) == before
     text = nft(topo.node.name, "list table inet lightpath")
-    assert "priority dstnat - 10" in text and "redirect to :1666" in text
+    assert "priority dstnat - 10" in text and "dnat ip to 169.254.16.66:1666" in text
+    assert "dnat ip6 to [fd6c:7066:1666::1]:1666" in text
     assert text.count("comment") >= 8  # every rule says who it is for
 
 
@@ -165,6 +166,7 @@ def test_cleanup_removes_our_table_only_and_is_idempotent(topo: Topology) -> Non
     tables = nft(topo.node.name, "list tables")
     assert "inet other" in tables and "lightpath" not in tables
     assert backend.read() == frozenset()
+    assert backend.addresses.present() == []  # the DNAT targets on lo go with the rules
 
 
 def test_table_name_is_configurable(topo: Topology) -> None:
@@ -172,7 +174,8 @@ def test_table_name_is_configurable(topo: Topology) -> None:
     backend.ensure({Key(4, CLUSTER_IP, 80)})
     assert "table inet lp_test" in nft(topo.node.name, "list tables")
     assert backend.describe()["table"] == "inet lp_test"
-    assert "redirect to :1666" in str(backend.describe()["ruleset"])
+    assert "dnat ip to 169.254.16.66:1666" in str(backend.describe()["ruleset"])
+    assert backend.describe()["redirect_addresses"] == {"169.254.16.66/32": True, "fd6c:7066:1666::1/128": True}
 
 
 def many_keys(n: int, start: int = 0) -> set[Key]:

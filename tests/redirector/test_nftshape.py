@@ -61,7 +61,8 @@ def test_inspect_accepts_our_shape_and_reads_the_keys() -> None:
     assert layout.inspect(listing(layout, KEYS)) == (True, frozenset(KEYS))
 
 
-@pytest.mark.parametrize("change", ["other port", "other mark", "no uid", "extra rule", "extra set"])
+@pytest.mark.parametrize("change", ["other port", "other mark", "no uid", "extra rule", "extra set", "redirect mode",
+                                    "other address"])
 def test_inspect_rejects_any_other_shape(change: str) -> None:
     built = listing(Layout(proxy_uid=1000), KEYS)
     judge = Layout(proxy_uid=1000)
@@ -71,6 +72,10 @@ def test_inspect_rejects_any_other_shape(change: str) -> None:
         judge = Layout(proxy_uid=1000, proxy_mark=0x1)
     elif change == "no uid":
         judge = Layout()
+    elif change == "redirect mode":  # a mode switch replaces the table, keeping the keys
+        judge = Layout(proxy_uid=1000, mode="redirect")
+    elif change == "other address":
+        judge = Layout(proxy_uid=1000, address6="fd00::66")
     elif change == "extra rule":
         built.append({"rule": {"chain": "output", "expr": [{"counter": None}]}})
     else:
@@ -80,7 +85,20 @@ def test_inspect_rejects_any_other_shape(change: str) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"table": "bad name"}, {"proxy_port": 0}, {"proxy_mark": 0},
-                                    {"proxy_uid": -1}])
+                                    {"proxy_uid": -1}, {"mode": "tproxy"}, {"address4": "127.0.0.1"},
+                                    {"address6": "::1"}, {"address6": "fe80::1"}, {"address4": "::"}])
 def test_layout_validates_its_knobs(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Layout(**kwargs)  # type: ignore[arg-type]
+
+
+def test_dnat_sends_each_family_to_its_own_address_and_redirect_keeps_one_nodeport_rule() -> None:
+    dnat = [expr[-1] for expr, _ in Layout().rules("prerouting")[1:]]
+    v4 = {"dnat": {"family": "ip", "addr": "169.254.16.66", "port": 1666}}
+    v6 = {"dnat": {"family": "ip6", "addr": "fd6c:7066:1666::1", "port": 1666}}
+    assert dnat == [v4, v6, v4, v6]  # ClusterIPs, then NodePorts per family
+    assert [expr[0] for expr, _ in Layout().rules("output")[-2:]] == [
+        {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": nfproto}} for nfproto in ("ipv4", "ipv6")]
+    redirect = [expr[-1] for expr, _ in Layout(mode="redirect").rules("prerouting")[1:]]
+    assert redirect == [{"redirect": {"port": 1666}}] * 3
+    assert Layout(address6="FD00::0:66").address6 == "fd00::66"
