@@ -1,46 +1,56 @@
 """KUBE-PROXY STAND-IN FOR TESTS AND THE DEMO. THIS IS NOT KUBE-PROXY AND NOT A PRODUCTION DATA PLANE.
 
 WHY: lightpath's whole point is the hand-over between kube-proxy and the node-local proxy. Tests and
-``make demo`` need "the other side" programmed in a real kernel: Services that kube-proxy still
-owns must be DNATed to their endpoints, and Services labelled
-``service.kubernetes.io/service-proxy-name`` must be IGNORED, exactly as kube-proxy ignores them.
+``make demo`` need "the other side" programmed in a real kernel, and what we measure against it (the
+handover windows) must hold on a real node. So it follows **kube-proxy v1.33's nftables mode**
+(pkg/proxy/nftables, its README "kube-proxy's use of nftables hooks") in what matters to a handover:
 
-What it does (a small subset of kube-proxy's nftables mode, same shape):
-- one table ``inet kubeproxy-standin``, replaced atomically on every apply;
-- chains at prerouting and output, priority dstnat (-100; numeric because nft 1.0.6 rejects the
-  ``dstnat`` name on the output hook), so lightpath's redirector can hook before it (e.g. -110);
-- ``StandinSync``: list+watch Services and EndpointSlices on an API server (the sandbox one) and
-  re-apply whenever the computed ruleset changes;
-- ClusterIP:port (TCP/UDP/SCTP, IPv4 and IPv6) and NodePorts (any local address) -> one ready
-  endpoint, chosen by ``numgen random`` when there are several; hairpin traffic (a pod reaching
-  itself through its Service) is masqueraded.
-What it does not: externalIPs, LoadBalancer IPs, session affinity, traffic policies, topology,
-terminating endpoints, rejecting Services without endpoints (their packets just go unanswered).
+- tables ``ip kube-proxy`` and ``ip6 kube-proxy`` with kube-proxy's names: verdict maps ``service-ips``
+  (``ip . proto . port : goto service-…``) and ``service-nodeports``, dispatched from ``services`` in
+  ``nat-prerouting``/``nat-output`` (type nat, priority dstnat -100), masquerading in ``nat-postrouting``
+  (srcnat 100), per-port ``service-…`` chains choosing an ``endpoint-…`` chain by ``numgen random``;
+- traffic to a ClusterIP it does not know (a Service labelled for another proxy, e.g. ours) is **dropped**
+  and to an undefined port of a known ClusterIP **rejected** (``cluster-ips-check`` from ``filter-forward``
+  and ``filter-output-post-dnat``, i.e. after DNAT), and a Service without endpoints is **rejected**
+  (``no-endpoint-services``) -- so a handover window in which neither side serves shows up as the SYN
+  timeout a real node gives, not as a clean refusal;
+- Services labelled ``service.kubernetes.io/service-proxy-name`` are IGNORED, exactly as kube-proxy does;
+- syncs are rate limited like kube-proxy's BoundedFrequencyRunner: at most one per ``min_sync_period``
+  (``--min-sync-period``, 1 s by default); a change after a quiet period applies at once.
+
+Left out: externalIPs and load-balancer IPs, session affinity, traffic policies, topology, terminating
+endpoints, loadBalancerSourceRanges, the masquerade decision by pod CIDR (it masquerades hairpin traffic
+only), kube-proxy's burst of 2 quick syncs (the stand-in allows 1: if anything, windows measured
+against it are wider), and kube-proxy's incremental transactions (it replaces its tables atomically).
 """
 
 from __future__ import annotations
 
-import json
+import base64
+import hashlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from kubernetes import client, watch
+from kubernetes import client
 
-from sandbox.netns import nft
+from sandbox.netns import SERVICE_CIDR, SERVICE_CIDR6, nft
 from shared.constants import SERVICE_PROXY_NAME_LABEL
+from shared.kube import Reflector
 
-TABLE = "kubeproxy-standin"
-FAMILY = "inet"
+TABLE = "kube-proxy"
+FAMILIES = {4: "ip", 6: "ip6"}
 PRIORITY_DSTNAT = -100
 PRIORITY_SRCNAT = 100
 MASQ_MARK = 0x4000  # kube-proxy's masquerade bit
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PROTOCOLS = ("TCP", "UDP", "SCTP")
+DEFAULT_MIN_SYNC_PERIOD = 1.0
 
 
 @dataclass(frozen=True, order=True)
@@ -64,13 +74,25 @@ class ServicePort:
     backends: tuple[Backend, ...]
 
     @property
-    def chain(self) -> str:
+    def ident(self) -> str:
+        """kube-proxy's chain name suffix: namespace/name/protocol/port-name."""
         label = self.port_name or str(self.port)
-        raw = f"svc-{self.namespace}-{self.name}-{label}-{self.protocol}-v{self.family}".lower()
-        return re.sub(r"[^a-z0-9-]", "-", raw)
+        return re.sub(r"[^A-Za-z0-9/_.-]", "-", f"{self.namespace}/{self.name}/{self.protocol.lower()}/{label}")
+
+    @property
+    def chain(self) -> str:
+        return f"service-{_hash(self.ident)}-{self.ident}"
+
+    def endpoint_chain(self, backend: Backend) -> str:
+        ident = f"{self.ident}__{backend.ip}/{backend.port}".replace(":", ".")
+        return f"endpoint-{_hash(ident)}-{ident}"
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}:{self.port_name or self.port}/{self.protocol}"
+
+
+def _hash(text: str) -> str:
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:8]
 
 
 def _family(ip: str) -> int:
@@ -150,62 +172,98 @@ def _bracket(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
 
 
-def standin_ruleset(
-    services: Iterable[Mapping[str, Any]], endpointslices: Iterable[Mapping[str, Any]]
-) -> str:
-    """The whole table as one nft script that atomically replaces any previous version."""
-    ports = service_ports(services, endpointslices)
-    dispatch: list[str] = []
+def _elements(items: list[str]) -> str:
+    return f" elements = {{ {', '.join(items)} }}" if items else ""
+
+
+def _table(family: int, ports: list[ServicePort]) -> str:
+    """One family's table in kube-proxy's nftables layout (see the module docstring)."""
+    ipf = FAMILIES[family]
+    addr_type = "ipv4_addr" if family == 4 else "ipv6_addr"
+    loopback = "127.0.0.0/8" if family == 4 else "::1"
+    cidr = SERVICE_CIDR if family == 4 else SERVICE_CIDR6
+    service_ips: list[str] = []
+    node_ports: list[str] = []
+    no_endpoints: list[str] = []
+    no_endpoint_nodeports: list[str] = []
+    cluster_ips: set[str] = set()
     chains: list[str] = []
-    for sp in ports:
+    for sp in (p for p in ports if p.family == family):
+        l4 = sp.protocol.lower()
+        cluster_ips.add(sp.cluster_ip)
         if not sp.backends:
+            no_endpoints.append(f"{sp.cluster_ip} . {l4} . {sp.port} : goto reject-chain")
+            if sp.node_port:
+                no_endpoint_nodeports.append(f"{l4} . {sp.node_port} : goto reject-chain")
             continue
-        ipf, l4 = f"ip{'6' if sp.family == 6 else ''}", sp.protocol.lower()
-        comment = f'comment "{sp}"'
-        dispatch.append(f"{ipf} daddr {sp.cluster_ip} meta l4proto {l4} th dport {sp.port} goto {sp.chain} {comment}")
+        service_ips.append(f"{sp.cluster_ip} . {l4} . {sp.port} : goto {sp.chain}")
         if sp.node_port:
-            nfproto = "ipv6" if sp.family == 6 else "ipv4"
-            dispatch.append(
-                f"meta nfproto {nfproto} fib daddr type local meta l4proto {l4} th dport {sp.node_port} "
-                f"goto {sp.chain} {comment}"
-            )
-        endpoint_chains = [f"{sp.chain}-ep{i}" for i in range(len(sp.backends))]
+            node_ports.append(f"{l4} . {sp.node_port} : goto {sp.chain}")
+        endpoint_chains = [sp.endpoint_chain(b) for b in sp.backends]
         if len(endpoint_chains) == 1:
             pick = f"goto {endpoint_chains[0]}"
         else:
             verdicts = ", ".join(f"{i} : goto {c}" for i, c in enumerate(endpoint_chains))
             pick = f"numgen random mod {len(endpoint_chains)} vmap {{ {verdicts} }}"
-        chains.append(f"\tchain {sp.chain} {{\n\t\t{pick}\n\t}}")
+        chains.append(f'\tchain {sp.chain} {{\n\t\t{pick} comment "{sp}"\n\t}}')
         for chain, be in zip(endpoint_chains, sp.backends, strict=True):
             chains.append(
                 f"\tchain {chain} {{\n"
-                f"\t\t{ipf} saddr {be.ip} meta mark set meta mark | {MASQ_MARK:#x} comment \"hairpin\"\n"
-                f"\t\tmeta l4proto {l4} dnat {ipf} to {_bracket(be.ip)}:{be.port}\n\t}}"
+                f"\t\t{ipf} saddr {be.ip} jump mark-for-masquerade\n"
+                f"\t\tmeta l4proto {l4} dnat to {_bracket(be.ip)}:{be.port}\n\t}}"
             )
+    tuple_type = f"{addr_type} . inet_proto . inet_service : verdict"
     body = [
-        f"\tchain prerouting {{\n\t\ttype nat hook prerouting priority {PRIORITY_DSTNAT}; policy accept;\n"
+        f"\tset cluster-ips {{ type {addr_type};{_elements(sorted(cluster_ips))} }}",
+        f"\tmap service-ips {{ type {tuple_type};{_elements(service_ips)} }}",
+        f"\tmap service-nodeports {{ type inet_proto . inet_service : verdict;{_elements(node_ports)} }}",
+        f"\tmap no-endpoint-services {{ type {tuple_type};{_elements(no_endpoints)} }}",
+        f"\tmap no-endpoint-nodeports {{ type inet_proto . inet_service : verdict;{_elements(no_endpoint_nodeports)} }}",
+        "\tchain reject-chain {\n\t\treject\n\t}",
+        f"\tchain mark-for-masquerade {{\n\t\tmeta mark set meta mark | {MASQ_MARK:#x}\n\t}}",
+        f"\tchain masquerading {{\n\t\tmeta mark & {MASQ_MARK:#x} == 0 return\n"
+        f"\t\tmeta mark set meta mark ^ {MASQ_MARK:#x}\n\t\tmasquerade fully-random\n\t}}",
+        f"\tchain services {{\n\t\t{ipf} daddr . meta l4proto . th dport vmap @service-ips\n"
+        f"\t\tfib daddr type local {ipf} daddr != {loopback} meta l4proto . th dport vmap @service-nodeports\n\t}}",
+        f"\tchain nat-prerouting {{\n\t\ttype nat hook prerouting priority {PRIORITY_DSTNAT}; policy accept;\n"
         "\t\tjump services\n\t}",
-        f"\tchain output {{\n\t\ttype nat hook output priority {PRIORITY_DSTNAT}; policy accept;\n"
+        f"\tchain nat-output {{\n\t\ttype nat hook output priority {PRIORITY_DSTNAT}; policy accept;\n"
         "\t\tjump services\n\t}",
-        f"\tchain postrouting {{\n\t\ttype nat hook postrouting priority {PRIORITY_SRCNAT}; policy accept;\n"
-        f"\t\tmeta mark & {MASQ_MARK:#x} == {MASQ_MARK:#x} masquerade\n\t}}",
-        "\tchain services {\n" + "".join(f"\t\t{rule}\n" for rule in dispatch) + "\t}",
+        f"\tchain nat-postrouting {{\n\t\ttype nat hook postrouting priority {PRIORITY_SRCNAT}; policy accept;\n"
+        "\t\tjump masquerading\n\t}",
+        f'\tchain cluster-ips-check {{\n\t\t{ipf} daddr @cluster-ips reject comment "Reject traffic to invalid ports of ClusterIPs"\n'
+        f'\t\t{ipf} daddr {cidr} drop comment "Drop traffic to unallocated ClusterIPs"\n\t}}',
+        f"\tchain endpoints-check {{\n\t\t{ipf} daddr . meta l4proto . th dport vmap @no-endpoint-services\n"
+        f"\t\tfib daddr type local {ipf} daddr != {loopback} meta l4proto . th dport vmap @no-endpoint-nodeports\n\t}}",
+        "\tchain filter-forward {\n\t\ttype filter hook forward priority -110; policy accept;\n"
+        "\t\tct state new jump endpoints-check\n\t\tct state new jump cluster-ips-check\n\t}",
+        "\tchain filter-input {\n\t\ttype filter hook input priority -110; policy accept;\n"
+        "\t\tct state new jump endpoints-check\n\t}",
+        "\tchain filter-output {\n\t\ttype filter hook output priority -110; policy accept;\n"
+        "\t\tct state new jump endpoints-check\n\t}",
+        "\tchain filter-output-post-dnat {\n\t\ttype filter hook output priority -90; policy accept;\n"
+        "\t\tct state new jump cluster-ips-check\n\t}",
         *chains,
     ]
-    return (
-        f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
-        f"table {FAMILY} {TABLE} {{\n" + "\n".join(body) + "\n}\n"
-    )
+    return f"add table {ipf} {TABLE}\ndelete table {ipf} {TABLE}\ntable {ipf} {TABLE} {{\n" + "\n".join(body) + "\n}\n"
+
+
+def standin_ruleset(
+    services: Iterable[Mapping[str, Any]], endpointslices: Iterable[Mapping[str, Any]]
+) -> str:
+    """Both tables as one nft script that atomically replaces any previous version."""
+    ports = service_ports(services, endpointslices)
+    return _table(4, ports) + _table(6, ports)
 
 
 def apply(netns_name: str, ruleset: str) -> None:
-    """Replace the stand-in's table inside ``netns_name`` in one nft transaction."""
+    """Replace the stand-in's tables inside ``netns_name`` in one nft transaction."""
     nft(netns_name, ruleset)
 
 
 def remove(netns_name: str) -> None:
-    """Delete the stand-in's table (idempotent)."""
-    nft(netns_name, f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
+    """Delete the stand-in's tables (idempotent)."""
+    nft(netns_name, "".join(f"add table {f} {TABLE}\ndelete table {f} {TABLE}\n" for f in FAMILIES.values()))
 
 
 log = logging.getLogger(__name__)
@@ -217,25 +275,50 @@ def _key(obj: Mapping[str, Any]) -> Key:
     return meta.get("namespace") or "", meta.get("name") or ""
 
 
-class StandinSync:
-    """Keeps the stand-in table in ``netns_name`` in step with an API server, like a tiny kube-proxy.
+class _Cache:
+    """A ``shared.kube.WatchSink`` keeping one kind's objects for the stand-in."""
 
-    One thread per resource does list, then watch from the list's resourceVersion (re-listing on
-    any error, 410 and silent streams included); a sync thread recomputes the ruleset when the caches change and
-    applies it only when the text differs. Nothing is applied before both resources were listed.
+    def __init__(self, sync: StandinSync, kind: str) -> None:
+        self.sync, self.kind = sync, kind
+
+    def replace(self, items: Iterable[dict[str, Any]]) -> None:
+        self.sync._changed(self.kind, relisted={_key(o): o for o in items})
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        self.sync._changed(self.kind, put=obj)
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        self.sync._changed(self.kind, deleted=obj)
+
+    def restarted(self, reason: str) -> None:
+        if reason != "expired":
+            self.sync.errors += 1
+
+
+class StandinSync:
+    """Keeps the stand-in tables in ``netns_name`` in step with an API server, like a tiny kube-proxy.
+
+    Services and EndpointSlices through the project's reflector; a sync thread recomputes the ruleset when
+    the caches change and applies it only when the text differs, at most once per ``min_sync_period``.
+    Nothing is applied before both resources were listed. ``sync_times`` keeps when each apply finished.
     """
 
     def __init__(
-        self, api_client: client.ApiClient, netns_name: str, *, watch_timeout: int = 5, backoff: float = 0.5
+        self, api_client: client.ApiClient, netns_name: str, *, watch_timeout: int = 5, backoff: float = 0.5,
+        min_sync_period: float = DEFAULT_MIN_SYNC_PERIOD,
     ) -> None:
         core, discovery = client.CoreV1Api(api_client), client.DiscoveryV1Api(api_client)
         self.netns_name = netns_name
-        self._list: dict[str, Callable[..., Any]] = {
-            "services": core.list_service_for_all_namespaces,
-            "endpointslices": discovery.list_endpoint_slice_for_all_namespaces,
-        }
-        self._watch_timeout, self._backoff = watch_timeout, backoff
-        self._cache: dict[str, dict[Key, Mapping[str, Any]]] = {kind: {} for kind in self._list}
+        self.min_sync_period = min_sync_period
+        self._backoff = backoff
+        self._cache: dict[str, dict[Key, Mapping[str, Any]]] = {"services": {}, "endpointslices": {}}
+        options: dict[str, Any] = {"server_timeout": watch_timeout, "read_timeout": watch_timeout + 2.0,
+                   "backoff_base": min(0.1, backoff), "backoff_max": backoff}
+        self._reflectors = [
+            Reflector(core.list_service_for_all_namespaces, _Cache(self, "services"), what="services", **options),
+            Reflector(discovery.list_endpoint_slice_for_all_namespaces, _Cache(self, "endpointslices"),
+                      what="endpointslices", **options),
+        ]
         self._listed: set[str] = set()
         self._dirty = False
         self._cond = threading.Condition()
@@ -244,21 +327,24 @@ class StandinSync:
         self.applied: str | None = None
         self.syncs = 0
         self.errors = 0
+        self.sync_times: list[float] = []  # monotonic, when each apply finished
 
     def start(self) -> StandinSync:
-        targets = [(self._watch_loop, (kind,)) for kind in self._list] + [(self._sync_loop, ())]
-        for target, args in targets:
-            thread = threading.Thread(target=target, args=args, name=f"kubeproxy-standin{args}", daemon=True)
+        targets: list[Callable[[], None]] = [r.run for r in self._reflectors] + [self._sync_loop]
+        for target in targets:
+            thread = threading.Thread(target=target, name="kubeproxy-standin", daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        for reflector in self._reflectors:
+            reflector.stop()
         with self._cond:
             self._cond.notify_all()
         for thread in self._threads:
-            thread.join(timeout=self._watch_timeout + 5)
+            thread.join(timeout=10)
 
     def __enter__(self) -> StandinSync:
         return self.start()
@@ -297,53 +383,20 @@ class StandinSync:
             self._dirty = True
             self._cond.notify_all()
 
-    def _watch_loop(self, kind: str) -> None:
-        list_fn = self._list[kind]
-        while not self._stop.is_set():
-            try:
-                body = json.loads(list_fn(_preload_content=False, _request_timeout=10).data)
-                rv = body["metadata"]["resourceVersion"]
-                self._changed(kind, relisted={_key(o): o for o in body.get("items") or []})
-                while not self._stop.is_set():
-                    rv = self._watch_once(kind, list_fn, rv)
-            except Exception as exc:  # noqa: BLE001 - any failure: back off and re-list
-                if self._stop.is_set():
-                    return
-                self.errors += 1
-                log.warning("kube-proxy stand-in: %s watch failed, re-listing", kind, extra={"error": repr(exc)})
-                self._stop.wait(self._backoff)
-
-    def _watch_once(self, kind: str, list_fn: Callable[..., Any], rv: str) -> str:
-        stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
-            list_fn,
-            resource_version=rv,
-            timeout_seconds=self._watch_timeout,
-            allow_watch_bookmarks=True,
-            deserialize=False,
-            # A stream that goes silent (server stall, half-open connection) errors out and re-lists.
-            _request_timeout=self._watch_timeout + 2,
-        )
-        for event in stream:
-            obj, typ = event.get("object") or {}, event.get("type")
-            if typ == "ERROR":
-                raise RuntimeError(f"watch error: {obj}")
-            rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
-            if typ in ("ADDED", "MODIFIED"):
-                self._changed(kind, put=obj)
-            elif typ == "DELETED":
-                self._changed(kind, deleted=obj)
-            if self._stop.is_set():
-                break
-        return rv
-
     def _sync_loop(self) -> None:
         while not self._stop.is_set():
             with self._cond:
                 ready = self._cond.wait_for(
-                    lambda: self._stop.is_set() or (self._dirty and self._listed == set(self._list)), timeout=1
+                    lambda: self._stop.is_set() or (self._dirty and self._listed == set(self._cache)), timeout=1
                 )
                 if self._stop.is_set() or not ready:
                     continue
+            # BoundedFrequencyRunner: no two syncs closer than min_sync_period.
+            if self.sync_times:
+                wait = self.sync_times[-1] + self.min_sync_period - time.monotonic()
+                if wait > 0 and self._stop.wait(wait):
+                    return
+            with self._cond:
                 self._dirty = False
                 services = list(self._cache["services"].values())
                 slices = list(self._cache["endpointslices"].values())
@@ -362,4 +415,5 @@ class StandinSync:
             with self._cond:
                 self.applied = ruleset
                 self.syncs += 1
+                self.sync_times.append(time.monotonic())
                 self._cond.notify_all()

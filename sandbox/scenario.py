@@ -13,6 +13,7 @@ Ctrl-C) tears everything down: processes, namespaces, files.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -171,7 +172,8 @@ class Scenario:
 
         self.step(3, "kube-proxy STAND-IN in the node (plain nftables DNAT; NOT kube-proxy): ignores labelled Services")
         self.standin = self.stack.enter_context(StandinSync(self.api.api_client(), self.topo.node.name))
-        self.show("stand-in", f"table inet {STANDIN_TABLE}, priority dstnat (-100); the redirector hooks before it")
+        self.show("stand-in", f"tables ip/ip6 {STANDIN_TABLE} in kube-proxy v1.33's nftables layout (DNAT at priority "
+                  "dstnat -100, drops unknown ClusterIPs, minSyncPeriod 1 s); the redirector hooks before it (-110)")
 
     # -- step 4 -------------------------------------------------------------------------------------
     def services(self) -> None:
@@ -314,9 +316,11 @@ class Scenario:
         return self.topo.node.run(["nft", "list", "table", *table.split()]).stdout
 
     def standin_chain(self, only: str | None = None) -> str:
-        lines = [x.strip() for x in self.node_nft(f"inet {STANDIN_TABLE}").splitlines() if "daddr" in x and "goto" in x]
+        """The stand-in's ``service-ips`` entries (ClusterIP . proto . port : goto service chain)."""
+        text = self.node_nft(f"ip {STANDIN_TABLE}")
+        lines = [m.group(0) for m in re.finditer(r"[0-9.]+ \. (?:tcp|udp|sctp) \. \d+ : goto service-\S+", text)]
         if only is not None:
-            lines = [x for x in lines if self.ips[only] in x]
+            lines = [x for x in lines if x.startswith(self.ips[only] + " ")]
         return "\n".join(lines) or "(none)"
 
     # -- extra checks of the full-system test -----------------------------------------------------------
