@@ -14,6 +14,7 @@ BENCHMARKS = (
     ("iptables writers", ["-m", "bench.iptables_writer_bench"]),
     ("cli status", ["-m", "bench.cli_status_bench"]),
     ("end to end", ["-m", "bench.e2e_bench"]),
+    ("control plane", ["-m", "bench.controlplane_bench"]),
 )
 
 
