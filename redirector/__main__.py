@@ -81,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = config.settings_from(args)
     except ValueError as exc:
         parser.error(str(exc))  # exits 2
-    # The kubernetes client logs every retry of urllib3 at WARNING: our own watch log says it better.
-    logs.configure(settings.log_level, levels={"urllib3": logging.ERROR})
+    # The kubernetes client logs every retry of urllib3 at WARNING: our own watch log says it better. pyroute2
+    # logs every netlink message at DEBUG (the redirect addresses are checked on each resync).
+    logs.configure(settings.log_level, levels={"urllib3": logging.ERROR, "pyroute2": logging.INFO})
     if args.command == "cleanup":
         return cleanup(settings)
     return run(settings)

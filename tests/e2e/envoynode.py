@@ -139,8 +139,9 @@ class EnvoyNode:
 
 @contextmanager
 def envoy_node(workdir: Path, *, pods: int = 3, start_envoy: bool = True, agent_args: Sequence[str] = (),
-               agent_env: dict[str, str] | None = None) -> Iterator[EnvoyNode]:
-    with SandboxApiServer(bookmark_interval=1.0) as api, Topology(pods, prefix="lpr") as topo:
+               agent_env: dict[str, str] | None = None, addressless: bool = False) -> Iterator[EnvoyNode]:
+    """``addressless``: the Calico-style node (``Topology(addressless=True)``), host veths without an address."""
+    with SandboxApiServer(bookmark_interval=1.0) as api, Topology(pods, prefix="lpr", addressless=addressless) as topo:
         api.operations.create(NAMESPACES, None, {"metadata": {"name": NS}})
         node = EnvoyNode(api, topo, workdir, agent_args)
         try:
