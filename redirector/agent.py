@@ -68,6 +68,9 @@ class Agent:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         gate: Gate | None = None,
+        kube_proxy: Callable[[], frozenset[Key] | None] | None = None,
+        handback_hold: float = 2.0,
+        handback_timeout: float = 10.0,
     ) -> None:
         if resync_period <= 0 or batch_idle < 0 or batch_max < batch_idle:
             raise ValueError("resync_period must be > 0 and 0 <= batch_idle <= batch_max")
@@ -105,6 +108,13 @@ class Agent:
         self._gate_pending: set[Key] = set()
         self._inherited: frozenset[Key] = frozenset()  # what the kernel held when this agent started
         self._first_full = True
+        # Handback (make-before-break): keys of Services whose label went (not deleted) stay in the kernel until
+        # kube-proxy's rule for them is visible (``kube_proxy`` reads it), at most ``handback_timeout``; when
+        # kube-proxy's rules cannot be read, for ``handback_hold`` (>= 2 x kube-proxy's minSyncPeriod).
+        self.kube_proxy = kube_proxy
+        self.handback_hold, self.handback_timeout = handback_hold, handback_timeout
+        self._held: dict[Key, tuple[float, float]] = {}  # key -> (since, deadline), monotonic
+        self._next_hold_check = 0.0
 
     # -- reading (debug server) -----------------------------------------------------------------------
 
@@ -182,12 +192,14 @@ class Agent:
         now = time.monotonic()
         if self.status.full_sync_pending or now >= self._next_full:
             return now >= self._retry_at if self.status.last_error_time is not None else True
-        return self.tracker.has_work() or bool(self._gate_pending)
+        return self.tracker.has_work() or bool(self._gate_pending) or (bool(self._held) and now >= self._next_hold_check)
 
     def _wait_time(self) -> float:
         if not self.tracker.listed.is_set():
             return 1.0
         deadline = self._next_full if not self.status.full_sync_pending else self._retry_at
+        if self._held:
+            deadline = min(deadline, self._next_hold_check)
         return max(0.0, min(1.0, deadline - time.monotonic()))
 
     def _coalesce(self) -> None:
@@ -213,8 +225,10 @@ class Agent:
         for reason in restarts:
             self.metrics.watch_restarts.labels(reason).inc()
         started, self._cpu_started = time.perf_counter(), time.thread_time()
+        now = time.monotonic()
         with self._lock:
             touched: set[Key] = set()
+            handed_back: set[Key] = set()
             if relist is not None:
                 delta = self.index.replace_entries(relist[0])
                 touched |= delta.add | delta.delete
@@ -222,12 +236,22 @@ class Agent:
                 before = self.index.get(sid)
                 delta = self.index.put(sid, change.entries)
                 touched |= delta.add | delta.delete
+                if change.handback and before is not None:
+                    handed_back |= delta.delete
                 after = self.index.get(sid)
                 if after is not None and (after.unserved or after.errors) and after != before:
                     self._log_problems(sid, after)
             touched |= gate_pending
+            for key in [k for k in self._held if self.index.has_key(k)]:
+                del self._held[key]  # wanted again (labelled again): simply stays
+            for key in handed_back & self._applied:
+                if not self.index.has_key(key):
+                    self._held.setdefault(key, (now, now + self.handback_timeout))
             wanted = {k for k in touched if self.index.has_key(k) and k not in self._applied}
-            delete = frozenset(k for k in touched if k in self._applied and not self.index.has_key(k))
+            delete = frozenset(k for k in touched if k in self._applied and not self.index.has_key(k)
+                               and k not in self._held)
+            if self._held and now >= self._next_hold_check:
+                delete |= self._release_held(now)
         add = frozenset(self._servable(wanted))
         arrivals = [c.since for c in changes.values()] + ([relist[1]] if relist else [])
         self.metrics.batch_size.observe(len(changes) + (len(relist[0]) if relist else 0))
@@ -241,6 +265,37 @@ class Agent:
             self._full(started, arrivals, periodic=periodic)
         elif add or delete or arrivals:
             self._incremental(Delta(add, delete), started, arrivals)
+
+    def _release_held(self, now: float) -> frozenset[Key]:
+        """Held keys kube-proxy now serves, or whose hold ran out (under ``_lock``)."""
+        self._next_hold_check = now + 0.02
+        serving: frozenset[Key] | None = None
+        if self.kube_proxy is not None:
+            try:
+                serving = self.kube_proxy()
+            except Exception as exc:  # noqa: BLE001 - cannot tell: the bounded hold applies
+                log.warning("reading kube-proxy's rules failed", extra={"error": str(exc)[:300]})
+        released: set[Key] = set()
+        for key, (since, deadline) in list(self._held.items()):
+            if serving is not None and key in serving:
+                why = "kube-proxy"
+            elif now >= (deadline if serving is not None else since + self.handback_hold):
+                why = "timeout" if serving is not None else "hold"
+            else:
+                continue
+            del self._held[key]
+            released.add(key)
+            self.metrics.handback.labels(why).observe(now - since)
+            if why == "timeout":
+                log.warning("handback: kube-proxy's rule did not appear in time; the redirect goes anyway",
+                            extra={"key": str(key), "waited_s": round(now - since, 3)})
+        return frozenset(released)
+
+    def held(self) -> dict[str, float]:
+        """Keys held for a handback, with seconds held so far (debug endpoints)."""
+        now = time.monotonic()
+        with self._lock:
+            return {str(k): round(now - since, 3) for k, (since, _) in self._held.items()}
 
     # -- the two kinds of sync ------------------------------------------------------------------------
 
@@ -275,6 +330,7 @@ class Agent:
                 self._inherited = self.backend.read()
             keys = desired if self.gate is None else frozenset(
                 (desired & (applied | self._inherited)) | self._servable(desired - applied - self._inherited))
+            keys = keys | (frozenset(self._held) & applied)  # handed-back keys stay until released
             before = self.backend.read() if check else None
             repaired = self.backend.ensure(keys)
         except Exception as exc:  # noqa: BLE001

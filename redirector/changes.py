@@ -23,6 +23,7 @@ from redirector.desired import ServiceEntries, ServiceId, service_entries, servi
 class _Pending:
     entries: ServiceEntries | None  # None: deleted (or no longer labelled)
     since: float  # monotonic time the first still-pending change of this Service arrived
+    handback: bool = False  # entries None because the label went while the Service stays (not deleted)
 
 
 class ChangeTracker:
@@ -51,7 +52,8 @@ class ChangeTracker:
             self._cond.notify_all()
 
     def upsert(self, service: dict[str, Any]) -> None:
-        self._record(service_id(service), service_entries(service) if self._ours(service) else None)
+        ours = self._ours(service)
+        self._record(service_id(service), service_entries(service) if ours else None, handback=not ours)
 
     def delete(self, service: dict[str, Any]) -> None:
         self._record(service_id(service), None)
@@ -66,11 +68,11 @@ class ChangeTracker:
         labels = (service.get("metadata") or {}).get("labels") or {}
         return isinstance(labels, dict) and labels.get(self._label_key) == self._label_value
 
-    def _record(self, sid: ServiceId, entries: ServiceEntries | None) -> None:
+    def _record(self, sid: ServiceId, entries: ServiceEntries | None, *, handback: bool = False) -> None:
         now = time.monotonic()
         with self._cond:
             previous = self._changes.get(sid)
-            self._changes[sid] = _Pending(entries, previous.since if previous else now)
+            self._changes[sid] = _Pending(entries, previous.since if previous else now, handback)
             self.last_event = now
             self._cond.notify_all()
 

@@ -59,6 +59,10 @@ class Settings:
     # kernel-only agent for a proxy configured some other way).
     xds_socket: Path | None = Path(c.DEFAULT_XDS_SOCKET)
     xds_address: str | None = None  # optional loopback TCP listener, e.g. 127.0.0.1:18000
+    # Handback: keep a handed-back Service's redirect until kube-proxy's rule is visible (at most
+    # handback_timeout), or for handback_hold when kube-proxy's rules cannot be read (>= 2 x its minSyncPeriod).
+    handback_hold: float = 2.0
+    handback_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.proxy_uid is None and self.proxy_mark is None:
@@ -187,6 +191,11 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "no control plane, redirects not gated on Envoy"),
     ("--xds-address", "XDS_ADDRESS", "xds_address", _optional(_loopback),
      "optional loopback TCP address for xDS as well, e.g. 127.0.0.1:18000 (never a routable address)"),
+    ("--handback-hold", "HANDBACK_HOLD", "handback_hold", _seconds(0.0),
+     "seconds a handed-back Service keeps its redirect when kube-proxy's rules cannot be read "
+     "(at least 2 x kube-proxy's minSyncPeriod)"),
+    ("--handback-timeout", "HANDBACK_TIMEOUT", "handback_timeout", _seconds(0.0),
+     "longest a handed-back Service keeps its redirect waiting for kube-proxy's rule to appear"),
     ("--log-level", "LOG_LEVEL", "log_level", _choice(LOG_LEVELS, upper=True), f"one of {', '.join(LOG_LEVELS)}"),
 )
 

@@ -46,6 +46,11 @@ class Metrics:
             f"{PREFIX}_drift_repairs",
             "Full syncs that repaired a kernel changed behind the agent's back (periodic, or after a failed sync).",
             registry=r)
+        self.handback = Histogram(
+            f"{PREFIX}_handback_hold_seconds",
+            "How long a handed-back Service's redirect was kept after its label went, by what released it "
+            "(kube-proxy: its rule became visible; timeout: it did not in time; hold: kube-proxy's rules unreadable).",
+            ["released_by"], buckets=LATENCY_BUCKETS, registry=r)
         self.watch_restarts = Counter(
             f"{PREFIX}_watch_restarts", "Watch requests restarted, by reason (expired, gone, stalled, error).",
             ["reason"], registry=r)

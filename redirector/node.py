@@ -28,6 +28,7 @@ from controlplane.server import AdsServer
 from controlplane.translate import NodeInfo
 from redirector.agent import Agent
 from redirector.config import Settings
+from redirector.kubeproxy_rules import KubeProxyRules
 from redirector.model import Backend
 from redirector.watch import EndpointSliceWatcher, NodeWatcher, ServiceWatcher
 from shared import constants as c
@@ -119,8 +120,10 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     label = (c.SERVICE_PROXY_NAME_LABEL, settings.proxy_name)
     if settings.xds_socket is None and settings.xds_address is None:
         agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period,
-                      batch_idle=settings.batch_idle, batch_max=settings.batch_max)
-        services = ServiceWatcher(core, agent.tracker, proxy_name=settings.proxy_name, **watch)
+                      batch_idle=settings.batch_idle, batch_max=settings.batch_max, kube_proxy=KubeProxyRules().read,
+                      handback_hold=settings.handback_hold, handback_timeout=settings.handback_timeout)
+        # All Services, as with the control plane: a label removal must read as a handback, not a deletion.
+        services = ServiceWatcher(core, agent.tracker, labelled_only=False, **watch)
         agent.watcher = services
         return NodeAgent(agent, services)
     node = NodeInfo(settings.node, ipv6=node_has_ipv6() if ipv6 is None else ipv6)
@@ -130,7 +133,8 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     plane = ControlPlane(node, proxy_port=settings.proxy_port, proxy_name=settings.proxy_name, mangle=mangle,
                          batch_idle=settings.batch_idle, batch_max=max(settings.batch_max, 0.02))
     agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, batch_idle=settings.batch_idle,
-                  batch_max=settings.batch_max, gate=plane)
+                  batch_max=settings.batch_max, gate=plane, kube_proxy=KubeProxyRules().read,
+                  handback_hold=settings.handback_hold, handback_timeout=settings.handback_timeout)
     plane.metrics = ControlPlaneMetrics(agent.metrics.registry)
     plane.on_gate = agent.gate_changed
     server = AdsServer(plane.store, expected_node=settings.node, on_ack=plane.acked, on_nack=plane.nacked,

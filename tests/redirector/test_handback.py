@@ -1,0 +1,127 @@
+"""Handback, make-before-break: a Service whose label goes keeps its redirect until kube-proxy's rule for it
+is visible (or a bounded hold); a deleted Service loses it at once. The decisions against the in-memory
+FakeBackend (no root); the parsers of kube-proxy's rules against the stand-in's real ruleset text."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redirector.agent import Agent
+from redirector.fake_backend import FakeBackend
+from redirector.kubeproxy_rules import parse_iptables_save, parse_nft_maps
+from redirector.model import Key
+from sandbox import kubeproxy
+from shared import constants as c
+from tests.redirector.factories import service
+
+LABEL = (c.SERVICE_PROXY_NAME_LABEL, c.DEFAULT_PROXY_NAME)
+A = Key(4, "10.96.0.1", 80)
+
+
+class KubeProxy:
+    """What kube-proxy is seen to serve (None: its rules cannot be read)."""
+
+    def __init__(self) -> None:
+        self.serving: frozenset[Key] | None = frozenset()
+        self.reads = 0
+
+    def __call__(self) -> frozenset[Key] | None:
+        self.reads += 1
+        return self.serving
+
+
+def agent(kube: KubeProxy, **kwargs: Any) -> tuple[Agent, FakeBackend]:
+    fake = FakeBackend()
+    a = Agent(fake, proxy_label=LABEL, resync_period=3600, kube_proxy=kube, **kwargs)
+    a.tracker.replace([service("a", cluster_ips=[A.ip])])  # type: ignore[list-item]
+    a.sync_once()
+    assert fake.dump() == [A]
+    return a, fake
+
+
+def unlabel(a: Agent) -> None:
+    a.tracker.upsert(service("a", cluster_ips=[A.ip], labelled=False))
+
+
+def test_the_redirect_stays_until_kube_proxys_rule_is_visible() -> None:
+    kube = KubeProxy()
+    a, fake = agent(kube)
+    unlabel(a)
+    a.sync_once()
+    assert fake.dump() == [A] and str(A) in a.held()  # kube-proxy has nothing for it yet: keep ours
+    a._next_hold_check = 0
+    a.sync_once()
+    assert fake.dump() == [A]
+    kube.serving = frozenset({A})  # kube-proxy programmed it (still shadowed by our redirect)
+    a._next_hold_check = 0
+    a.sync_once()
+    assert fake.dump() == [] and a.held() == {}
+    assert a.metrics.registry.get_sample_value("lightpath_redirector_handback_hold_seconds_count",
+                                               {"released_by": "kube-proxy"}) == 1
+
+
+def test_a_deleted_service_loses_its_redirect_at_once() -> None:
+    kube = KubeProxy()
+    a, fake = agent(kube)
+    a.tracker.delete(service("a", cluster_ips=[A.ip]))
+    a.sync_once()
+    assert fake.dump() == [] and a.held() == {}
+
+
+def test_unreadable_kube_proxy_rules_mean_a_bounded_hold() -> None:
+    kube = KubeProxy()
+    kube.serving = None
+    a, fake = agent(kube, handback_hold=0.05)
+    unlabel(a)
+    a.sync_once()
+    assert fake.dump() == [A]
+    deadline = time.monotonic() + 5
+    while fake.dump() and time.monotonic() < deadline:
+        a._next_hold_check = 0
+        a.sync_once()
+    assert fake.dump() == []
+    assert a.metrics.registry.get_sample_value("lightpath_redirector_handback_hold_seconds_count",
+                                               {"released_by": "hold"}) == 1
+
+
+def test_relabelled_during_the_hold_keeps_the_redirect_for_good() -> None:
+    kube = KubeProxy()
+    a, fake = agent(kube, handback_timeout=0.0)
+    unlabel(a)
+    a.sync_once()
+    a.tracker.upsert(service("a", cluster_ips=[A.ip]))  # the later intent: migrate again
+    a.sync_once()
+    a._next_hold_check = 0
+    a.sync_once()
+    assert fake.dump() == [A] and a.held() == {}
+
+
+def test_a_held_key_survives_a_full_resync() -> None:
+    kube = KubeProxy()
+    a, fake = agent(kube)
+    unlabel(a)
+    a.sync_once()
+    a.status.full_sync_pending = True
+    a.sync_once()
+    assert fake.dump() == [A]
+
+
+def test_parsers_read_kube_proxys_maps_and_iptables_rules() -> None:
+    svc = {"metadata": {"namespace": "d", "name": "web"},
+           "spec": {"type": "NodePort", "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00:10:96::20"],
+                    "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+                              {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]}}
+    eps = {"metadata": {"namespace": "d", "name": "w", "labels": {"kubernetes.io/service-name": "web"}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+           "endpoints": [{"addresses": ["10.244.0.10"]}]}
+    text = kubeproxy.standin_ruleset([svc], [eps])
+    v4 = text[:text.index("add table ip6")]
+    maps = v4[v4.index("map service-ips"):v4.index("map no-endpoint-services")]
+    assert parse_nft_maps(4, maps, maps) == {Key(4, "10.96.0.20", 80), Key(4, None, 30080)}  # UDP is not ours
+    save = ("-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp -m comment --comment \"d/web:http cluster IP\" -m tcp "
+            "--dport 80 -j KUBE-SVC-ABC\n-A KUBE-SERVICES -d 10.96.0.21/32 -p udp -m udp --dport 53 -j KUBE-SVC-D\n"
+            "-A KUBE-NODEPORTS -p tcp -m comment --comment \"d/web:http\" -m tcp --dport 30080 -j KUBE-EXT-ABC\n")
+    assert parse_iptables_save(4, save) == {Key(4, "10.96.0.20", 80), Key(4, None, 30080)}
+    assert parse_iptables_save(6, "-A KUBE-SERVICES -d fd00:10:96::20/128 -p tcp -m tcp --dport 80 -j X\n") == {
+        Key(6, "fd00:10:96::20", 80)}
