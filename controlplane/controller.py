@@ -77,6 +77,7 @@ class ControlPlane:
         self.batch_idle, self.batch_max = batch_idle, batch_max
         self.families: tuple[Family, ...] = (4, 6) if node.ipv6 else (4,)
         self.listeners = {f: res.ListenerBuilder(f, proxy_port) for f in self.families}
+        self.routes = {f: res.RouteBuilder(f) for f in self.families}
         self._listener_keys: dict[Family, OrderedDict[str, frozenset[Key]]] = {f: OrderedDict() for f in self.families}
         self.services = ServiceSink(self)
         self.slices = SliceSink(self)
@@ -156,7 +157,13 @@ class ControlPlane:
             self.first_push_done.set()
 
     def _publish_static(self) -> None:
-        upserts = {res.route_name(f): res.serialize(res.route_configuration(f)) for f in self.families}
+        """The route configurations exist from the start (Envoy's HTTP chains wait for them)."""
+        self._publish_routes(set(self.families))
+
+    def _publish_routes(self, families: Iterable[Family]) -> None:
+        upserts = {}
+        for family in families:
+            upserts[res.route_name(family)] = res.serialize(self.routes[family].config)
         self.store.update(res.ROUTE, upserts)
 
     def sync(self, sids: Iterable[str]) -> None:
@@ -167,6 +174,7 @@ class ControlPlane:
         cluster_removes: set[str] = set()
         load_removes: set[str] = set()
         touched: set[Family] = set()
+        routed: set[Family] = set()
         again: set[str] = set()
         with self._lock:
             for sid in sids:
@@ -176,7 +184,7 @@ class ControlPlane:
                 old = self._published.get(sid, NOTHING)
                 if new == old and sid not in self._retake:
                     continue
-                self._apply(sid, old, new, clusters, loads, cluster_removes, load_removes, touched, again)
+                self._apply(sid, old, new, clusters, loads, cluster_removes, load_removes, touched, routed, again)
                 if new is NOTHING or (not new.clusters and not new.problems):
                     self._published.pop(sid, None)
                 else:
@@ -184,6 +192,8 @@ class ControlPlane:
         # Order matters to Envoy: clusters and their endpoints before the listener that routes to them.
         self.store.update(res.CLUSTER, clusters)
         self.store.update(res.ENDPOINT, loads)
+        # Routes before listeners: a new key's explicit route names its cluster, which is already in the store.
+        self._publish_routes(sorted(routed))
         for family in sorted(touched):
             listener = self.listeners[family].listener
             if self.mangle is not None:
@@ -204,7 +214,7 @@ class ControlPlane:
 
     def _apply(self, sid: str, old: ServiceResources, new: ServiceResources, clusters: dict[str, bytes],
                loads: dict[str, bytes], cluster_removes: set[str], load_removes: set[str], touched: set[Family],
-               again: set[str]) -> None:
+               routed: set[Family], again: set[str]) -> None:
         retake = sid in self._retake  # what it published lost to another Service: the store holds that one's
         self._retake.discard(sid)
         old_clusters = {s.name: s for s in old.clusters}
@@ -212,6 +222,7 @@ class ControlPlane:
         new_clusters = {s.name: s for s in new.clusters}
         new_loads = {s.name: s for s in new.loads}
         new_chains = dict(new.chains)
+        new_routes = dict(new.routes)
         for key, _chain in old.chains:
             name = cluster_name(key)
             if key in new_chains:
@@ -224,6 +235,8 @@ class ControlPlane:
                 self._keys.pop(name, None)
                 self.listeners[key.family].remove(key)
                 touched.add(key.family)
+                if self.routes[key.family].remove(name):
+                    routed.add(key.family)
                 cluster_removes.add(name)
                 load_removes.add(name)
             elif was_owner:
@@ -239,6 +252,10 @@ class ControlPlane:
             if self.listeners[key.family].keys.get(key) != chain:
                 self.listeners[key.family].set(key, chain)
                 touched.add(key.family)
+            options = new_routes.get(key)
+            routes = self.routes[key.family]
+            if routes.set(name, options) if options is not None else routes.remove(name):
+                routed.add(key.family)
             cspec, lspec = new_clusters[name], new_loads[name]
             if retake or old_clusters.get(name) != cspec or name in cluster_removes:
                 clusters[name] = self._bytes(res.CLUSTER, res.cluster(cspec))

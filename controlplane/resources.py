@@ -8,15 +8,19 @@ gives the same version -- an agent that restarts finds Envoy already holding eve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, substitution_format_string_pb2
 from envoy.config.core.v3 import extension_pb2 as envoy_extension_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
@@ -24,12 +28,15 @@ from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_stat
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from google.protobuf import any_pb2, wrappers_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
+from controlplane import l7
 from controlplane.translate import Chain, ClusterSpec, LoadSpec
 from redirector.model import Family, Key
 from shared import constants as c
@@ -45,6 +52,7 @@ CLUSTER_HEADER = "x-lightpath-cluster"  # set by Envoy before routing, removed b
 SOL_SOCKET, SO_MARK = 1, 36  # linux/socket.h
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 CONNECT_TIMEOUT_S = 5  # the original Lightpath's upstream-connect-timeout default
+NO_ACCESS_LOG = "lightpath.no_access_log"  # cluster metadata key: the access logs skip its traffic
 
 
 def listener_name(family: Family) -> str:
@@ -86,20 +94,64 @@ def _cluster_template(protocol: str) -> cluster_pb2.Cluster:
 _CLUSTER_TEMPLATES = {p: _cluster_template(p) for p in ("tcp", "http", "h2c")}
 
 
-def _affinity(template: cluster_pb2.Cluster) -> cluster_pb2.Cluster:
-    """ClientIP session affinity: a ring hash over the client address (the chains hash on source_ip)."""
-    hashed = cluster_pb2.Cluster()
-    hashed.CopyFrom(template)
-    hashed.lb_policy = cluster_pb2.Cluster.RING_HASH
-    return hashed
+def _ms(ms: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
 
-_AFFINITY_TEMPLATES = {p: _affinity(t) for p, t in _CLUSTER_TEMPLATES.items()}
+def _breaker(threshold: circuit_breaker_pb2.CircuitBreakers.Thresholds, breaker: l7.Breaker) -> None:
+    threshold.max_connections.value = breaker.max_connections
+    threshold.max_pending_requests.value = breaker.max_pending_requests
+    threshold.max_requests.value = breaker.max_requests
+    threshold.max_retries.value = breaker.max_retries
+    threshold.track_remaining = breaker.track_remaining
+
+
+def _outlier(protocol: str, outlier: l7.Outlier) -> outlier_detection_pb2.OutlierDetection:
+    """HTTP: consecutive 5xx and gateway failures (a refused connection counts as a 503). TCP: there is no
+    response, so connection failures are counted on their own (local-origin errors)."""
+    built = outlier_detection_pb2.OutlierDetection()
+    built.interval.CopyFrom(_ms(outlier.interval_ms))
+    built.base_ejection_time.CopyFrom(_ms(outlier.base_ejection_ms))
+    built.max_ejection_time.CopyFrom(_ms(outlier.max_ejection_ms))
+    built.max_ejection_percent.value = outlier.max_ejection_percent
+    if protocol == "tcp":
+        built.split_external_local_origin_errors = True
+        built.consecutive_local_origin_failure.value = outlier.consecutive_gateway_failure
+        built.enforcing_consecutive_local_origin_failure.value = 100
+    else:
+        built.consecutive_5xx.value = outlier.consecutive_5xx
+        built.consecutive_gateway_failure.value = outlier.consecutive_gateway_failure
+        built.enforcing_consecutive_gateway_failure.value = 100  # Envoy's default is 0: counted, never enforced
+    return built
+
+
+@functools.lru_cache(maxsize=256)
+def _cluster_base(protocol: str, affinity: bool, options: l7.ClusterOptions) -> cluster_pb2.Cluster:
+    """One prepared cluster per distinct (protocol, affinity, options): most Services share the defaults."""
+    built = cluster_pb2.Cluster()
+    built.CopyFrom(_CLUSTER_TEMPLATES[protocol])
+    # ClientIP session affinity wins: a ring hash over the client address (the chains hash on source_ip).
+    built.lb_policy = cluster_pb2.Cluster.RING_HASH if affinity else cluster_pb2.Cluster.LbPolicy.Value(options.lb_policy)
+    built.connect_timeout.CopyFrom(_ms(options.connect_timeout_ms))
+    _breaker(built.circuit_breakers.thresholds.add(priority=base_pb2.DEFAULT), options.default_priority)
+    _breaker(built.circuit_breakers.thresholds.add(priority=base_pb2.HIGH), options.high_priority)
+    built.outlier_detection.CopyFrom(_outlier(protocol, options.outlier))
+    if protocol != "tcp" and options.upstream_idle_timeout_ms is not None:
+        http = http_protocol_options_pb2.HttpProtocolOptions()
+        if protocol == "h2c":
+            http.explicit_http_config.http2_protocol_options.SetInParent()
+        else:
+            http.explicit_http_config.http_protocol_options.SetInParent()
+        http.common_http_protocol_options.idle_timeout.CopyFrom(_ms(options.upstream_idle_timeout_ms))
+        built.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(http))
+    if not options.access_log:
+        built.metadata.filter_metadata[NO_ACCESS_LOG].CopyFrom(struct_pb2.Struct())
+    return built
 
 
 def cluster(spec: ClusterSpec) -> cluster_pb2.Cluster:
     built = cluster_pb2.Cluster()
-    built.CopyFrom((_AFFINITY_TEMPLATES if spec.affinity else _CLUSTER_TEMPLATES)[spec.protocol])
+    built.CopyFrom(_cluster_base(spec.protocol, spec.affinity, spec.options))
     built.name = spec.name
     built.alt_stat_name = spec.stat_name
     return built
@@ -132,6 +184,36 @@ def _destination(family: Family, nodeport: bool) -> str:
     return f"nodeport{family}:%DOWNSTREAM_LOCAL_PORT%" if nodeport else "%DOWNSTREAM_LOCAL_ADDRESS%"
 
 
+# Access logs (the option ``access-log``, on by default): JSON lines on Envoy's stdout. The chains are shared,
+# so a Service turns its log off through its clusters' metadata, which a CEL filter reads per request or
+# connection (a connection that never reached a cluster is logged).
+ACCESS_LOG_FILTER = (f"!(has(xds.cluster_metadata) && has(xds.cluster_metadata.filter_metadata) "
+                     f"&& '{NO_ACCESS_LOG}' in xds.cluster_metadata.filter_metadata)")
+HTTP_LOG_FIELDS = {
+    "start": "%START_TIME%", "client": "%DOWNSTREAM_REMOTE_ADDRESS%", "destination": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%", "protocol": "%PROTOCOL%", "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%", "details": "%RESPONSE_CODE_DETAILS%", "received": "%BYTES_RECEIVED%",
+    "sent": "%BYTES_SENT%", "duration_ms": "%DURATION%", "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%", "upstream": "%UPSTREAM_HOST%", "service": "%UPSTREAM_CLUSTER%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+}
+TCP_LOG_FIELDS = {
+    "start": "%START_TIME%", "client": "%DOWNSTREAM_REMOTE_ADDRESS%", "destination": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    "flags": "%RESPONSE_FLAGS%", "received": "%BYTES_RECEIVED%", "sent": "%BYTES_SENT%", "duration_ms": "%DURATION%",
+    "upstream": "%UPSTREAM_HOST%", "service": "%UPSTREAM_CLUSTER%",
+}
+
+
+def _access_log(fields: dict[str, str]) -> accesslog_pb2.AccessLog:
+    form = substitution_format_string_pb2.SubstitutionFormatString()
+    form.json_format.update(fields)
+    log = accesslog_pb2.AccessLog(name="envoy.access_loggers.stdout",
+                                  typed_config=pack(stream_pb2.StdoutAccessLog(log_format=form)))
+    log.filter.extension_filter.name = "envoy.access_loggers.extension_filters.cel"
+    log.filter.extension_filter.typed_config.CopyFrom(pack(cel_pb2.ExpressionFilter(expression=ACCESS_LOG_FILTER)))
+    return log
+
+
 def _tcp_chain(family: Family, nodeport: bool) -> listener_components_pb2.FilterChain:
     state = set_filter_state_pb2.Config()
     value = state.on_new_connection.add()
@@ -139,6 +221,7 @@ def _tcp_chain(family: Family, nodeport: bool) -> listener_components_pb2.Filter
     value.format_string.CopyFrom(_format(_destination(family, nodeport)))
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix="lightpath_tcp", cluster="lightpath_no_cluster")
     proxy.hash_policy.add().source_ip.SetInParent()  # used by ring-hash (session affinity) clusters only
+    proxy.access_log.append(_access_log(TCP_LOG_FIELDS))
     chain = listener_components_pb2.FilterChain(name="tcp-nodeport" if nodeport else "tcp")
     chain.filters.add(name="envoy.filters.network.set_filter_state", typed_config=pack(state))
     chain.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(proxy))
@@ -160,6 +243,7 @@ def _http_chain(family: Family, nodeport: bool) -> listener_components_pb2.Filte
     manager.early_header_mutation_extensions.append(envoy_extension_pb2.TypedExtensionConfig(
         name="envoy.http.early_header_mutation.header_mutation", typed_config=pack(mutation)))
     manager.upgrade_configs.add(upgrade_type="websocket")
+    manager.access_log.append(_access_log(HTTP_LOG_FIELDS))
     manager.http_filters.add(name="envoy.filters.http.router",
                              typed_config=pack(router_pb2.Router(suppress_envoy_headers=True)))
     chain = listener_components_pb2.FilterChain(name="http-nodeport" if nodeport else "http")
@@ -230,17 +314,76 @@ class ListenerBuilder:
             del self._ips[key.ip]
 
 
+def route(options: l7.RouteOptions, cluster: str | None = None) -> route_components_pb2.Route:
+    """One HTTP route: ``cluster`` None -> the cluster the connection's destination names (the default route)."""
+    built = route_components_pb2.Route(name=cluster or "default")
+    built.match.prefix = "/"  # required by the API; the virtual host's matcher has already chosen this route
+    action = built.route
+    if cluster is None:
+        action.cluster_header = CLUSTER_HEADER
+    else:
+        action.cluster = cluster
+    action.timeout.CopyFrom(_ms(options.timeout_ms))  # 0: none
+    action.idle_timeout.CopyFrom(_ms(options.idle_timeout_ms))  # 0: none
+    action.hash_policy.add().connection_properties.source_ip = True  # ring-hash (affinity) clusters only
+    if options.retry_enabled or options.per_try_timeout_ms:
+        retry = action.retry_policy
+        retry.retry_on = options.retry_on
+        retry.num_retries.value = options.num_retries if options.retry_enabled else 0
+        if options.per_try_timeout_ms:
+            retry.per_try_timeout.CopyFrom(_ms(options.per_try_timeout_ms))
+        if options.retry_enabled:
+            retry.retry_host_predicate.add(name="envoy.retry_host_predicates.previous_hosts",
+                                           typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()))
+            retry.host_selection_retry_max_attempts = 3
+    built.request_headers_to_remove.append(CLUSTER_HEADER)
+    return built
+
+
+def _route_action(name: str, options: l7.RouteOptions, cluster: str | None) -> matcher_pb2.Matcher.OnMatch:
+    return matcher_pb2.Matcher.OnMatch(action=_typed(name, route(options, cluster)))
+
+
+_CLUSTER_INPUT = _typed("cluster-header", http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=CLUSTER_HEADER))
+_SENTINEL_CLUSTER = "none"  # no cluster is named so (names are ip:port or nodeport<family>:<port>)
+
+
+class RouteBuilder:
+    """The HTTP route configuration of one family, kept in step one key at a time like the listener matcher.
+
+    The virtual host's matcher reads the ``x-lightpath-cluster`` header (set from the connection's original
+    destination before routing, so exactly the key's cluster name, NodePorts included) and maps the keys
+    whose Service customizes route options to their own route; every other request takes the default route
+    with the default options. So the configuration stays as small as the number of customized keys."""
+
+    def __init__(self, family: Family, default: l7.RouteOptions = l7.DEFAULT_ROUTE) -> None:
+        self.config = route_pb2.RouteConfiguration(name=route_name(family))
+        host = self.config.virtual_hosts.add(name="lightpath", domains=["*"])
+        tree = host.matcher.matcher_tree
+        tree.input.CopyFrom(_CLUSTER_INPUT)
+        self._map = tree.exact_match_map.map
+        self._map[_SENTINEL_CLUSTER].CopyFrom(_route_action("default", default, None))  # Envoy refuses an empty map
+        host.matcher.on_no_match.CopyFrom(_route_action("default", default, None))
+        self.routes: dict[str, l7.RouteOptions] = {}
+
+    def set(self, cluster: str, options: l7.RouteOptions) -> bool:
+        """True when the configuration changed."""
+        if self.routes.get(cluster) == options:
+            return False
+        self.routes[cluster] = options
+        self._map[cluster].CopyFrom(_route_action(cluster, options, cluster))
+        return True
+
+    def remove(self, cluster: str) -> bool:
+        if self.routes.pop(cluster, None) is None:
+            return False
+        del self._map[cluster]
+        return True
+
+
 def route_configuration(family: Family) -> route_pb2.RouteConfiguration:
-    """The HTTP routes: every request goes to the cluster its connection's destination names."""
-    config = route_pb2.RouteConfiguration(name=route_name(family))
-    host = config.virtual_hosts.add(name="lightpath", domains=["*"])
-    route = host.routes.add()
-    route.match.prefix = "/"
-    route.route.cluster_header = CLUSTER_HEADER
-    route.route.timeout.SetInParent()  # 0: no request timeout, as through kube-proxy
-    route.route.hash_policy.add().connection_properties.source_ip = True  # ring-hash (affinity) clusters only
-    route.request_headers_to_remove.append(CLUSTER_HEADER)
-    return config
+    """The HTTP routes with no customized key: every request takes the default route."""
+    return RouteBuilder(family).config
 
 
 def serialize(message: Message) -> bytes:
@@ -305,8 +448,13 @@ def bootstrap(*, node_id: str, xds_socket: str | None = None, xds_address: tuple
                                       "DownstreamConnectionsConfig",
                              "max_active_downstream_connections": max_connections}}]},
     }
+    # At 10,000+ Services most clusters carry no traffic on a given node: create their per-worker state and
+    # their stats on first use, and give freed memory back to the OS (docs/performance.md has the figures).
+    boot["cluster_manager"] = {"enable_deferred_cluster_creation": True}
+    boot["deferred_stat_options"] = {"enable_deferred_creation_stats": True}
+    boot["memory_allocator_manager"] = {"bytes_to_release": 64 << 20, "memory_release_interval": "5s"}
     if mark is not None:
-        boot["cluster_manager"] = {"upstream_bind_config": {"socket_options": [
-            {"level": SOL_SOCKET, "name": SO_MARK, "int_value": mark, "state": "STATE_PREBIND"}]}}
+        boot["cluster_manager"]["upstream_bind_config"] = {"socket_options": [
+            {"level": SOL_SOCKET, "name": SO_MARK, "int_value": mark, "state": "STATE_PREBIND"}]}
     return boot
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from controlplane import endpoints as eps
+from controlplane import l7
 from redirector.desired import EMPTY, ServiceEntries, service_entries, service_id
 from redirector.model import Family, Key, Kind
 from shared import constants as c
@@ -70,6 +71,7 @@ class ServiceView:
     external_local: bool = False  # externalTrafficPolicy: Local
     affinity: bool = False  # sessionAffinity: ClientIP
     problems: tuple[str, ...] = ()
+    options: l7.Parsed = l7.Parsed()  # per-port L7 options from config.lightpath.cloud/ annotations
 
 
 def project_service(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROXY_NAME) -> ServiceView:
@@ -108,8 +110,12 @@ def project_service(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROX
     elif affinity != "ClientIP" and spec.get("sessionAffinityConfig"):
         problems.append("sessionAffinityConfig without sessionAffinity: ClientIP is ignored")
     problems.extend(entries.errors)
+    options = l7.parse(meta.get("annotations"), [(n, p != "tcp") for n, p in protocols])
+    problems.extend(options.problems)
+    if affinity == "ClientIP" and any(o.cluster.lb_policy not in ("LEAST_REQUEST", "RING_HASH") for _, o in options.ports):
+        problems.append("lb-policy is ignored: sessionAffinity ClientIP needs a ring hash")
     return ServiceView(sid, namespace, name, True, labelled, entries, tuple(protocols), itp == "Local", etp == "Local",
-                       affinity == "ClientIP", tuple(problems))
+                       affinity == "ClientIP", tuple(problems), options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +127,7 @@ class ClusterSpec:
     protocol: Protocol
     service: str  # "namespace/name", for people
     affinity: bool = False  # ClientIP session affinity: consistent hashing on the client's address
+    options: l7.ClusterOptions = l7.TCP_CLUSTER_DEFAULT
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +146,7 @@ class ServiceResources:
     loads: tuple[LoadSpec, ...] = ()
     chains: tuple[tuple[Key, Chain], ...] = ()  # listener matcher entries
     problems: tuple[str, ...] = field(default=())
+    routes: tuple[tuple[Key, l7.RouteOptions], ...] = ()  # HTTP keys whose route options differ from the default
 
 
 NOTHING = ServiceResources()
@@ -171,6 +179,7 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
     clusters: list[ClusterSpec] = []
     loads: list[LoadSpec] = []
     chains: list[tuple[Key, Chain]] = []
+    routes: list[tuple[Key, l7.RouteOptions]] = []
     selected: dict[tuple[str, Family, bool], tuple[eps.Endpoint, ...]] = {}
     for key, (kind, port_name) in zip(view.entries.keys, view.entries.claims, strict=True):
         if key.family == 6 and not node.ipv6:
@@ -181,11 +190,15 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
         if pick not in selected:
             selected[pick] = eps.select(slices, port_name, key.family, node=node.name, local=local, zone=node.zone)
         name = cluster_name(key)
+        port = view.options.of(port_name)
+        default = l7.TCP_CLUSTER_DEFAULT if protocol == "tcp" else l7.HTTP_CLUSTER_DEFAULT
         clusters.append(ClusterSpec(name, stat_name(view, numbers.get(port_name, key.port), key.family, kind),
-                                    protocol, view.sid, view.affinity))
+                                    protocol, view.sid, view.affinity, port.cluster if port else default))
         loads.append(LoadSpec(name, selected[pick]))
         chains.append((key, "tcp" if protocol == "tcp" else "http"))
-    return ServiceResources(tuple(clusters), tuple(loads), tuple(chains), view.problems)
+        if protocol != "tcp" and port is not None and port.route is not None and port.route != l7.DEFAULT_ROUTE:
+            routes.append((key, port.route))
+    return ServiceResources(tuple(clusters), tuple(loads), tuple(chains), view.problems, tuple(routes))
 
 
 def _port_numbers(view: ServiceView) -> dict[str, int]:

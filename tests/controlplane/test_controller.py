@@ -10,6 +10,7 @@ from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
 
 from controlplane import resources as res
 from controlplane.controller import ControlPlane
@@ -306,3 +307,80 @@ def test_only_the_newest_envoy_opens_the_gate() -> None:
     p.sync({"shop/db"})
     envoy_acks_everything(stream)  # the old Envoy ACKs everything
     assert gates == [] and p.servable([Key(4, "10.96.0.20", 5432)]) == set()
+
+
+# -- L7 options: clusters and the route configuration ---------------------------------------------------------
+
+def _explicit(p: ControlPlane, family: int = 4) -> set[str]:
+    found = p.store.get(res.ROUTE, res.route_name(family))  # type: ignore[arg-type]
+    assert found is not None
+    config = route_pb2.RouteConfiguration.FromString(found.body.value)
+    return set(config.virtual_hosts[0].matcher.matcher_tree.exact_match_map.map) - {"none"}
+
+
+def annotated(annotations: dict[str, str], **kw: Any) -> dict[str, Any]:
+    svc = service(ports=[{"name": "http", "port": 80, "appProtocol": "http"}, {"name": "db", "port": 5432}], **kw)
+    svc["metadata"]["annotations"] = annotations
+    return svc
+
+
+def test_only_customized_http_keys_get_an_explicit_route_and_it_follows_the_service() -> None:
+    p = plane()
+    p._publish_static()  # what run() does first
+    empty = p.store.get(res.ROUTE, res.route_name(4))
+    assert empty is not None
+    p.services.upsert(annotated({}))
+    p.services.upsert(annotated({"config.lightpath.cloud/http-request-timeout": "1s"}, name="fast",
+                                ips=("10.96.0.11", "fd00::11")))
+    p.sync({"shop/web", "shop/fast"})
+    assert _explicit(p) == {"10.96.0.11:80"} and _explicit(p, 6) == {"[fd00::11]:80"}  # not the TCP port, not "web"
+    custom = cluster_pb2.Cluster.FromString(p.store.get(res.CLUSTER, "10.96.0.11:80").body.value)  # type: ignore[union-attr]
+    assert custom.connect_timeout.seconds == 5 and custom.outlier_detection.consecutive_5xx.value == 5
+    # A cluster option changes the cluster only; a route option the route only.
+    clusters_before = {n: p.store.get(res.CLUSTER, n).version for n in p.store.names(res.CLUSTER)}  # type: ignore[union-attr]
+    p.services.upsert(annotated({"config.lightpath.cloud/http-request-timeout": "2s"}, name="fast",
+                                ips=("10.96.0.11", "fd00::11")))
+    p.sync({"shop/fast"})
+    assert {n: p.store.get(res.CLUSTER, n).version for n in p.store.names(res.CLUSTER)} == clusters_before  # type: ignore[union-attr]
+    p.services.upsert(annotated({"config.lightpath.cloud/lb-policy": "RANDOM"}, name="fast", ips=("10.96.0.11", "fd00::11")))
+    p.sync({"shop/fast"})
+    assert _explicit(p) == set() and _explicit(p, 6) == set()  # back to the default options: no explicit route
+    random = cluster_pb2.Cluster.FromString(p.store.get(res.CLUSTER, "10.96.0.11:5432").body.value)  # type: ignore[union-attr]
+    assert random.lb_policy == cluster_pb2.Cluster.RANDOM
+    p.services.upsert(annotated({"config.lightpath.cloud/num-retries": "0"}, name="fast", ips=("10.96.0.11", "fd00::11")))
+    p.sync({"shop/fast"})
+    assert _explicit(p) == {"10.96.0.11:80"}
+    p.services.delete(annotated({}, name="fast"))
+    p.sync({"shop/fast"})
+    assert _explicit(p) == set() and _explicit(p, 6) == set()
+    assert p.store.get(res.ROUTE, res.route_name(4)).version == empty.version  # type: ignore[union-attr]
+
+
+def test_bad_annotations_are_reported_per_service_and_change_nothing_else() -> None:
+    p = plane()
+    p._publish_static()  # what run() does first
+    p.services.upsert(annotated({"config.lightpath.cloud/http-num-retries": "lots", "config.lightpath.cloud/web-x": "1"}))
+    p.sync({"shop/web"})
+    rows = p.report()["services"]
+    assert len(rows[0]["problems"]) == 2 and "'lots' is not a whole number: default used" in rows[0]["problems"][0]
+    assert _explicit(p) == set()
+
+
+def test_an_http_key_is_servable_once_any_route_configuration_is_acked() -> None:
+    """The default route serves a customized key correctly (with default options) until its explicit route is
+    ACKed, so the gate does not wait for that particular route version (docs/l7.md)."""
+    p = plane(ipv6=False)
+    p.services.upsert(annotated({"config.lightpath.cloud/http-request-timeout": "1s"}))
+    p.sync({"shop/web"})
+    stream = Stream(NODE)
+    key = Key(4, "10.96.0.10", 80)
+    listener = p.store.get(res.LISTENER, res.listener_name(4))
+    assert listener is not None
+    for type_url, name in ((res.CLUSTER, "10.96.0.10:80"), (res.ENDPOINT, "10.96.0.10:80"),
+                           (res.LISTENER, res.listener_name(4))):
+        found = p.store.get(type_url, name)
+        assert found is not None
+        stream.types[type_url].acked[name] = found.version
+    assert p._servable(stream, [key]) == set()  # no route configuration ACKed at all
+    stream.types[res.ROUTE].acked[res.route_name(4)] = "some older version"
+    assert p._servable(stream, [key]) == {key}

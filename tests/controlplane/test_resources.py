@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
+from controlplane import l7
 from controlplane import resources as res
 from controlplane.translate import ClusterSpec, LoadSpec
 from redirector.model import Key
@@ -106,11 +110,81 @@ def test_clusters_and_endpoints_are_deterministic_and_distinct() -> None:
     assert res.version_of(b"a") != res.version_of(b"b")
 
 
-def test_routes_name_the_cluster_by_header() -> None:
-    route = res.route_configuration(6)
-    assert route.name == res.route_name(6) == "lightpath_http_ipv6"
-    action = route.virtual_hosts[0].routes[0]
-    assert action.route.cluster_header == res.CLUSTER_HEADER and res.CLUSTER_HEADER in action.request_headers_to_remove
+def _routes(builder: res.RouteBuilder) -> tuple[dict[str, route_components_pb2.Route], route_components_pb2.Route]:
+    """(cluster header value -> route, the default route), read back from the protobuf."""
+    matcher = builder.config.virtual_hosts[0].matcher
+
+    def unpack(on: object) -> route_components_pb2.Route:
+        found = route_components_pb2.Route()
+        on.action.typed_config.Unpack(found)  # type: ignore[attr-defined]
+        return found
+
+    explicit = {k: unpack(v) for k, v in matcher.matcher_tree.exact_match_map.map.items()}
+    return explicit, unpack(matcher.on_no_match)
+
+
+def test_the_default_route_names_the_cluster_by_header_with_the_default_options() -> None:
+    config = res.route_configuration(6)
+    assert config.name == res.route_name(6) == "lightpath_http_ipv6"
+    explicit, default = _routes(res.RouteBuilder(6))
+    assert set(explicit) == {"none"}  # the sentinel (Envoy refuses an empty map)
+    action = default.route
+    assert action.cluster_header == res.CLUSTER_HEADER and res.CLUSTER_HEADER in default.request_headers_to_remove
+    assert (action.timeout.seconds, action.idle_timeout.seconds, action.retry_policy.per_try_timeout.seconds) == (15, 300, 5)
+    assert action.retry_policy.retry_on == "5xx,reset,retriable-headers" and action.retry_policy.num_retries.value == 2
+    assert [p.name for p in action.retry_policy.retry_host_predicate] == ["envoy.retry_host_predicates.previous_hosts"]
+    assert action.hash_policy[0].connection_properties.source_ip
+
+
+def test_route_builder_keeps_only_customized_keys_one_change_at_a_time() -> None:
+    b = res.RouteBuilder(4)
+    empty = res.serialize(b.config)
+    fast = l7.RouteOptions(timeout_ms=250, retry_enabled=False)
+    assert b.set("10.96.0.10:80", fast) and not b.set("10.96.0.10:80", fast)
+    assert b.set("nodeport4:30080", l7.RouteOptions(per_try_timeout_ms=0, retry_enabled=False))
+    explicit, _ = _routes(b)
+    assert set(explicit) == {"none", "10.96.0.10:80", "nodeport4:30080"}
+    mine = explicit["10.96.0.10:80"].route
+    assert mine.cluster == "10.96.0.10:80" and (mine.timeout.seconds, mine.timeout.nanos) == (0, 250_000_000)
+    assert mine.retry_policy.num_retries.value == 0 and not mine.retry_policy.retry_host_predicate  # off: no retries
+    assert mine.retry_policy.per_try_timeout.seconds == 5  # the per-try timeout still holds
+    assert not explicit["nodeport4:30080"].route.HasField("retry_policy")
+    assert b.remove("10.96.0.10:80") and not b.remove("10.96.0.10:80") and b.remove("nodeport4:30080")
+    assert res.serialize(b.config) == empty and b.routes == {}
+
+
+def test_cluster_options_become_envoy_fields() -> None:
+    options = l7.ClusterOptions(connect_timeout_ms=1_500, lb_policy="MAGLEV", default_priority=l7.Breaker(1, 2, 3, 4, True),
+                                high_priority=l7.Breaker(5, 6, 7, 8), outlier=l7.Outlier(1_000, 2_000, 3_000, 40, 2, 3),
+                                upstream_idle_timeout_ms=700, access_log=False)
+    http = res.cluster(ClusterSpec("10.96.0.10:80", "s", "http", "shop/web", False, options))
+    assert (http.connect_timeout.seconds, http.connect_timeout.nanos) == (1, 500_000_000)
+    assert http.lb_policy == cluster_pb2.Cluster.MAGLEV
+    default, high = http.circuit_breakers.thresholds
+    assert (default.max_connections.value, default.max_pending_requests.value, default.max_requests.value,
+            default.max_retries.value, default.track_remaining) == (1, 2, 3, 4, True)
+    assert high.priority == base_pb2.HIGH and high.max_retries.value == 8 and not high.track_remaining
+    od = http.outlier_detection
+    assert (od.interval.seconds, od.base_ejection_time.seconds, od.max_ejection_time.seconds) == (1, 2, 3)
+    assert (od.max_ejection_percent.value, od.consecutive_5xx.value, od.consecutive_gateway_failure.value,
+            od.enforcing_consecutive_gateway_failure.value, od.split_external_local_origin_errors) == (40, 2, 3, 100, False)
+    protocol = http_protocol_options_pb2.HttpProtocolOptions()
+    http.typed_extension_protocol_options[res.HTTP_PROTOCOL_OPTIONS].Unpack(protocol)
+    assert protocol.common_http_protocol_options.idle_timeout.nanos == 700_000_000
+    assert protocol.explicit_http_config.HasField("http_protocol_options")
+    assert res.NO_ACCESS_LOG in http.metadata.filter_metadata
+    tcp = res.cluster(ClusterSpec("10.96.0.10:5432", "s", "tcp", "shop/db", False, options))
+    assert res.HTTP_PROTOCOL_OPTIONS not in tcp.typed_extension_protocol_options  # no HTTP option on a TCP port
+    od = tcp.outlier_detection  # connection failures, counted apart from (absent) HTTP responses
+    assert od.split_external_local_origin_errors and od.consecutive_local_origin_failure.value == 3
+    assert od.enforcing_consecutive_local_origin_failure.value == 100
+    h2c = res.cluster(ClusterSpec("10.96.0.10:81", "s", "h2c", "shop/web", False, l7.HTTP_CLUSTER_DEFAULT))
+    h2c.typed_extension_protocol_options[res.HTTP_PROTOCOL_OPTIONS].Unpack(protocol)
+    assert protocol.explicit_http_config.HasField("http2_protocol_options")
+    assert protocol.common_http_protocol_options.idle_timeout.seconds == 15
+    affinity = res.cluster(ClusterSpec("10.96.0.10:80", "s", "http", "shop/web", True, options))
+    assert affinity.lb_policy == cluster_pb2.Cluster.RING_HASH  # sessionAffinity wins over lb-policy
+    assert res.NO_ACCESS_LOG not in res.cluster(ClusterSpec("a:1", "s", "http", "x")).metadata.filter_metadata
 
 
 def test_bootstrap_needs_exactly_one_xds_target() -> None:
