@@ -120,7 +120,8 @@ def test_the_node_never_picks_our_address_as_the_source_of_its_own_traffic() -> 
         nft_backend(topo.node.name).ensure(set())
         lo = topo.node.run(["ip", "addr", "show", "dev", "lo"]).stdout
         assert f"{TARGET[4]}/32 scope host" in lo and f"{TARGET[6]}/128" in lo and "deprecated" in lo
-        for family, pod_ip in ((4, topo.pod_ips[0]), (6, topo.pod_ips6[0])):
+        pods: list[tuple[Family, str]] = [(4, topo.pod_ips[0]), (6, topo.pod_ips6[0])]
+        for family, pod_ip in pods:
             listener = tcp_listener(topo.pods[0], 0, family, name="pod")
             try:
                 assert tcp_request(topo.node, pod_ip, listener.port)["peer"][0] == NODE[family]
