@@ -1,0 +1,91 @@
+"""Per-Service L7 options for real: annotations -> the agent's control plane -> a real Envoy, with backends
+that fail or answer late (tests/e2e/l7_backend.py). Real TCP through network namespaces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from redirector.model import Key
+from sandbox.traffic import Listener, _read_ready, http_request, wait_until
+from shared import constants as c
+from tests.e2e.envoynode import NS, EnvoyNode, envoy_node
+
+pytestmark = pytest.mark.root
+BACKEND = Path(__file__).with_name("l7_backend.py")
+P = "config.lightpath.cloud/"
+
+
+def backend(node: EnvoyNode, pod: int, *args: str) -> Listener:
+    ns = node.topo.pods[pod]
+    proc = ns.popen([sys.executable, "-P", str(BACKEND), "--name", f"pod{pod}", *args],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    listener = Listener(ns, _read_ready(proc, 20), 4, "http", proc)
+    node.listeners.append(listener)
+    return listener
+
+
+def http_service(node: EnvoyNode, name: str, ip: str, port: int, pods: list[int], annotations: dict[str, str]) -> Key:
+    body = {"metadata": {"name": name, "namespace": NS, "labels": {c.SERVICE_PROXY_NAME_LABEL: c.DEFAULT_PROXY_NAME},
+                         "annotations": annotations},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                     "ports": [{"name": "http", "port": 80, "targetPort": port, "protocol": "TCP", "appProtocol": "http"}]}}
+    node.core.create_namespaced_service(NS, body, _preload_content=False)
+    node.endpoints(name, {"http": port}, pods)
+    key = Key(4, ip, 80)
+    wait_until(lambda: key in node.kernel_keys(), timeout=20, what=f"{name}'s redirect")
+    return key
+
+
+def get(node: EnvoyNode, ip: str) -> dict[str, object]:
+    reply = http_request(node.topo.pods[2], ip, 80, "/")
+    reply["json"] = json.loads(reply["body"]) if reply["body"].startswith("{") else None
+    return reply
+
+
+def test_retries_turn_a_backends_500_into_a_200_and_can_be_turned_off(tmp_path: Path) -> None:
+    with envoy_node(tmp_path) as node:
+        flaky = backend(node, 0, "--fail-every", "2", "--port", "8081")  # requests 1, 3, 5... fail
+        also = backend(node, 1, "--fail-every", "2", "--port", "8082")
+        http_service(node, "flaky", "10.96.0.40", flaky.port, [0], {})  # the defaults: 2 retries on 5xx
+        http_service(node, "strict", "10.96.0.41", also.port, [1], {P + "http-retry-enabled": "false"})
+        replies = [get(node, "10.96.0.40") for _ in range(10)]
+        assert [r["status"] for r in replies] == [200] * 10, replies
+        assert node.envoy.counter("cluster.shop_flaky_80_ipv4.upstream_rq_retry") >= 10  # each one was retried
+        statuses = [get(node, "10.96.0.41")["status"] for _ in range(10)]
+        assert statuses.count(500) == 5 and statuses.count(200) == 5, statuses  # no retry: the backend's own answers
+        assert node.envoy.counter("cluster.shop_strict_80_ipv4.upstream_rq_retry") == 0
+
+
+def test_outlier_detection_ejects_a_failing_backend(tmp_path: Path) -> None:
+    with envoy_node(tmp_path) as node:
+        bad = backend(node, 0, "--fail-every", "1", "--port", "8083")  # always 500
+        good = backend(node, 1, "--port", "8083")
+        assert bad.port == good.port == 8083
+        http_service(node, "eject", "10.96.0.42", 8083, [0, 1], {
+            P + "http-retry-enabled": "false", P + "http-outlier-detection-consecutive-5xx": "2",
+            P + "http-outlier-detection-max-ejection-percent": "50", P + "http-outlier-detection-base-ejection-time": "5m"})
+        ejected = "cluster.shop_eject_80_ipv4.outlier_detection.ejections_active"
+
+        def ejected_after_one_more() -> bool:
+            get(node, "10.96.0.42")
+            return node.envoy.counter(ejected) == 1
+
+        wait_until(ejected_after_one_more, timeout=30, what="the failing backend ejected")
+        replies = [get(node, "10.96.0.42") for _ in range(20)]
+        assert {(r["status"], r["json"]["server"]) for r in replies} == {(200, "pod1")}, replies  # type: ignore[index]
+
+
+def test_a_request_timeout_fires_with_a_504(tmp_path: Path) -> None:
+    with envoy_node(tmp_path) as node:
+        slow = backend(node, 0, "--delay", "30", "--port", "8084")
+        http_service(node, "slow", "10.96.0.43", slow.port, [0], {P + "request-timeout": "300ms"})
+        reply = get(node, "10.96.0.43")  # the client would give up after 5 s; the route's timeout is 0.3 s
+        assert reply["status"] == 504 and "upstream request timeout" in str(reply["body"]), reply
+        assert node.envoy.counter("cluster.shop_slow_80_ipv4.upstream_rq_timeout") == 1
+        row = node.proxy("slow")["services"][0]
+        assert row["problems"] == [] and all(k["served"] for k in row["keys"])
