@@ -15,6 +15,19 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 PREFIX = "config.lightpath.cloud/"
+Protocol = Literal["tcp", "http", "h2c"]
+# How Envoy speaks to a port, by appProtocol. HTTP/1.1 (and websockets over it) and cleartext HTTP/2 are
+# terminated by Envoy; everything else -- TLS included (https, h2, wss: Envoy cannot read those) -- is
+# proxied as TCP.
+HTTP1_APP_PROTOCOLS = frozenset({"http", "ws", "kubernetes.io/ws", "https-terminated-elsewhere", "grpc-web"})
+H2C_APP_PROTOCOLS = frozenset({"h2c", "kubernetes.io/h2c", "grpc", "http2"})
+
+
+def upstream_protocol(app_protocol: object) -> Protocol:
+    if not isinstance(app_protocol, str):
+        return "tcp"
+    value = app_protocol.strip().lower()
+    return "http" if value in HTTP1_APP_PROTOCOLS else "h2c" if value in H2C_APP_PROTOCOLS else "tcp"
 LbPolicy = Literal["LEAST_REQUEST", "ROUND_ROBIN", "RANDOM", "RING_HASH", "MAGLEV"]
 LB_POLICIES: tuple[LbPolicy, ...] = ("LEAST_REQUEST", "ROUND_ROBIN", "RANDOM", "RING_HASH", "MAGLEV")
 # Envoy's router retry conditions (HTTP and gRPC); anything else is refused here, not by Envoy.
@@ -291,6 +304,23 @@ def parse(annotations: object, ports: Iterable[tuple[str, bool]]) -> Parsed:
         problems.extend(more)
         out.append((name, opts))
     return Parsed(tuple(out), tuple(dict.fromkeys(problems)))
+
+
+def check_service(service: object) -> tuple[str, ...]:
+    """The problems of a Service's annotations (the webhook's warnings): the same parse as the agent's."""
+    if not isinstance(service, Mapping):
+        return ()
+    meta, spec = service.get("metadata"), service.get("spec")
+    annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+    if not isinstance(annotations, Mapping) or not any(isinstance(k, str) and k.startswith(PREFIX) for k in annotations):
+        return ()
+    raw_ports = spec.get("ports") if isinstance(spec, Mapping) else None
+    ports = []
+    for port in raw_ports if isinstance(raw_ports, list) else []:
+        if isinstance(port, Mapping):
+            name = port.get("name")
+            ports.append((name if isinstance(name, str) else "", upstream_protocol(port.get("appProtocol")) != "tcp"))
+    return parse(annotations, ports).problems
 
 
 def _build(chosen: Mapping[Option, object], http: bool, label: str) -> tuple[PortOptions, list[str]]:

@@ -25,26 +25,16 @@ from typing import Any, Literal
 
 from controlplane import endpoints as eps
 from controlplane import l7
+from controlplane.l7 import H2C_APP_PROTOCOLS, HTTP1_APP_PROTOCOLS, Protocol, upstream_protocol
 from redirector.desired import EMPTY, ServiceEntries, service_entries, service_id
 from redirector.model import Family, Key, Kind
 from shared import constants as c
 from shared import policy
 
-Protocol = Literal["tcp", "http", "h2c"]
 Chain = Literal["tcp", "http"]
 
-# How Envoy speaks to a port, by appProtocol. HTTP/1.1 (and websockets over it) and cleartext HTTP/2 are
-# terminated by Envoy; everything else -- TLS included (https, h2, wss: Envoy cannot read those) -- is
-# proxied as TCP.
-HTTP1_APP_PROTOCOLS = frozenset({"http", "ws", "kubernetes.io/ws", "https-terminated-elsewhere", "grpc-web"})
-H2C_APP_PROTOCOLS = frozenset({"h2c", "kubernetes.io/h2c", "grpc", "http2"})
-
-
-def upstream_protocol(app_protocol: object) -> Protocol:
-    if not isinstance(app_protocol, str):
-        return "tcp"
-    value = app_protocol.strip().lower()
-    return "http" if value in HTTP1_APP_PROTOCOLS else "h2c" if value in H2C_APP_PROTOCOLS else "tcp"
+# How Envoy speaks to a port, by appProtocol: controlplane.l7 holds it (the webhook checks options with it too).
+__all__ = ["H2C_APP_PROTOCOLS", "HTTP1_APP_PROTOCOLS", "upstream_protocol"]
 
 
 @dataclass(frozen=True, slots=True)

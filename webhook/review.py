@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane.l7 import check_service
 from shared.errors import WebhookError
 from shared.policy import MAX_REASON, PolicyConfig, decide
 from webhook.patch import Op, plan
@@ -122,7 +123,7 @@ def admit(req: AdmissionRequest, namespace_labels: Mapping[str, str], config: Po
         service = {**service, "metadata": {**meta, "namespace": req.namespace}}
     decision = decide(service, namespace_labels, config)
     p = plan(service, decision, namespace_labels, config)
-    warnings = (p.warning,) if p.warning else ()
+    warnings = ((p.warning,) if p.warning else ()) + option_warnings(service)
     audit = {"decision": decision.action.value, "reason": decision.reason}
     return Admission(
         review=review(req.uid, p.ops, warnings, audit),
@@ -131,6 +132,27 @@ def admit(req: AdmissionRequest, namespace_labels: Mapping[str, str], config: Po
         ops=p.ops,
         warnings=warnings,
     )
+
+
+MAX_OPTION_WARNINGS = 5  # each one bounded by the L7 parser (well under 256 characters); the rest counted
+
+
+def option_warnings(service: Mapping[str, Any]) -> tuple[str, ...]:
+    """Unknown ``config.lightpath.cloud/`` options and invalid values: warnings, never a denial (the agent
+    uses the default for each and reports it per Service). The agent's own parser decides."""
+    problems = check_service(service)
+    meta = service.get("metadata")
+    name = _short(str(meta.get("name") or meta.get("generateName") or "") if isinstance(meta, Mapping) else "")
+    out = [_printable(f"lightpath: Service {name}: {p}") for p in problems[:MAX_OPTION_WARNINGS]]
+    if len(problems) > MAX_OPTION_WARNINGS:
+        out.append(f"lightpath: Service {name}: {len(problems) - MAX_OPTION_WARNINGS} more option problems (docs/l7.md)")
+    return tuple(out)
+
+
+def _printable(text: str, limit: int = MAX_REASON) -> str:
+    """Warnings travel as HTTP Warning headers: printable ASCII, bounded length."""
+    clean = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
 def allow_untouched(uid: str, reason: str, decision: str = SKIP) -> Admission:

@@ -173,7 +173,7 @@ def _imported_modules(package: str) -> set[str]:
     return {m for m in mods if m not in sys.stdlib_module_names and m not in OWN_PACKAGES and m != "__future__"}
 
 
-IMAGE_ALSO = {"redirector": ("controlplane",)}  # packages an image's code imports besides shared/
+IMAGE_ALSO = {"redirector": ("controlplane",), "webhook": ("controlplane",)}  # packages an image's code imports besides shared/
 
 
 @pytest.mark.parametrize("image", IMAGES)
