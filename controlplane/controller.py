@@ -24,6 +24,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from controlplane import endpoints as eps
+from controlplane import envoystats
 from controlplane import resources as res
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.server import AdsServer
@@ -68,7 +69,8 @@ class ControlPlane:
 
     def __init__(self, node: NodeInfo, *, proxy_port: int = c.DEFAULT_PROXY_PORT,
                  proxy_name: str = c.DEFAULT_PROXY_NAME, metrics: ControlPlaneMetrics | None = None,
-                 mangle: Mangle | None = None, batch_idle: float = 0.002, batch_max: float = 0.02) -> None:
+                 mangle: Mangle | None = None, batch_idle: float = 0.002, batch_max: float = 0.02,
+                 envoy_admin: tuple[str, int] | None = ("127.0.0.1", c.ENVOY_ADMIN_PORT)) -> None:
         self.node = node
         self.proxy_name = proxy_name
         self.store = Store()
@@ -78,6 +80,7 @@ class ControlPlane:
         self.families: tuple[Family, ...] = (4, 6) if node.ipv6 else (4,)
         self.listeners = {f: res.ListenerBuilder(f, proxy_port) for f in self.families}
         self.routes = {f: res.RouteBuilder(f) for f in self.families}
+        self.envoy_stats = envoystats.EnvoyStats(envoy_admin) if envoy_admin is not None else None
         self._listener_keys: dict[Family, OrderedDict[str, frozenset[Key]]] = {f: OrderedDict() for f in self.families}
         self.services = ServiceSink(self)
         self.slices = SliceSink(self)
@@ -343,8 +346,11 @@ class ControlPlane:
             return stream is not None and stream.in_sync()
 
     def report(self, limit: int = 200, service: str | None = None) -> dict[str, Any]:
-        """Per Service what Envoy holds (/debug/proxy)."""
+        """Per Service what Envoy holds (/debug/proxy), with Envoy's traffic counters per key."""
         server = self.server
+        counters: tuple[dict[str, int] | None, str] = (None, "no Envoy admin address")
+        if self.envoy_stats is not None:
+            counters = self.envoy_stats.snapshot()  # outside every lock: an HTTP request to Envoy's admin
         with self._lock:
             published = dict(self._published) if service is None else (
                 {service: self._published[service]} if service in self._published else {})
@@ -355,7 +361,7 @@ class ControlPlane:
         with cond:
             for sid in sorted(published)[:limit]:
                 found = published[sid]
-                rows.append(self._row(sid, found, stream))
+                rows.append(self._row(sid, found, stream, counters))
             streams = server.summaries() if server is not None else []
             closed = list(server.closed) if server is not None else []
         return {"node": self.node.name, "services_known": views, "services_served": len(published),
@@ -364,10 +370,12 @@ class ControlPlane:
                 "streams": streams, "ended_streams": closed, "services": rows,
                 "truncated": len(published) > limit}
 
-    def _row(self, sid: str, found: ServiceResources, stream: Stream | None) -> dict[str, Any]:
+    def _row(self, sid: str, found: ServiceResources, stream: Stream | None,
+             counters: tuple[dict[str, int] | None, str] = (None, "not asked")) -> dict[str, Any]:
         clusters = []
+        traffic = envoystats.per_key(*counters, [s.stat_name for s in found.clusters])
         served = self._servable(stream, [k for k, _ in found.chains]) if stream is not None else set()
-        for (key, chain), load in zip(found.chains, found.loads, strict=True):
+        for (key, chain), load, figures in zip(found.chains, found.loads, traffic, strict=True):
             name = cluster_name(key)
             current = self.store.get(res.CLUSTER, name)
             refused = None
@@ -380,7 +388,7 @@ class ControlPlane:
                              "version": current.version if current else None,
                              "acked": stream is not None and current is not None
                              and stream.types[res.CLUSTER].acked.get(name) == current.version,
-                             "served": key in served, "refused": refused})
+                             "served": key in served, "refused": refused, "traffic": figures})
         return {"service": sid, "keys": clusters, "problems": list(found.problems)}
 
 

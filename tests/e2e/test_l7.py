@@ -59,6 +59,11 @@ def test_retries_turn_a_backends_500_into_a_200_and_can_be_turned_off(tmp_path: 
         statuses = [get(node, "10.96.0.41")["status"] for _ in range(10)]
         assert statuses.count(500) == 5 and statuses.count(200) == 5, statuses  # no retry: the backend's own answers
         assert node.envoy.counter("cluster.shop_strict_80_ipv4.upstream_rq_retry") == 0
+        # The same figures per Service in the agent's /debug/proxy (from Envoy's admin).
+        flaky_row = node.proxy("flaky")["services"][0]["keys"][0]["traffic"]
+        strict_row = node.proxy("strict")["services"][0]["keys"][0]["traffic"]
+        assert flaky_row["upstream_rq_retry"] >= 10 and flaky_row["upstream_rq_2xx"] == 10, flaky_row
+        assert strict_row["upstream_rq_total"] == 10 and strict_row["upstream_rq_5xx"] == 5, strict_row
 
 
 def test_outlier_detection_ejects_a_failing_backend(tmp_path: Path) -> None:
