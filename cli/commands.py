@@ -17,6 +17,7 @@ from cli.kube import Cluster, connect
 from cli.plan import Direction, Plan, plan_namespaces, plan_reconcile, plan_services
 from cli.rows import build_rows, namespace_labels, summarize
 from cli.selection import Selection, check_namespaces, select_namespaces, select_services
+from shared import constants as c
 from shared.policy import PolicyConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -145,6 +146,9 @@ def _execute(
         continue_on_error=args.continue_on_error,
         verify_timeout=args.verify_timeout,
         progress_stream=sys.stderr,
+        handover=not getattr(args, "no_handover", False),
+        handover_timeout=getattr(args, "handover_timeout", 30.0),
+        agent_namespace=getattr(args, "agent_namespace", c.DEFAULT_AGENT_NAMESPACE),
     )
     report = runner.run(the_plan)
     _print_report(report, args, out)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from cli import handover
 from cli.kube import Cluster, ClusterError
 from cli.plan import Item, Plan, Step, touch_patch, verify
 from cli.progress import Progress
@@ -78,6 +79,9 @@ class Runner:
     progress_stream: TextIO | None = None
     now: Callable[[], str] = now_stamp
     sleep: Callable[[float], None] = time.sleep
+    handover: bool = True  # migrate make-before-break (cli.handover) when node agents report in Leases
+    handover_timeout: float = 30.0
+    agent_namespace: str = c.DEFAULT_AGENT_NAMESPACE
 
     def run(self, plan: Plan) -> Report:
         report = Report(plan.verb)
@@ -136,14 +140,52 @@ class Runner:
             self.say(f"labelled  namespace {item.ref.name} {c.OPT_LABEL}={value}")
         return True
 
+    def _prepare(self, verb: str, chunk: Sequence[Item], report: Report) -> tuple[list[Item], bool]:
+        """Migration: every live node agent prepares the Services before their label (cli.handover)."""
+        movers = [i for i in chunk if verb == "migrate" and self.handover and i.expect == "lightpath"]
+        if not movers:
+            return list(chunk), False
+        try:
+            outcome = handover.prepare(self.cluster, [i.ref for i in movers], namespace=self.agent_namespace,
+                                       timeout=self.handover_timeout, sleep=self.sleep)
+        except ClusterError as exc:
+            for item in movers:
+                report.failures.append((item.ref, f"{item.ref}: handover: {exc}"))
+            return [i for i in chunk if i not in movers], not self.continue_on_error
+        if outcome.agents == 0:
+            self.say(f"warning   no node agent reports in namespace {self.agent_namespace} (no live Lease): "
+                     "migrating without make-before-break")
+        elif outcome.prepared:
+            self.say(f"prepared  {len(outcome.prepared)} Service(s) on all {outcome.agents} live node(s)")
+        for ref, nodes in outcome.not_prepared.items():
+            shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+            report.failures.append((ref, f"{ref}: not prepared within {self.handover_timeout:g}s on node(s) {shown} "
+                                         "(aborted: the mark is removed, the Service stays with kube-proxy; see "
+                                         "`lightpath-redirector debug proxy` on those nodes)"))
+            self.say(f"ABORTED   {ref} (not prepared on {len(nodes)} node(s))")
+        for ref, message in outcome.failed.items():
+            report.failures.append((ref, f"{ref}: {message}"))
+            self.say(f"FAILED    {ref} (see the error below)")
+        stop = bool(outcome.not_prepared or outcome.failed) and not self.continue_on_error
+        dropped = {*outcome.not_prepared, *outcome.failed}
+        keep = [i for i in chunk if i not in movers or i.ref not in dropped]
+        if stop:  # the rest of the batch is still written (prepared), the run ends after it
+            return keep, True
+        return keep, False
+
     def _batch(self, verb: str, chunk: Sequence[Item], report: Report) -> bool:
         """Write a batch, read it back, verify. Returns True when the run must stop."""
         written: list[Item] = []
-        stop = False
+        chunk, stop = self._prepare(verb, chunk, report)
         for item in chunk:
             assert item.patch is not None
+            patch = item.patch
+            if verb == "migrate" and self.handover and item.expect == "lightpath":
+                meta = dict(patch.get("metadata") or {})
+                meta["annotations"] = {**(meta.get("annotations") or {}), c.HANDOVER_ANNOTATION: None}
+                patch = {**patch, "metadata": meta}  # the label lands and the mark goes in one write
             try:
-                self.cluster.patch_service(item.ref.namespace, item.ref.name, item.patch)
+                self.cluster.patch_service(item.ref.namespace, item.ref.name, patch)
             except ClusterError as exc:
                 report.failures.append((item.ref, f"{item.ref}: {exc}"))
                 self.say(f"FAILED    {item.ref} (see the error below)")

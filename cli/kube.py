@@ -108,6 +108,17 @@ class Cluster:
             lambda **kw: self.core.list_namespaced_service(namespace, **kw),
         )
 
+    def list_leases(self, namespace: str) -> list[dict[str, Any]]:
+        """The Leases of one namespace (the node agents report readiness in theirs)."""
+        coordination = client.CoordinationV1Api(self.api)
+        try:
+            return self._paginate(f"list Leases in {namespace}",
+                                  lambda **kw: coordination.list_namespaced_lease(namespace, **kw))
+        except ClusterError as exc:
+            if exc.status == 404:  # no such namespace (or API): no agent reports there
+                return []
+            raise
+
     def list_namespaces(self) -> list[dict[str, Any]]:
         return self._paginate("list Namespaces", self.core.list_namespace)
 

@@ -106,6 +106,13 @@ def _batching(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long a namespace-mode Service may take to move (default: 10)",
     )
+    p.add_argument("--handover-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="migrate: how long every live node agent has to prepare a Service before its label "
+                        "(make-before-break; default: 30)")
+    p.add_argument("--no-handover", action="store_true",
+                   help="migrate: set the label at once, without waiting for the node agents")
+    p.add_argument("--agent-namespace", default=c.DEFAULT_AGENT_NAMESPACE, metavar="NAMESPACE",
+                   help=f"where the node agents' Leases are (default: {c.DEFAULT_AGENT_NAMESPACE})")
     _output(p, "text", "report")
 
 

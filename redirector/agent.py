@@ -114,6 +114,7 @@ class Agent:
         self.kube_proxy = kube_proxy
         self.handback_hold, self.handback_timeout = handback_hold, handback_timeout
         self._held: dict[Key, tuple[float, float]] = {}  # key -> (since, deadline), monotonic
+        self.on_synced: Callable[[], None] | None = None  # after each successful sync (the Lease reporter)
         self._next_hold_check = 0.0
 
     # -- reading (debug server) -----------------------------------------------------------------------
@@ -291,6 +292,18 @@ class Agent:
                             extra={"key": str(key), "waited_s": round(now - since, 3)})
         return frozenset(released)
 
+    def prepared(self) -> list[str]:
+        """Services marked for migration whose every redirect is in the kernel (so Envoy serves them here)."""
+        with self.tracker.cond:
+            marked = sorted(self.tracker.marked)
+        with self._lock:
+            out = []
+            for sid in marked:
+                entries = self.index.get(sid)
+                if entries is not None and entries.keys and all(k in self._applied for k in entries.keys):
+                    out.append(sid)
+            return out
+
     def held(self) -> dict[str, float]:
         """Keys held for a handback, with seconds held so far (debug endpoints)."""
         now = time.monotonic()
@@ -373,6 +386,8 @@ class Agent:
         s.changes_applied += len(arrivals)
         self._retry_delay = self.retry_min
         self._update_gauges()
+        if self.on_synced is not None and self.tracker.marked:
+            self.on_synced()
         if kind == "full":
             log.info("full sync done", extra={"entries": len(self._applied), "seconds": round(elapsed, 4),
                                               "cpu_seconds": round(time.thread_time() - self._cpu_started, 4)})

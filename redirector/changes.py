@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from redirector.desired import ServiceEntries, ServiceId, service_entries, service_id
+from shared import constants as c
+from shared import policy
 
 
 @dataclass
@@ -37,14 +39,24 @@ class ChangeTracker:
         self.listed = threading.Event()  # set once the first list completed
         self.restarts: list[str] = []
         self.last_event = 0.0  # monotonic time of the newest change
+        # Services marked for a make-before-break migration (not yet labelled): redirected like ours so the
+        # label can follow once every node is prepared (docs/migration.md, "Handover protocol").
+        self.marked: set[ServiceId] = set()
 
     # WatchSink
     def replace(self, services: Iterable[dict[str, Any]]) -> None:
         """A complete list. ``services`` may be a generator fetching pages: if it raises half-way, nothing
         of it is published."""
-        listed = [(service_id(s), service_entries(s)) for s in services if self._ours(s)]
+        listed: list[tuple[ServiceId, ServiceEntries]] = []
+        marked: set[ServiceId] = set()
+        for s in services:
+            if self._ours(s):
+                listed.append((service_id(s), service_entries(s)))
+                if self._marked(s):
+                    marked.add(service_id(s))
         now = time.monotonic()
         with self._cond:
+            self.marked = marked
             self._relist = (listed, now)
             self._changes.clear()  # the list supersedes them
             self.last_event = now
@@ -53,9 +65,17 @@ class ChangeTracker:
 
     def upsert(self, service: dict[str, Any]) -> None:
         ours = self._ours(service)
-        self._record(service_id(service), service_entries(service) if ours else None, handback=not ours)
+        sid = service_id(service)
+        with self._cond:
+            if ours and self._marked(service):
+                self.marked.add(sid)
+            else:
+                self.marked.discard(sid)
+        self._record(sid, service_entries(service) if ours else None, handback=not ours)
 
     def delete(self, service: dict[str, Any]) -> None:
+        with self._cond:
+            self.marked.discard(service_id(service))
         self._record(service_id(service), None)
 
     def restarted(self, reason: str) -> None:
@@ -63,10 +83,27 @@ class ChangeTracker:
             self.restarts.append(reason)
             self._cond.notify_all()
 
+    def _marked(self, service: dict[str, Any]) -> bool:
+        """Marked for migration, no handoff label yet, and eligible (a garbage value or an ineligible Service
+        is ignored: never a half-migrated Service)."""
+        meta = service.get("metadata") or {}
+        annotations = meta.get("annotations") or {}
+        labels = meta.get("labels") or {}
+        if not isinstance(annotations, dict) or annotations.get(c.HANDOVER_ANNOTATION) != c.HANDOVER_MIGRATE:
+            return False
+        if not isinstance(labels, dict) or c.SERVICE_PROXY_NAME_LABEL in labels:
+            return False
+        try:
+            return policy.ineligibility(service) is None
+        except Exception:  # noqa: BLE001 - the policy never raises; if it did, not marked
+            return False
+
     def _ours(self, service: dict[str, Any]) -> bool:
-        """A label-selector watch sends DELETED when the label goes; checking here too costs nothing."""
+        """Labelled for our proxy -- the one place the label filter is configured -- or marked for migration."""
         labels = (service.get("metadata") or {}).get("labels") or {}
-        return isinstance(labels, dict) and labels.get(self._label_key) == self._label_value
+        if isinstance(labels, dict) and labels.get(self._label_key) == self._label_value:
+            return True
+        return self._marked(service)
 
     def _record(self, sid: ServiceId, entries: ServiceEntries | None, *, handback: bool = False) -> None:
         now = time.monotonic()

@@ -63,6 +63,8 @@ class Settings:
     # handback_timeout), or for handback_hold when kube-proxy's rules cannot be read (>= 2 x its minSyncPeriod).
     handback_hold: float = 2.0
     handback_timeout: float = 10.0
+    # Where this agent's Lease lives (make-before-break migration); None: no Lease.
+    lease_namespace: str | None = os.environ.get("POD_NAMESPACE") or c.DEFAULT_AGENT_NAMESPACE
 
     def __post_init__(self) -> None:
         if self.proxy_uid is None and self.proxy_mark is None:
@@ -196,6 +198,8 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "(at least 2 x kube-proxy's minSyncPeriod)"),
     ("--handback-timeout", "HANDBACK_TIMEOUT", "handback_timeout", _seconds(0.0),
      "longest a handed-back Service keeps its redirect waiting for kube-proxy's rule to appear"),
+    ("--lease-namespace", "LEASE_NAMESPACE", "lease_namespace", _optional(_name),
+     "namespace of this agent's Lease, which reports the Services it prepared for a migration; 'none': no Lease"),
     ("--log-level", "LOG_LEVEL", "log_level", _choice(LOG_LEVELS, upper=True), f"one of {', '.join(LOG_LEVELS)}"),
 )
 

@@ -29,6 +29,7 @@ from controlplane.translate import NodeInfo
 from redirector.agent import Agent
 from redirector.config import Settings
 from redirector.kubeproxy_rules import KubeProxyRules
+from redirector.lease import LeaseReporter
 from redirector.model import Backend
 from redirector.watch import EndpointSliceWatcher, NodeWatcher, ServiceWatcher
 from shared import constants as c
@@ -57,6 +58,7 @@ class NodeAgent:
     slices: EndpointSliceWatcher | None = None
     server: AdsServer | None = None
     node: NodeWatcher | None = None
+    lease: LeaseReporter | None = None
     threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self, settings: Settings, *, socket_owner: int | None = None) -> NodeAgent:
@@ -68,6 +70,8 @@ class NodeAgent:
             targets += [("watch-endpointslices", self.slices.run), ("controlplane", self.plane.run)]
         if self.node is not None:
             targets.append(("watch-node", self.node.run))
+        if self.lease is not None:
+            targets.append(("lease", self.lease.run))
         self.threads = [threading.Thread(target=fn, name=name, daemon=True) for name, fn in targets]
         for thread in self.threads:
             thread.start()
@@ -87,6 +91,8 @@ class NodeAgent:
             self.slices.stop()
         if self.node is not None:
             self.node.stop()
+        if self.lease is not None:
+            self.lease.stop()
         if self.plane is not None:
             self.plane.stop()
         self.agent.stop()
@@ -125,7 +131,7 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
         # All Services, as with the control plane: a label removal must read as a handback, not a deletion.
         services = ServiceWatcher(core, agent.tracker, labelled_only=False, **watch)
         agent.watcher = services
-        return NodeAgent(agent, services)
+        return NodeAgent(agent, services, lease=_lease(settings, api, agent))
     node = NodeInfo(settings.node, ipv6=node_has_ipv6() if ipv6 is None else ipv6)
     if mangle is None and os.environ.get(TEST_REFUSE_ENV):
         log.warning("TEST HOOK active: Envoy will refuse a Service's clusters", extra={"service": os.environ[TEST_REFUSE_ENV]})
@@ -145,5 +151,13 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     node_watch = NodeWatcher(core, plane.nodes, settings.node, **watch)
     agent.watcher = services
     agent.plane = plane
-    return NodeAgent(agent, services, plane, slices, server, node=node_watch)
+    return NodeAgent(agent, services, plane, slices, server, node=node_watch, lease=_lease(settings, api, agent))
+
+
+def _lease(settings: Settings, api: client.ApiClient, agent: Agent) -> LeaseReporter | None:
+    if settings.lease_namespace is None:
+        return None
+    reporter = LeaseReporter(api, settings.lease_namespace, settings.node, agent.prepared)
+    agent.on_synced = reporter.changed
+    return reporter
 

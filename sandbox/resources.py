@@ -40,11 +40,12 @@ NAMESPACES = ResourceType("", "v1", "namespaces", "Namespace", False, ("ns",))
 SERVICES = ResourceType("", "v1", "services", "Service", True, ("svc",), ("status",))
 ENDPOINTSLICES = ResourceType("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True)
 NODES = ResourceType("", "v1", "nodes", "Node", False, ("no",))
+LEASES = ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True)
 MUTATING_WEBHOOKS = ResourceType(
     "admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False
 )
 
-ALL: tuple[ResourceType, ...] = (NAMESPACES, SERVICES, ENDPOINTSLICES, NODES, MUTATING_WEBHOOKS)
+ALL: tuple[ResourceType, ...] = (NAMESPACES, SERVICES, ENDPOINTSLICES, NODES, LEASES, MUTATING_WEBHOOKS)
 
 
 def lookup(group: str, version: str, plural: str) -> ResourceType | None:

@@ -75,3 +75,14 @@ HTTP_APP_PROTOCOLS: Final = frozenset(
 
 # The control plane's xDS socket, in a hostPath directory shared by the agent and Envoy pods.
 DEFAULT_XDS_SOCKET: Final = "/run/lightpath/xds.sock"
+
+# Make-before-break migration (docs/migration.md, "Handover protocol"): a Service marked with this annotation
+# (value "migrate") is prepared by every node agent -- Envoy ACKed, redirect installed, shadowing
+# kube-proxy's rules -- before its handoff label is set. Each agent reports the marked Services it has
+# prepared in its Lease (namespace of the agents, name prefix below), in the PREPARED annotation.
+HANDOVER_ANNOTATION: Final = "lightpath.cloud/handover"
+HANDOVER_MIGRATE: Final = "migrate"
+AGENT_LEASE_PREFIX: Final = "lightpath-agent-"
+PREPARED_ANNOTATION: Final = "lightpath.cloud/prepared"
+DEFAULT_AGENT_NAMESPACE: Final = "lightpath-node"
+AGENT_LEASE_SECONDS: Final = 15

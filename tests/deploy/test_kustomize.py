@@ -34,7 +34,7 @@ def test_each_component_builds_on_its_own(component: str) -> None:
 def test_default_has_every_piece(default_objs: list[Obj]) -> None:
     kinds = Counter(o["kind"] for o in default_objs)
     assert kinds == {
-        "Namespace": 2, "ServiceAccount": 2, "ClusterRole": 2, "ClusterRoleBinding": 2, "ConfigMap": 1, "ResourceQuota": 1,
+        "Namespace": 2, "ServiceAccount": 2, "ClusterRole": 2, "ClusterRoleBinding": 2, "Role": 1, "RoleBinding": 1, "ConfigMap": 1, "ResourceQuota": 1,
         "Service": 1, "Deployment": 1, "PodDisruptionBudget": 1, "DaemonSet": 2, "Issuer": 2, "Certificate": 2,
         "MutatingWebhookConfiguration": 1, "ValidatingAdmissionPolicy": 1, "ValidatingAdmissionPolicyBinding": 1,
     }

@@ -85,7 +85,9 @@ def called(package: str) -> set[Grant]:
 
 
 def granted(objs: list[Obj], role: str) -> set[Grant]:
-    rules = one(objs, "ClusterRole", role)["rules"]
+    """The ClusterRole's grants plus those of a namespaced Role of the same name (the agent's own Lease)."""
+    rules = list(one(objs, "ClusterRole", role)["rules"])
+    rules += [rule for o in objs if o["kind"] == "Role" and o["metadata"]["name"] == role for rule in o["rules"]]
     return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
 
 
@@ -112,7 +114,12 @@ def test_redirector_rbac_matches_its_calls(default_objs: list[Obj]) -> None:
 
 
 def test_no_namespaced_roles_and_nothing_else_is_bound(default_objs: list[Obj]) -> None:
-    assert not [o for o in default_objs if o["kind"] in ("Role", "RoleBinding")]
+    """One namespaced Role only: the agents write their Leases in their own namespace, nowhere else."""
+    roles = [o for o in default_objs if o["kind"] in ("Role", "RoleBinding")]
+    assert sorted((o["kind"], o["metadata"]["name"], o["metadata"]["namespace"]) for o in roles) == [
+        ("Role", "lightpath-redirector", "lightpath-node"), ("RoleBinding", "lightpath-redirector", "lightpath-node")]
+    (role,) = [o for o in roles if o["kind"] == "Role"]
+    assert {r for rule in role["rules"] for r in rule["resources"]} == {"leases"}
     bound = {(b["roleRef"]["name"], s["name"]) for b in default_objs if b["kind"] == "ClusterRoleBinding" for s in b["subjects"]}
     assert bound == {("lightpath-webhook", "lightpath-webhook"), ("lightpath-redirector", "lightpath-redirector")}
     # The example proxy talks to no API server: no token in its pods.

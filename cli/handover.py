@@ -1,0 +1,100 @@
+"""Make-before-break migration, the CLI's side (docs/migration.md, "Handover protocol").
+
+1. mark each Service ``lightpath.cloud/handover: migrate``;
+2. wait until every LIVE node agent lists it in its Lease (``lightpath.cloud/prepared``): on each node Envoy
+   has ACKed it and the redirect is installed, shadowing kube-proxy's still-present rules;
+3. only then the handoff label (the caller's normal write, which also drops the mark).
+A Service not prepared on every live node within the timeout is aborted cleanly: the mark goes, it stays
+with kube-proxy, and the report names the nodes. An agent whose Lease expired does not block.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cli.kube import Cluster, ClusterError
+from cli.rows import Ref
+from shared import constants as c
+
+MARK = {"metadata": {"annotations": {c.HANDOVER_ANNOTATION: c.HANDOVER_MIGRATE}}}
+UNMARK = {"metadata": {"annotations": {c.HANDOVER_ANNOTATION: None}}}
+
+
+def _time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def live_agents(leases: Iterable[Mapping[str, Any]], now: datetime) -> dict[str, set[str]]:
+    """node -> Services it prepared, for agents whose Lease is current (pure)."""
+    out: dict[str, set[str]] = {}
+    for lease in leases:
+        meta, spec = lease.get("metadata") or {}, lease.get("spec") or {}
+        name = str(meta.get("name") or "")
+        if not name.startswith(c.AGENT_LEASE_PREFIX):
+            continue
+        renewed, duration = _time(spec.get("renewTime")), spec.get("leaseDurationSeconds")
+        if renewed is None or not isinstance(duration, int) or (now - renewed).total_seconds() > duration:
+            continue  # expired (or unreadable): that node does not block
+        try:
+            prepared = json.loads((meta.get("annotations") or {}).get(c.PREPARED_ANNOTATION) or "[]")
+        except ValueError:
+            prepared = []
+        node = str(spec.get("holderIdentity") or name.removeprefix(c.AGENT_LEASE_PREFIX))
+        out[node] = {str(p) for p in prepared} if isinstance(prepared, list) else set()
+    return out
+
+
+@dataclass
+class Outcome:
+    prepared: list[Ref] = field(default_factory=list)
+    not_prepared: dict[Ref, list[str]] = field(default_factory=dict)  # ref -> nodes that did not report it
+    failed: dict[Ref, str] = field(default_factory=dict)  # the mark could not be written
+    agents: int = 0
+
+
+def prepare(cluster: Cluster, refs: list[Ref], *, namespace: str, timeout: float,
+            sleep: Callable[[float], None] = time.sleep, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+            ) -> Outcome:
+    """Mark ``refs``, wait for every live agent; unmark the ones that did not make it."""
+    outcome = Outcome()
+    if not refs:
+        return outcome
+    agents = live_agents(cluster.list_leases(namespace), clock())
+    if not agents:  # nobody reports: nothing to wait for (the caller says so)
+        outcome.prepared = list(refs)
+        return outcome
+    marked: list[Ref] = []
+    for ref in refs:
+        try:
+            cluster.patch_service(ref.namespace, ref.name, MARK)
+            marked.append(ref)
+        except ClusterError as exc:
+            outcome.failed[ref] = str(exc)
+    refs = marked
+    deadline = time.monotonic() + timeout
+    missing: dict[Ref, list[str]] = {}
+    while refs:
+        agents = live_agents(cluster.list_leases(namespace), clock())
+        missing = {ref: sorted(n for n, done in agents.items() if str(ref) not in done) for ref in refs}
+        if not agents or not any(missing.values()) or time.monotonic() >= deadline:
+            break
+        sleep(0.1)
+    outcome.agents = len(agents)
+    for ref in refs:
+        nodes = missing.get(ref, []) if agents else []
+        if nodes:
+            outcome.not_prepared[ref] = nodes
+            cluster.patch_service(ref.namespace, ref.name, UNMARK)
+        else:
+            outcome.prepared.append(ref)
+    return outcome
