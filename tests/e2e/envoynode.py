@@ -143,6 +143,7 @@ def envoy_node(workdir: Path, *, pods: int = 3, start_envoy: bool = True, agent_
     """``addressless``: the Calico-style node (``Topology(addressless=True)``), host veths without an address."""
     with SandboxApiServer(bookmark_interval=1.0) as api, Topology(pods, prefix="lpr", addressless=addressless) as topo:
         api.operations.create(NAMESPACES, None, {"metadata": {"name": NS}})
+        api.operations.create(NAMESPACES, None, {"metadata": {"name": c.DEFAULT_AGENT_NAMESPACE}})  # its Lease
         node = EnvoyNode(api, topo, workdir, agent_args)
         try:
             node.agent.start(env=agent_env)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from redirector.model import Key
+from redirector.node import TEST_REFUSE_ENV
 from sandbox.client_loop import ClientLoop
 from sandbox.kubeproxy import StandinSync
 from sandbox.traffic import wait_until
@@ -61,3 +62,54 @@ def run_cycles(tmp_path: Path, agent_args: tuple[str, ...]) -> None:
         count = next(line for line in metrics.splitlines()
                      if line.startswith('lightpath_redirector_handback_hold_seconds_count{released_by="kube-proxy"}'))
         assert float(count.split()[-1]) >= 2  # each rollback waited for kube-proxy's rule, not for a timer
+
+
+def test_migration_is_prepared_on_the_node_before_the_label_and_aborts_cleanly(tmp_path: Path) -> None:
+    """The handover protocol: mark -> the agent installs the redirect once Envoy serves it and says so in its
+    Lease -> only then the label. A Service Envoy refuses is never prepared: the migration aborts, the mark
+    goes, kube-proxy keeps serving it."""
+    from cli.handover import prepare
+    from cli.kube import Cluster
+    from cli.rows import Ref
+
+    with envoy_node(tmp_path, agent_env={TEST_REFUSE_ENV: f"{NS}/bad"}) as node, \
+            StandinSync(node.api.api_client(), node.topo.node.name, watch_timeout=5, min_sync_period=1.0) as standin:
+        node.serve(0, "http", 4, port=8080)
+        http = [{"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"}]
+        node.service("web", http, labelled=False)
+        node.service("bad", http, ips=("10.96.0.40",), labelled=False)
+        node.endpoints("web", {"http": 8080}, [0])
+        node.endpoints("bad", {"http": 8080}, [0])
+        standin.wait_for(lambda rs: f"{IP} . tcp . 80 : goto service-" in rs and "10.96.0.40 . tcp . 80" in rs)
+        cluster = Cluster(node.api.api_client())
+        loops = [ClientLoop(node.topo.pods[1], ip, 80, stop_file=tmp_path / f"loop-{n}.stop", duration=60, timeout=1.0)
+                 for n, ip in (("web", IP), ("bad", "10.96.0.40"))]
+        try:
+            for loop in loops:
+                loop.wait_for(20)
+            outcome = prepare(cluster, [Ref(NS, "web")], namespace=c.DEFAULT_AGENT_NAMESPACE, timeout=20)
+            assert outcome.agents == 1 and outcome.prepared == [Ref(NS, "web")], outcome
+            # Make before break: our redirect is in while kube-proxy still has its rule.
+            assert Key(4, IP, 80) in node.kernel_keys()
+            assert f"{IP} . tcp . 80 : goto service-" in standin.applied  # type: ignore[operator]
+            start = len(loops[0].records)
+            loops[0].wait_for(20)
+            assert all(r.via == "envoy" for r in loops[0].records[start + 5:]), "not on Envoy before the label"
+            node.core.patch_namespaced_service("web", NS, {"metadata": {
+                "labels": {c.SERVICE_PROXY_NAME_LABEL: c.DEFAULT_PROXY_NAME},
+                "annotations": {c.HANDOVER_ANNOTATION: None}}})
+            standin.wait_for(lambda rs: IP not in rs, timeout=10)  # kube-proxy lets go (after us)
+            loops[0].wait_for(40)
+            # The refused Service: never prepared, the mark is removed, kube-proxy keeps it.
+            aborted = prepare(cluster, [Ref(NS, "bad")], namespace=c.DEFAULT_AGENT_NAMESPACE, timeout=3)
+            assert aborted.not_prepared == {Ref(NS, "bad"): ["sandbox-node"]}, aborted
+            svc = node.core.read_namespaced_service("bad", NS)
+            assert c.HANDOVER_ANNOTATION not in (svc.metadata.annotations or {})
+            assert c.SERVICE_PROXY_NAME_LABEL not in (svc.metadata.labels or {})
+            loops[1].wait_for(20)
+        finally:
+            records = [loop.stop() for loop in loops]
+        for recs in records:
+            failed = [r for r in recs if not r.ok]
+            assert not failed, failed[:5]
+        assert all(r.via == "direct" for r in records[1]), "the aborted Service left kube-proxy"
