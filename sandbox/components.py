@@ -15,7 +15,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from typing import IO, Any
 import yaml
 
 from sandbox.netns import NetNS, run_in_netns
+from sandbox.traffic import wait_until
 from shared import constants as c
 from shared.errors import SandboxError
 
@@ -64,18 +64,11 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 def poll(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Until ``fn()`` is truthy (exceptions count as not yet); ComponentError with the last error at the deadline."""
-    deadline, last = time.monotonic() + timeout, None
-    while True:
-        try:
-            value = fn()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - reported at the deadline
-            last = exc
-        if time.monotonic() >= deadline:
-            raise ComponentError(f"{what}: not within {timeout:g}s (last error: {last!r})")
-        time.sleep(interval)
+    """``sandbox.traffic.wait_until`` (the one polling loop), failing as a ComponentError for the scenario."""
+    try:
+        return wait_until(fn, timeout=timeout, interval=interval, what=what)
+    except TimeoutError as exc:
+        raise ComponentError(f"{what}: {exc}") from None
 
 
 def _stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 5) -> None:

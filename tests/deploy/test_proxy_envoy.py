@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from controlplane.embedded import EmbeddedControlPlane
+from sandbox.traffic import wait_until
 from shared import constants as c
 from tests.deploy.manifests import Obj, one
 
@@ -83,16 +83,11 @@ def test_the_shipped_bootstrap_is_programmed_by_the_control_plane(default_objs: 
          "--log-path", str(tmp_path / "envoy.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert plane.wait_in_sync(30), (tmp_path / "envoy.log").read_text()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/x", timeout=3) as resp:  # noqa: S310
-                    headers = json.loads(resp.read())["headers"]
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        def fetch() -> dict[str, str]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/x", timeout=3) as resp:  # noqa: S310
+                return dict(json.loads(resp.read())["headers"])
+
+        headers = wait_until(fetch, timeout=10, what="a request through the listener Envoy was given")
         assert "x-request-id" in {k.lower() for k in headers}  # through Envoy's HTTP connection manager
         address = admin_file.read_text().strip()
         with urllib.request.urlopen(f"http://{address}/stats?filter=shop_web", timeout=5) as resp:  # noqa: S310

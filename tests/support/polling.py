@@ -1,19 +1,20 @@
-"""Wait for a condition with a deadline: tests poll, they never sleep and hope."""
+"""Wait for a condition with a deadline: tests poll, they never sleep and hope.
+
+The one polling loop is ``sandbox.traffic.wait_until``; this keeps the tests' older spelling, failing as
+an AssertionError that names what was awaited.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
+
+from sandbox.traffic import wait_until
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
     """Poll ``predicate`` until truthy and return its value; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    try:
+        return wait_until(predicate, timeout=timeout, interval=0.02, what=what)
+    except TimeoutError as exc:
+        raise AssertionError(f"timed out waiting for {what}: {exc}") from None
