@@ -65,6 +65,8 @@ class Settings:
     handback_timeout: float = 10.0
     # Where this agent's Lease lives (make-before-break migration); None: no Lease.
     lease_namespace: str | None = os.environ.get("POD_NAMESPACE") or c.DEFAULT_AGENT_NAMESPACE
+    # Envoy's admin API, read for the per-Service traffic figures in /debug/proxy (None: not read).
+    envoy_admin: str | None = f"127.0.0.1:{c.ENVOY_ADMIN_PORT}"
 
     def __post_init__(self) -> None:
         if self.proxy_uid is None and self.proxy_mark is None:
@@ -130,9 +132,13 @@ def _seconds(minimum: float) -> Callable[[str], float]:
 
 
 def _loopback(text: str) -> str:
+    """A loopback IP:port (the xDS TCP listener, Envoy's admin): never a routable address."""
     from controlplane.server import check_loopback
 
     check_loopback(text)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} must be IP:PORT with a port 1-65535")
     return text
 
 
@@ -200,6 +206,8 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "longest a handed-back Service keeps its redirect waiting for kube-proxy's rule to appear"),
     ("--lease-namespace", "LEASE_NAMESPACE", "lease_namespace", _optional(_name),
      "namespace of this agent's Lease, which reports the Services it prepared for a migration; 'none': no Lease"),
+    ("--envoy-admin", "ENVOY_ADMIN", "envoy_admin", _optional(_loopback),
+     "Envoy's admin address (loopback) for per-Service traffic figures in /debug/proxy; 'none': not read"),
     ("--log-level", "LOG_LEVEL", "log_level", _choice(LOG_LEVELS, upper=True), f"one of {', '.join(LOG_LEVELS)}"),
 )
 

@@ -136,7 +136,9 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     if mangle is None and os.environ.get(TEST_REFUSE_ENV):
         log.warning("TEST HOOK active: Envoy will refuse a Service's clusters", extra={"service": os.environ[TEST_REFUSE_ENV]})
         mangle = refuse_service(os.environ[TEST_REFUSE_ENV])
+    admin = settings.envoy_admin.rsplit(":", 1) if settings.envoy_admin else None
     plane = ControlPlane(node, proxy_port=settings.proxy_port, proxy_name=settings.proxy_name, mangle=mangle,
+                         envoy_admin=(admin[0].strip("[]"), int(admin[1])) if admin else None,
                          batch_idle=settings.batch_idle, batch_max=max(settings.batch_max, 0.02))
     agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, batch_idle=settings.batch_idle,
                   batch_max=settings.batch_max, gate=plane, kube_proxy=KubeProxyRules().read,
