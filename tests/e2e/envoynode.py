@@ -56,21 +56,10 @@ class EnvoyNode:
 
     def endpoints(self, service: str, ports: dict[str, int], pods: Sequence[int], *, family: int = 4,
                   ready: Sequence[bool] | None = None, name: str | None = None) -> None:
-        """Create or replace the Service's EndpointSlice of ``family`` listing ``pods`` (indexes)."""
-        ips = self.topo.pod_ips if family == 4 else self.topo.pod_ips6
-        slice_name = name or f"{service}-ipv{family}"
+        """Create or replace the Service's EndpointSlice of ``family`` listing ``pods`` (indexes) on this node."""
         states = list(ready) if ready is not None else [True] * len(pods)
-        body = {"metadata": {"name": slice_name, "namespace": NS, "labels": {"kubernetes.io/service-name": service}},
-                "addressType": f"IPv{family}",
-                "endpoints": [{"addresses": [ips[i]], "nodeName": NODE, "conditions": {"ready": ok}}
-                              for i, ok in zip(pods, states, strict=True)],
-                "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports.items()]}
-        try:
-            self.discovery.read_namespaced_endpoint_slice(slice_name, NS, _preload_content=False)
-        except client.ApiException:
-            self.discovery.create_namespaced_endpoint_slice(NS, body, _preload_content=False)
-        else:
-            self.discovery.replace_namespaced_endpoint_slice(slice_name, NS, body, _preload_content=False)
+        self.slice(service, ports, [{"pod": i, "ready": ok} for i, ok in zip(pods, states, strict=True)],
+                   family=family, name=name)
 
     def slice(self, service: str, ports: dict[str, int], endpoints: Sequence[dict[str, Any]], *, family: int = 4,
               name: str | None = None) -> None:
