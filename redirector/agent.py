@@ -66,6 +66,7 @@ class Agent:
         retry_min: float = 0.2,
         retry_max: float = 10.0,
         metrics: Metrics | None = None,
+        tracker: ChangeTracker | None = None,
         clock: Callable[[], float] = time.time,
         gate: Gate | None = None,
         kube_proxy: Callable[[], frozenset[Key] | None] | None = None,
@@ -75,7 +76,9 @@ class Agent:
         if resync_period <= 0 or batch_idle < 0 or batch_max < batch_idle:
             raise ValueError("resync_period must be > 0 and 0 <= batch_idle <= batch_max")
         self.backend = backend
-        self.tracker = ChangeTracker(proxy_label)
+        # The tracker is the watch's sink: built with the watch (redirector.node) and handed in; a bare Agent
+        # (tests) builds its own.
+        self.tracker = tracker if tracker is not None else ChangeTracker(proxy_label)
         self.metrics = metrics or Metrics()
         self.status = SyncStatus()
         self.index = DesiredIndex()

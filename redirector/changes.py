@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from redirector.desired import ServiceEntries, ServiceId, service_entries, service_id
 from shared import constants as c
@@ -22,10 +22,21 @@ from shared import policy
 
 
 @dataclass
-class _Pending:
+class Change:
+    """One Service's pending change: its latest entries, and since when it waits."""
+
     entries: ServiceEntries | None  # None: deleted (or no longer labelled)
     since: float  # monotonic time the first still-pending change of this Service arrived
     handback: bool = False  # entries None because the label went while the Service stays (not deleted)
+
+
+class Batch(NamedTuple):
+    """What one sync folds in: a complete list (its entries and when it arrived), the per-Service changes
+    since, and the watch restarts to count. A NamedTuple: ``relist, changes, restarts = tracker.take()``."""
+
+    relist: tuple[list[tuple[ServiceId, ServiceEntries]], float] | None
+    changes: dict[ServiceId, Change]
+    restarts: list[str]
 
 
 class ChangeTracker:
@@ -34,7 +45,7 @@ class ChangeTracker:
     def __init__(self, proxy_label: tuple[str, str]) -> None:
         self._label_key, self._label_value = proxy_label
         self._cond = threading.Condition()
-        self._changes: dict[ServiceId, _Pending] = {}
+        self._changes: dict[ServiceId, Change] = {}
         self._relist: tuple[list[tuple[ServiceId, ServiceEntries]], float] | None = None
         self.listed = threading.Event()  # set once the first list completed
         self.restarts: list[str] = []
@@ -109,7 +120,7 @@ class ChangeTracker:
         now = time.monotonic()
         with self._cond:
             previous = self._changes.get(sid)
-            self._changes[sid] = _Pending(entries, previous.since if previous else now, handback)
+            self._changes[sid] = Change(entries, previous.since if previous else now, handback)
             self.last_event = now
             self._cond.notify_all()
 
@@ -117,13 +128,12 @@ class ChangeTracker:
     def has_work(self) -> bool:
         return bool(self._changes) or self._relist is not None or bool(self.restarts)
 
-    def take(
-        self,
-    ) -> tuple[tuple[list[tuple[ServiceId, ServiceEntries]], float] | None, dict[ServiceId, _Pending], list[str]]:
+    def take(self) -> Batch:
+        """Hand everything pending over as one batch (and forget it): the sync loop's only way in."""
         with self._cond:
             relist, changes, restarts = self._relist, self._changes, self.restarts
             self._relist, self._changes, self.restarts = None, {}, []
-            return relist, changes, restarts
+            return Batch(relist, changes, restarts)
 
     @property
     def cond(self) -> threading.Condition:

@@ -27,6 +27,7 @@ from controlplane.metrics import ControlPlaneMetrics
 from controlplane.server import AdsServer
 from controlplane.translate import NodeInfo
 from redirector.agent import Agent
+from redirector.changes import ChangeTracker
 from redirector.config import Settings
 from redirector.kubeproxy_rules import KubeProxyRules
 from redirector.lease import LeaseReporter
@@ -125,11 +126,12 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     watch: dict[str, Any] = {"server_timeout": settings.watch_timeout, "read_timeout": settings.watch_read_timeout}
     label = (c.SERVICE_PROXY_NAME_LABEL, settings.proxy_name)
     if settings.xds_socket is None and settings.xds_address is None:
-        agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period,
+        tracker = ChangeTracker(label)  # built with the watch it listens to
+        agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, tracker=tracker,
                       batch_idle=settings.batch_idle, batch_max=settings.batch_max, kube_proxy=KubeProxyRules().read,
                       handback_hold=settings.handback_hold, handback_timeout=settings.handback_timeout)
         # All Services, as with the control plane: a label removal must read as a handback, not a deletion.
-        services = ServiceWatcher(core, agent.tracker, labelled_only=False, **watch)
+        services = ServiceWatcher(core, tracker, labelled_only=False, **watch)
         agent.watcher = services
         return NodeAgent(agent, services, lease=_lease(settings, api, agent))
     node = NodeInfo(settings.node, ipv6=node_has_ipv6() if ipv6 is None else ipv6)
@@ -140,15 +142,16 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     plane = ControlPlane(node, proxy_port=settings.proxy_port, proxy_name=settings.proxy_name, mangle=mangle,
                          envoy_admin=(admin[0].strip("[]"), int(admin[1])) if admin else None,
                          batch_idle=settings.batch_idle, batch_max=max(settings.batch_max, 0.02))
+    tracker = ChangeTracker(label)
     agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, batch_idle=settings.batch_idle,
-                  batch_max=settings.batch_max, gate=plane, kube_proxy=KubeProxyRules().read,
+                  batch_max=settings.batch_max, gate=plane, tracker=tracker, kube_proxy=KubeProxyRules().read,
                   handback_hold=settings.handback_hold, handback_timeout=settings.handback_timeout)
     plane.metrics = ControlPlaneMetrics(agent.metrics.registry)
     plane.on_gate = agent.gate_changed
     server = AdsServer(plane.store, expected_node=settings.node, on_ack=plane.acked, on_nack=plane.nacked,
                        on_push=plane.pushed)
     plane.attach(server)
-    services = ServiceWatcher(core, FanOut(agent.tracker, plane.services), labelled_only=False, **watch)
+    services = ServiceWatcher(core, FanOut(tracker, plane.services), labelled_only=False, **watch)
     slices = EndpointSliceWatcher(client.DiscoveryV1Api(api), plane.slices, **watch)
     node_watch = NodeWatcher(core, plane.nodes, settings.node, **watch)
     agent.watcher = services
