@@ -1,7 +1,7 @@
 """When did the node's kernel hold which rule for a Service? ``nft monitor``, time-stamped per transaction.
 
 WHY: during a handover two independent agents rewrite the node (the redirector removes or adds the
-REDIRECT, the kube-proxy stand-in adds or removes the DNAT). A connection opened while NEITHER rule is
+redirect, the kube-proxy stand-in adds or removes the DNAT). A connection opened while NEITHER rule is
 present is lost, so the kernel-side window is the root-cause figure behind the client's failed requests.
 ``nft monitor`` prints every committed change followed by ``# new generation N``; each generation is
 stamped with ``time.monotonic()`` as it arrives. ``coverage`` (pure) replays them for one Service port.
@@ -40,6 +40,7 @@ def _apply(state: tuple[bool, bool], lines: Sequence[str], ip: str, port: int, r
            standin_table: str) -> tuple[bool, bool]:
     redirect, standin = state
     element = f"{ip} . {port}"
+    standin_family, served = ("ip6" if ":" in ip else "ip"), f"{ip} . tcp . {port} :"
     for line in lines:
         if line.startswith(f"delete table inet {redirect_table}"):
             redirect = False
@@ -47,15 +48,20 @@ def _apply(state: tuple[bool, bool], lines: Sequence[str], ip: str, port: int, r
             redirect = True
         elif line.startswith(f"delete element inet {redirect_table} ") and element in line:
             redirect = False
-        if line.startswith(f"delete table inet {standin_table}"):
+        # The stand-in (kube-proxy's nftables layout) replaces its per-family table atomically; the Service is
+        # served while its element is in the ``service-ips`` verdict map.
+        if line.startswith(f"delete table {standin_family} {standin_table}"):
             standin = False
-        elif line.startswith(f"add rule inet {standin_table} services ") and f"daddr {ip} " in line and f"dport {port} " in line:
+        elif (f"{standin_family} {standin_table} service-ips" in line and served in line
+              and ("add element" in line or "elements =" in line)):
             standin = True
+        elif line.startswith(f"delete element {standin_family} {standin_table} service-ips") and served in line:
+            standin = False
     return redirect, standin
 
 
 def coverage(generations: Sequence[Generation], ip: str, port: int, start: float, end: float | None = None, *,
-             redirect_table: str = "lightpath", standin_table: str = "kubeproxy-standin") -> Coverage:
+             redirect_table: str = "lightpath", standin_table: str = "kube-proxy") -> Coverage:
     """Replay the generations (state before ``start`` included) and measure the window from ``start`` to ``end``."""
     state, uncovered = (False, False), 0.0
     since: float | None = None  # when the current "neither" stretch began (after start)

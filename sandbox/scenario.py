@@ -148,6 +148,9 @@ class Scenario:
         relay = self.stack.enter_context(NetnsRelay(self.topo.node.name, ("127.0.0.1", self.api.port)))
         node_kubeconfig = comp.node_kubeconfig(self.workdir / "node-kubeconfig", relay.url)
         self.show("API from the node", f"{relay.url} (a relay into the node namespace; the host network is untouched)")
+        # The agents' namespace: each writes its Lease there (make-before-break migration, docs/migration.md).
+        self.core.create_namespace({"metadata": {"name": c.DEFAULT_AGENT_NAMESPACE,
+                                                 "labels": {c.OPT_LABEL: c.OPT_DISABLED}}})
         xds = self.workdir / "run" / "xds.sock"
         self.redirector = comp.RedirectorProcess(self.topo.node, node_kubeconfig, self.workdir / "redirector.log",
                                                  xds_socket=xds)

@@ -13,10 +13,11 @@ from sandbox.nftwatch import NftMonitor, coverage
 IP, PORT = "10.96.1.1", 80
 ADD_REDIRECT = (f"add element inet lightpath svc4 {{ {IP} . {PORT} }}",)
 DEL_REDIRECT = (f"delete element inet lightpath svc4 {{ {IP} . {PORT} }}",)
-STANDIN_WITH = ("delete table inet kubeproxy-standin", "add table inet kubeproxy-standin",
-                f"add rule inet kubeproxy-standin services ip daddr {IP} tcp dport {PORT} goto svc-x comment \"x\"")
-STANDIN_WITHOUT = ("delete table inet kubeproxy-standin", "add table inet kubeproxy-standin",
-                   "add rule inet kubeproxy-standin services ip daddr 10.96.1.2 udp dport 53 goto svc-y")
+STANDIN_WITH = ("delete table ip kube-proxy", "add table ip kube-proxy",
+                "add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }",
+                f"add element ip kube-proxy service-ips {{ {IP} . tcp . {PORT} : goto service-X-s/x/tcp/http }}")
+STANDIN_WITHOUT = ("delete table ip kube-proxy", "add table ip kube-proxy",
+                   "add element ip kube-proxy service-ips { 10.96.1.2 . udp . 53 : goto service-Y-s/y/udp/dns }")
 
 
 def test_rollback_with_a_gap() -> None:
