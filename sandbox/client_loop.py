@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -58,13 +59,28 @@ def one_request(host: str, port: int, timeout: float) -> dict[str, Any]:
         conn.close()
 
 
-def run(host: str, port: int, *, count: int, duration: float, interval: float, timeout: float, stop: Path | None) -> None:
+def one_tcp_request(host: str, port: int, timeout: float) -> dict[str, Any]:
+    """A plain TCP exchange with the sandbox echo server: it sends one JSON line first (``via`` = "tcp")."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock, sock.makefile("rb") as stream:
+            line = stream.readline()
+        if not line:
+            return {"ok": False, "status": None, "via": None, "error": "connected, closed without a reply"}
+        json.loads(line)
+        return {"ok": True, "status": None, "via": "tcp", "error": None}
+    except (OSError, ValueError) as exc:
+        return {"ok": False, "status": None, "via": None, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def run(host: str, port: int, *, count: int, duration: float, interval: float, timeout: float, stop: Path | None,
+        tcp: bool = False) -> None:
     deadline = time.monotonic() + duration
+    request = one_tcp_request if tcp else one_request
     for i in range(count):
         if time.monotonic() >= deadline or (stop is not None and stop.exists()):
             break
         t0 = time.monotonic()
-        result = one_request(host, port, timeout)
+        result = request(host, port, timeout)
         sys.stdout.write(json.dumps({"i": i, "t0": t0, "t1": time.monotonic(), **result}) + "\n")
         sys.stdout.flush()
         time.sleep(interval)
@@ -75,13 +91,13 @@ class ClientLoop:
 
     def __init__(
         self, netns: NetNS, host: str, port: int, *, stop_file: Path, count: int = 20000, duration: float = 60,
-        interval: float = 0.005, timeout: float = 1.0,
+        interval: float = 0.005, timeout: float = 1.0, tcp: bool = False,
     ) -> None:
         self.stop_file = stop_file
         stop_file.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "sandbox.client_loop", host, str(port), "--count", str(count),
                 "--duration", str(duration), "--interval", str(interval), "--timeout", str(timeout),
-                "--stop-file", str(stop_file)]
+                "--stop-file", str(stop_file), *(["--tcp"] if tcp else [])]
         self.proc = netns.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
                                 cwd=Path(__file__).resolve().parents[1])
         self.records: list[Record] = []
@@ -164,9 +180,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--interval", type=float, default=0.01)
     p.add_argument("--timeout", type=float, default=1.0)
     p.add_argument("--stop-file", type=Path, default=None)
+    p.add_argument("--tcp", action="store_true", help="plain TCP to the sandbox echo server instead of HTTP")
     a = p.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
-        run(a.host, a.port, count=a.count, duration=a.duration, interval=a.interval, timeout=a.timeout, stop=a.stop_file)
+        run(a.host, a.port, count=a.count, duration=a.duration, interval=a.interval, timeout=a.timeout, stop=a.stop_file,
+            tcp=a.tcp)
 
 
 if __name__ == "__main__":

@@ -31,17 +31,24 @@ def _admin_get(url: str, timeout: float) -> str:
 
 
 class EnvoyProcess:
-    """Envoy in ``netns`` with ADS over ``xds_socket``; admin on the netns's loopback."""
+    """Envoy in ``netns`` with ADS over ``xds_socket``; admin on the netns's loopback.
+
+    ``admin_port=0`` is deploy/proxy's way (two Envoys share a node during a rollout): the kernel picks the
+    port and Envoy writes it to ``admin_address_path``, which ``admin`` then follows.
+    """
 
     _seq = 0
 
     def __init__(self, netns: NetNS, workdir: Path, *, xds_socket: Path, node_id: str,
                  admin_port: int = c.ENVOY_ADMIN_PORT, binary: Path = ENVOY_BIN, concurrency: int = 1,
-                 drain_time_s: int = 5) -> None:
+                 drain_time_s: int = 5, drain_strategy: str | None = None, hot_restart: bool = True) -> None:
         self.netns, self.workdir, self.admin_port, self.binary = netns, workdir, admin_port, binary
+        self.configured_admin_port = admin_port
         self.xds_socket, self.node_id = xds_socket, node_id
         self.concurrency, self.drain_time_s = concurrency, drain_time_s
+        self.drain_strategy, self.hot_restart = drain_strategy, hot_restart
         self.log_path = workdir / "envoy.log"
+        self.admin_address_path = workdir / "admin.address"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         workdir.mkdir(parents=True, exist_ok=True)
@@ -52,9 +59,14 @@ class EnvoyProcess:
     def start(self, timeout: float = 30) -> EnvoyProcess:
         path = self.workdir / "bootstrap.json"
         path.write_text(json.dumps(bootstrap(node_id=self.node_id, xds_socket=str(self.xds_socket),
-                                             admin_port=self.admin_port), indent=1))
+                                             admin_port=self.configured_admin_port), indent=1))
         argv = [str(self.binary), "-c", str(path), "--base-id", str(self.base_id), "--concurrency", str(self.concurrency),
-                "--drain-time-s", str(self.drain_time_s), "--log-path", str(self.log_path), "--log-level", "info"]
+                "--drain-time-s", str(self.drain_time_s), "--log-path", str(self.log_path), "--log-level", "info",
+                "--admin-address-path", str(self.admin_address_path)]
+        argv += ["--drain-strategy", self.drain_strategy] if self.drain_strategy else []
+        argv += [] if self.hot_restart else ["--disable-hot-restart"]
+        self.admin_address_path.unlink(missing_ok=True)
+        self.admin_port = self.configured_admin_port
         self.proc = self.netns.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.starts += 1
         self.wait_live(timeout)
@@ -66,8 +78,10 @@ class EnvoyProcess:
         while True:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"envoy exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
+            if self.admin_port == 0 and self.admin_address_path.exists():
+                self.admin_port = int(self.admin_address_path.read_text().strip().rpartition(":")[2] or 0)
             try:
-                if self.admin("/ready", timeout=1).strip():
+                if self.admin_port and self.admin("/ready", timeout=1).strip():
                     return
             except Exception as exc:  # noqa: BLE001 - not up yet (503 while initializing counts as up)
                 last = repr(exc)

@@ -98,6 +98,8 @@ def test_proxy_listens_where_the_redirector_sends_traffic(default_objs: list[Obj
         assert (listener.address.socket_address.address, listener.address.socket_address.port_value) == (
             address, settings.proxy_port)
         assert [f.name for f in listener.listener_filters] == ["envoy.filters.listener.original_dst"]
+        # Unset means true (Envoy 1.40): the old and the surge Envoy both bind the port during a rollout.
+        assert not listener.HasField("enable_reuse_port") or listener.enable_reuse_port.value
     boot = _envoy_files(default_objs)["envoy.yaml"]
     (cluster,) = boot["static_resources"]["clusters"]
     pipe = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"]
@@ -110,8 +112,6 @@ def test_proxy_listens_where_the_redirector_sends_traffic(default_objs: list[Obj
         (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
         mounts.append(volume["hostPath"]["path"])
     assert mounts[0] == mounts[1] == str(settings.xds_socket.parent)
-    ctr = container(_proxy(default_objs))
-    assert port_number(ctr, "proxy") == settings.proxy_port
 
 
 def test_proxy_traffic_is_exempt_from_redirects(default_objs: list[Obj]) -> None:
@@ -122,13 +122,29 @@ def test_proxy_traffic_is_exempt_from_redirects(default_objs: list[Obj]) -> None
     assert settings.proxy_mark == c.DEFAULT_PROXY_MARK
 
 
+def _admin_address_file(ctr: Obj) -> str:
+    args = ctr["args"]
+    path = str(args[args.index("--admin-address-path") + 1])
+    (mount,) = [m for m in ctr["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    assert not mount.get("readOnly"), "Envoy writes it"
+    return path
+
+
 def test_proxy_admin_is_loopback_only_and_probed(default_objs: list[Obj]) -> None:
+    """Admin on a kernel-picked loopback port (two Envoys share the node in a rollout), found by the probes
+    through the file Envoy writes, in a per-pod volume (a shared one would let one pod probe the other)."""
     admin = _envoy_files(default_objs)["envoy.yaml"]["admin"]["address"]["socket_address"]
-    assert admin == {"address": "127.0.0.1", "port_value": c.ENVOY_ADMIN_PORT}
+    assert admin == {"address": "127.0.0.1", "port_value": 0}
     ctr = container(_proxy(default_objs))
-    assert ctr["readinessProbe"]["httpGet"] == {"host": "127.0.0.1", "path": "/ready", "port": c.ENVOY_ADMIN_PORT}
-    assert ctr["livenessProbe"]["tcpSocket"] == {"host": "127.0.0.1", "port": c.ENVOY_ADMIN_PORT}
+    path = _admin_address_file(ctr)
     pod = _proxy(default_objs)["spec"]["template"]["spec"]
+    volume = next(m["name"] for m in ctr["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    assert next(v for v in pod["volumes"] if v["name"] == volume)["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
+    hooks = {"readiness": ctr["readinessProbe"]["exec"]["command"], "liveness": ctr["livenessProbe"]["exec"]["command"],
+             "preStop": ctr["lifecycle"]["preStop"]["exec"]["command"]}
+    for name, command in hooks.items():
+        assert command[:2] == ["/bin/bash", "-c"] and f"a=$(< {path})" in command[2], name  # no curl in the image
+    assert "server%%5C.state" in hooks["readiness"][2] and "total_listeners_active" in hooks["readiness"][2]
     assert pod["hostNetwork"] is True and {"operator": "Exists"} in pod["tolerations"]
     mount = next(m for m in ctr["volumeMounts"] if m["name"] == "config")
     assert f"{mount['mountPath']}/envoy.yaml" in ctr["args"]
@@ -139,7 +155,7 @@ def test_shipped_bootstrap_is_the_one_the_product_generates(default_objs: list[O
     settings = _redirector_settings(default_objs)
     shipped = _envoy_files(default_objs)["envoy.yaml"]
     assert settings.xds_socket is not None
-    assert shipped == bootstrap(node_id="lightpath-proxy", xds_socket=str(settings.xds_socket), mark=None)
+    assert shipped == bootstrap(node_id="lightpath-proxy", xds_socket=str(settings.xds_socket), admin_port=0, mark=None)
     args = container(_proxy(default_objs))["args"]
     assert args[args.index("--service-node") + 1] == "$(NODE_NAME)"  # the node id the agent expects
 
@@ -149,6 +165,23 @@ def test_ports_do_not_collide(default_objs: list[Obj]) -> None:
     ports = [p["containerPort"] for ds in (_redirector(default_objs), _proxy(default_objs)) for p in container(ds).get("ports", [])]
     assert len(ports) == len(set(ports))
     assert not set(ports) & {10249, 10256}
+
+
+def test_proxy_rolls_out_make_before_break(default_objs: list[Obj]) -> None:
+    """Issue 15 point 2: the new Envoy starts beside the old one (surge, nothing unavailable), which the
+    scheduler allows only without host ports (a hostNetwork containerPort is one); the old one drains
+    through admin before its SIGTERM, within the grace period."""
+    ds = _proxy(default_objs)
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    ctr = container(ds)
+    assert "ports" not in ctr
+    args = ctr["args"]
+    drain = int(args[args.index("--drain-time-s") + 1])
+    assert (drain, args[args.index("--drain-strategy") + 1]) == (20, "immediate")
+    script = ctr["lifecycle"]["preStop"]["exec"]["command"][2]
+    assert script.index("admin POST '/drain_listeners?graceful'") < script.index("admin POST /drain_listeners >")
+    assert f"for _ in $(seq {drain}); do" in script and "total_connections: 0" in script
+    assert ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == drain + 10
 
 
 def test_node_agents_run_on_linux_nodes_only(default_objs: list[Obj]) -> None:

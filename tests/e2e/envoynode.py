@@ -40,6 +40,7 @@ class EnvoyNode:
         self.discovery = client.DiscoveryV1Api(api.api_client())
         self.kernel = nft_backend(topo.node.name)
         self.listeners: list[Listener] = []
+        self.more_envoys: list[EnvoyProcess] = []
 
     # -- objects --------------------------------------------------------------------------------------
 
@@ -92,6 +93,13 @@ class EnvoyNode:
         else:
             self.discovery.replace_namespaced_endpoint_slice(slice_name, NS, body, _preload_content=False)
 
+    def another_envoy(self, name: str, **kw: Any) -> EnvoyProcess:
+        """One more Envoy on the same xDS socket (a rollout's successor: its own workdir, base id and, with
+        ``admin_port=0``, admin port), stopped with the node; not started."""
+        envoy = EnvoyProcess(self.topo.node, self.workdir / name, xds_socket=self.socket, node_id=NODE, **kw)
+        self.more_envoys.append(envoy)
+        return envoy
+
     def serve(self, pod: int, mode: str = "http", family: int = 4, port: int = 0) -> Listener:
         ns = self.topo.pods[pod]
         listener = (http_listener if mode == "http" else tcp_listener)(ns, port, family, name=f"pod{pod}")
@@ -122,6 +130,8 @@ class EnvoyNode:
     def close(self) -> None:
         for listener in self.listeners:
             listener.stop()
+        for envoy in self.more_envoys:
+            envoy.stop()
         self.envoy.stop()
         self.agent.stop()
 
