@@ -87,6 +87,10 @@ class ControlPlane:
         self.nodes = NodeSink(self)
         self.server: AdsServer | None = None
         self.on_gate: GateListener | None = None
+        # Keys of labelled Services with no endpoint to send to -> "reject" | "drop" (kube-proxy's answer);
+        # ``on_blocked`` hears the whole map after each change (redirector.blocks programs the kernel).
+        self.blocked: dict[Key, str] = {}
+        self.on_blocked: Callable[[dict[Key, str]], None] | None = None
         self._cond = threading.Condition()
         self._pending = _Pending()
         self._stop = threading.Event()
@@ -179,6 +183,7 @@ class ControlPlane:
         touched: set[Family] = set()
         routed: set[Family] = set()
         again: set[str] = set()
+        blocks_changed = False
         with self._lock:
             for sid in sids:
                 view = self._views.get(sid)
@@ -188,6 +193,11 @@ class ControlPlane:
                 if new == old and sid not in self._retake:
                     continue
                 self._apply(sid, old, new, clusters, loads, cluster_removes, load_removes, touched, routed, again)
+                if old.blocked != new.blocked:
+                    for key, _ in old.blocked:
+                        self.blocked.pop(key, None)
+                    self.blocked.update(new.blocked)
+                    blocks_changed = True
                 if new is NOTHING or (not new.clusters and not new.problems):
                     self._published.pop(sid, None)
                 else:
@@ -211,6 +221,8 @@ class ControlPlane:
         # Removals last (the streams also hold a cluster removal until the listener no longer names it).
         self.store.update(res.ENDPOINT, removes=load_removes)
         self.store.update(res.CLUSTER, removes=cluster_removes)
+        if blocks_changed and self.on_blocked is not None:
+            self.on_blocked(dict(self.blocked))
         self.metrics.sync_duration.observe(time.perf_counter() - started)
         if again:
             self.mark(again)

@@ -32,6 +32,7 @@ from shared import constants as c
 from shared import policy
 
 Chain = Literal["tcp", "http"]
+Block = Literal["reject", "drop"]
 
 # How Envoy speaks to a port, by appProtocol: controlplane.l7 holds it (the webhook checks options with it too).
 __all__ = ["H2C_APP_PROTOCOLS", "HTTP1_APP_PROTOCOLS", "upstream_protocol"]
@@ -137,6 +138,10 @@ class ServiceResources:
     chains: tuple[tuple[Key, Chain], ...] = ()  # listener matcher entries
     problems: tuple[str, ...] = field(default=())
     routes: tuple[tuple[Key, l7.RouteOptions], ...] = ()  # HTTP keys whose route options differ from the default
+    # Keys of a LABELLED Service (nobody else serves them) with nowhere to send a new connection, and what
+    # kube-proxy does with such traffic: "reject" (no endpoints at all), "drop" (a Local traffic policy and
+    # no endpoint on this node). The kernel answers those itself (redirector.blocks), as kube-proxy would.
+    blocked: tuple[tuple[Key, Block], ...] = ()
 
 
 NOTHING = ServiceResources()
@@ -170,6 +175,7 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
     loads: list[LoadSpec] = []
     chains: list[tuple[Key, Chain]] = []
     routes: list[tuple[Key, l7.RouteOptions]] = []
+    blocked: list[tuple[Key, Block]] = []
     selected: dict[tuple[str, Family, bool], tuple[eps.Endpoint, ...]] = {}
     for key, (kind, port_name) in zip(view.entries.keys, view.entries.claims, strict=True):
         if key.family == 6 and not node.ipv6:
@@ -188,7 +194,11 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
         chains.append((key, "tcp" if protocol == "tcp" else "http"))
         if protocol != "tcp" and port is not None and port.route is not None and port.route != l7.DEFAULT_ROUTE:
             routes.append((key, port.route))
-    return ServiceResources(tuple(clusters), tuple(loads), tuple(chains), view.problems, tuple(routes))
+        if view.labelled and not selected[pick]:
+            anywhere = local and bool(eps.select(slices, port_name, key.family, node=node.name, zone=node.zone))
+            blocked.append((key, "drop" if anywhere else "reject"))
+    return ServiceResources(tuple(clusters), tuple(loads), tuple(chains), view.problems, tuple(routes),
+                            tuple(blocked))
 
 
 def _port_numbers(view: ServiceView) -> dict[str, int]:

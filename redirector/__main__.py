@@ -110,6 +110,10 @@ def cleanup(settings: config.Settings) -> int:
     try:
         backend = make_backend(settings)
         backend.cleanup()
+        if settings.backend == "nftables":
+            from redirector.blocks import KernelBlocks
+
+            KernelBlocks(f"{settings.nft_table}-block").cleanup()
     except Exception as exc:  # noqa: BLE001 - report and fail
         log.error("cleanup failed", extra={"backend": settings.backend, "error": str(exc)})
         return 1

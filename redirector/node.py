@@ -148,6 +148,10 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
                   handback_hold=settings.handback_hold, handback_timeout=settings.handback_timeout)
     plane.metrics = ControlPlaneMetrics(agent.metrics.registry)
     plane.on_gate = agent.gate_changed
+    if settings.backend == "nftables":
+        from redirector.blocks import KernelBlocks
+
+        plane.on_blocked = KernelBlocks(f"{settings.nft_table}-block").apply
     server = AdsServer(plane.store, expected_node=settings.node, on_ack=plane.acked, on_nack=plane.nacked,
                        on_push=plane.pushed)
     plane.attach(server)

@@ -120,3 +120,40 @@ def test_named_target_ports_per_pod_renumbered_ports_and_type_change(tmp_path: P
         node.slice("web", {"http": 8080}, [{"pod": 0}], name="web-a")
         node.discovery.delete_namespaced_endpoint_slice("web-b", NS)
         settled(node, {"pod0"}, port=8000, source=0)
+
+
+def test_no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drops(tmp_path: Path) -> None:
+    """kube-proxy's "should be rejected when no endpoints exist": refused at once, not accepted-then-closed;
+    back to Envoy as soon as an endpoint appears. internalTrafficPolicy Local with no endpoint here: dropped."""
+    from sandbox.traffic import TrafficError, tcp_request
+
+    with envoy_node(tmp_path) as node:
+        start(node, pods=1)
+        node.service("web", HTTP)  # labelled, no EndpointSlice at all
+        wait_until(lambda: Key(4, IP, 80) in node.kernel_keys(), timeout=20, what="redirect installed")
+
+        def refused() -> bool:
+            try:
+                tcp_request(node.topo.pods[1], IP, 80, timeout=2)
+            except TrafficError as exc:
+                return "ConnectionRefused" in str(exc)
+            return False
+
+        wait_until(refused, timeout=20, what="connection refused by the kernel")
+        node.slice("web", {"http": 8080}, [{"pod": 0}])
+        settled(node, {"pod0"}, source=1)
+        # Local policy, the only endpoint elsewhere: kube-proxy drops (the SYN goes unanswered).
+        node.service("local", HTTP, ips=("10.96.0.50",), internalTrafficPolicy="Local")
+        node.slice("local", {"http": 8080}, [{"pod": 0, "node": "other-node"}])
+        wait_until(lambda: Key(4, "10.96.0.50", 80) in node.kernel_keys(), timeout=20, what="redirect installed")
+
+        def dropped() -> bool:
+            try:
+                tcp_request(node.topo.pods[1], "10.96.0.50", 80, timeout=0.5)
+            except TrafficError as exc:
+                return "timed out" in str(exc)
+            return False
+
+        wait_until(dropped, timeout=20, what="dropped like kube-proxy")
+        blocks = node.topo.node.run(["nft", "list", "table", "inet", "lightpath-block"]).stdout
+        assert "10.96.0.50 . 80" in blocks and IP not in blocks, blocks

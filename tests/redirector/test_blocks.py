@@ -1,0 +1,51 @@
+"""The kernel's answers for migrated Services without endpoints: which keys (the translation, pure) and the
+nft script (pure); tests/e2e/test_conformance.py proves the packets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controlplane.translate import NodeInfo, project_service, translate_service
+from redirector.blocks import blocks_script
+from redirector.model import Key
+from shared import constants as c
+
+
+def svc(labelled: bool = True, **spec: Any) -> dict[str, Any]:
+    labels = {c.SERVICE_PROXY_NAME_LABEL: c.DEFAULT_PROXY_NAME} if labelled else {}
+    return {"metadata": {"name": "web", "namespace": "shop", "labels": labels},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}], **spec}}
+
+
+def blocked(service: dict[str, Any], endpoints_on: list[str]) -> dict[Key, str]:
+    from controlplane.endpoints import project_slice
+
+    slices = [project_slice({"metadata": {"name": f"s{i}", "namespace": "shop",
+                                          "labels": {"kubernetes.io/service-name": "web"}},
+                             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                             "endpoints": [{"addresses": [f"10.244.0.{10 + i}"], "nodeName": node}]})
+              for i, node in enumerate(endpoints_on)]
+    res = translate_service(project_service(service), [s for s in slices if s is not None], NodeInfo("n1"))
+    return dict(res.blocked)
+
+
+def test_only_labelled_services_without_a_usable_endpoint_are_blocked() -> None:
+    key = Key(4, "10.96.0.10", 80)
+    assert blocked(svc(), []) == {key: "reject"}
+    assert blocked(svc(), ["n2"]) == {}
+    assert blocked(svc(internalTrafficPolicy="Local"), ["n2"]) == {key: "drop"}  # endpoints, none here
+    assert blocked(svc(internalTrafficPolicy="Local"), ["n1"]) == {}
+    # Unlabelled: kube-proxy serves (and rejects) it; the agent must never answer for it.
+    assert blocked(svc(labelled=False), []) == {}
+
+
+def test_script_holds_exactly_the_blocked_keys_and_removes_the_table_when_empty() -> None:
+    script = blocks_script("t", {Key(4, "10.96.0.10", 80): "reject", Key(6, "fd00::1", 443): "drop",
+                                 Key(4, None, 30080): "reject"})
+    assert script.startswith("add table inet t\ndelete table inet t\ntable inet t {")
+    assert "set reject4 { type ipv4_addr . inet_service; elements = { 10.96.0.10 . 80 }; }" in script
+    assert "set drop6 { type ipv6_addr . inet_service; elements = { fd00::1 . 443 }; }" in script
+    assert "set reject4np { type inet_service; elements = { 30080 }; }" in script
+    assert script.count("priority -120") == 2 and "reject with tcp reset" in script
+    assert blocks_script("t", {}) == "add table inet t\ndelete table inet t\n"
