@@ -147,6 +147,9 @@ class AgentSource:
             return None
         report: dict[str, Any] = plane.report(limit=limit, service=service)
         report["gated_entries"] = self.agent.gated()
+        # Handovers on this node: marked Services prepared here, and handed-back keys still held until
+        # kube-proxy's rule is visible (seconds held so far).
+        report["handover"] = {"prepared": self.agent.prepared(), "held": self.agent.held()}
         return report
 
     def list_services(self) -> list[dict[str, Any]] | None:

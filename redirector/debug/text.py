@@ -122,6 +122,10 @@ def proxy_text(body: Mapping[str, Any]) -> str:
                    + "; ".join(parts) + "\n")
     if not body.get("streams"):
         out.append("no Envoy connected\n")
+    handover = body.get("handover") or {}
+    if handover.get("prepared") or handover.get("held"):
+        out.append(f"handover: prepared {_cell(handover.get('prepared'))}; held for kube-proxy "
+                   f"{_cell([f'{k} {v}s' for k, v in (handover.get('held') or {}).items()])}\n")
     rows: list[list[object]] = []
     for svc in body.get("services", []):
         for key in svc.get("keys", []):

@@ -89,6 +89,7 @@ def test_migration_is_prepared_on_the_node_before_the_label_and_aborts_cleanly(t
                 loop.wait_for(20)
             outcome = prepare(cluster, [Ref(NS, "web")], namespace=c.DEFAULT_AGENT_NAMESPACE, timeout=20)
             assert outcome.agents == 1 and outcome.prepared == [Ref(NS, "web")], outcome
+            assert node.proxy()["handover"]["prepared"] == [f"{NS}/web"]  # the node's own view
             # Make before break: our redirect is in while kube-proxy still has its rule.
             assert Key(4, IP, 80) in node.kernel_keys()
             assert f"{IP} . tcp . 80 : goto service-" in standin.applied  # type: ignore[operator]
