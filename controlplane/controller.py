@@ -348,6 +348,19 @@ class ControlPlane:
 
     # -- facts -----------------------------------------------------------------------------------------------
 
+    def endpoints_for(self, keys: Iterable[Key]) -> dict[Key, tuple[tuple[str, int], ...]]:
+        """The endpoints each key's cluster sends new connections to (the kernel fallback uses them while
+        Envoy is down); keys without endpoints are left out (the kernel rejects or drops those already)."""
+        wanted = {cluster_name(k): k for k in keys}
+        out: dict[Key, tuple[tuple[str, int], ...]] = {}
+        with self._lock:
+            for found in self._published.values():
+                for load in found.loads:
+                    key = wanted.get(load.name)
+                    if key is not None and load.endpoints:
+                        out[key] = load.endpoints
+        return out
+
     def in_sync(self) -> bool:
         """The newest Envoy confirmed the current version of everything (refused resources aside)."""
         server = self.server

@@ -114,6 +114,11 @@ def cleanup(settings: config.Settings) -> int:
             from redirector.blocks import KernelBlocks
 
             KernelBlocks(f"{settings.nft_table}-block").cleanup()
+            import nftables  # type: ignore[import-untyped,unused-ignore]
+
+            from redirector.fallback import fallback_script
+
+            nftables.Nftables().cmd(fallback_script(f"{settings.nft_table}-fallback", {}))
     except Exception as exc:  # noqa: BLE001 - report and fail
         log.error("cleanup failed", extra={"backend": settings.backend, "error": str(exc)})
         return 1

@@ -108,6 +108,7 @@ class Agent:
         # kernel stay whatever the gate says (Envoy keeps serving its last configuration).
         self.gate = gate
         self.plane: Any = None  # the control plane, when there is one (health and debug endpoints)
+        self.fallback: Any = None  # the kernel fallback's watchdog, when there is one
         self._gate_pending: set[Key] = set()
         self._inherited: frozenset[Key] = frozenset()  # what the kernel held when this agent started
         self._first_full = True
@@ -306,6 +307,11 @@ class Agent:
                 if entries is not None and entries.keys and all(k in self._applied for k in entries.keys):
                     out.append(sid)
             return out
+
+    def applied_keys(self) -> frozenset[Key]:
+        """What this agent has put in the kernel (its belief after the last successful sync)."""
+        with self._lock:
+            return frozenset(self._applied)
 
     def held(self) -> dict[str, float]:
         """Keys held for a handback, with seconds held so far (debug endpoints)."""

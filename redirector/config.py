@@ -67,6 +67,8 @@ class Settings:
     lease_namespace: str | None = os.environ.get("POD_NAMESPACE") or c.DEFAULT_AGENT_NAMESPACE
     # Envoy's admin API, read for the per-Service traffic figures in /debug/proxy (None: not read).
     envoy_admin: str | None = f"127.0.0.1:{c.ENVOY_ADMIN_PORT}"
+    # Kernel L4 fallback while Envoy is down (nftables backend with the control plane).
+    fallback: str = "on"
 
     def __post_init__(self) -> None:
         if self.proxy_uid is None and self.proxy_mark is None:
@@ -208,6 +210,8 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "namespace of this agent's Lease, which reports the Services it prepared for a migration; 'none': no Lease"),
     ("--envoy-admin", "ENVOY_ADMIN", "envoy_admin", _optional(_loopback),
      "Envoy's admin address (loopback) for per-Service traffic figures in /debug/proxy; 'none': not read"),
+    ("--fallback", "FALLBACK", "fallback", _choice(("on", "off")),
+     "while the node's Envoy is down, load-balance migrated Services in the kernel (L4 only): on or off"),
     ("--log-level", "LOG_LEVEL", "log_level", _choice(LOG_LEVELS, upper=True), f"one of {', '.join(LOG_LEVELS)}"),
 )
 

@@ -46,6 +46,13 @@ class Metrics:
             f"{PREFIX}_drift_repairs",
             "Full syncs that repaired a kernel changed behind the agent's back (periodic, or after a failed sync).",
             registry=r)
+        self.fallback_active = Gauge(
+            f"{PREFIX}_fallback_active",
+            "1 while the node's Envoy is down and the kernel load-balances migrated Services itself (L4 only).",
+            registry=r)
+        self.fallback_switches = Counter(
+            f"{PREFIX}_fallback_switches", "Switches into (to=fallback) and out of (to=envoy) the kernel fallback.",
+            ["to"], registry=r)
         self.handback = Histogram(
             f"{PREFIX}_handback_hold_seconds",
             "How long a handed-back Service's redirect was kept after its label went, by what released it "

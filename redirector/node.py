@@ -60,6 +60,7 @@ class NodeAgent:
     server: AdsServer | None = None
     node: NodeWatcher | None = None
     lease: LeaseReporter | None = None
+    fallback: Any = None  # redirector.fallback.Watchdog
     threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self, settings: Settings, *, socket_owner: int | None = None) -> NodeAgent:
@@ -73,6 +74,8 @@ class NodeAgent:
             targets.append(("watch-node", self.node.run))
         if self.lease is not None:
             targets.append(("lease", self.lease.run))
+        if self.fallback is not None:
+            targets.append(("fallback", self.fallback.run))
         self.threads = [threading.Thread(target=fn, name=name, daemon=True) for name, fn in targets]
         for thread in self.threads:
             thread.start()
@@ -94,6 +97,8 @@ class NodeAgent:
             self.node.stop()
         if self.lease is not None:
             self.lease.stop()
+        if self.fallback is not None:
+            self.fallback.stop()
         if self.plane is not None:
             self.plane.stop()
         self.agent.stop()
@@ -160,7 +165,25 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     node_watch = NodeWatcher(core, plane.nodes, settings.node, **watch)
     agent.watcher = services
     agent.plane = plane
-    return NodeAgent(agent, services, plane, slices, server, node=node_watch, lease=_lease(settings, api, agent))
+    watchdog = _watchdog(settings, agent, plane, server)
+    agent.fallback = watchdog
+    return NodeAgent(agent, services, plane, slices, server, node=node_watch, lease=_lease(settings, api, agent),
+                     fallback=watchdog)
+
+
+def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: AdsServer) -> Any:
+    """The kernel L4 fallback while Envoy is down (nftables backend, on unless --fallback off)."""
+    if settings.fallback != "on" or settings.backend != "nftables":
+        return None
+    from redirector.fallback import Watchdog, port_accepts
+
+    def switched(on: bool) -> None:
+        agent.metrics.fallback_active.set(1 if on else 0)
+        agent.metrics.fallback_switches.labels("fallback" if on else "envoy").inc()
+
+    return Watchdog(f"{settings.nft_table}-fallback", connected=lambda: server.newest() is not None,
+                    in_sync=plane.in_sync, accepting=lambda: port_accepts(settings.proxy_port),
+                    targets=lambda: plane.endpoints_for(agent.applied_keys()), on_switch=switched)
 
 
 def _lease(settings: Settings, api: client.ApiClient, agent: Agent) -> LeaseReporter | None:

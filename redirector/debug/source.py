@@ -129,6 +129,11 @@ class AgentSource:
         plane = getattr(self.agent, "plane", None)
         if plane is None:
             return {}
+        fallback = getattr(self.agent, "fallback", None)
+        if fallback is not None and fallback.active:
+            return {"proxy_in_sync": False,
+                    "proxy_detail": "Envoy is down: migrated Services are load-balanced by the kernel fallback "
+                                    "(L4 only: no retries, timeouts or outlier detection)"}
         if plane.in_sync():
             return {"proxy_in_sync": True, "proxy_detail": f"Envoy ACKed revision {plane.store.revision}"}
         server = plane.server
@@ -150,6 +155,9 @@ class AgentSource:
         # Handovers on this node: marked Services prepared here, and handed-back keys still held until
         # kube-proxy's rule is visible (seconds held so far).
         report["handover"] = {"prepared": self.agent.prepared(), "held": self.agent.held()}
+        fallback = getattr(self.agent, "fallback", None)
+        report["fallback"] = None if fallback is None else {
+            "active": fallback.active, "switches": fallback.switches, "last_error": fallback.last_error}
         return report
 
     def list_services(self) -> list[dict[str, Any]] | None:
