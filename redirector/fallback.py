@@ -140,7 +140,8 @@ class Watchdog:
         # for ``up_after`` and at most once per ``min_interval`` -- which also bounds the switches into it.
         may_return = now - self._last_switch >= self.min_interval
         if not self.active and self._down_since is not None and now - self._down_since >= self.down_after:
-            self._switch(True, now)
+            if self.targets():  # nothing redirected (e.g. no Envoy ever ACKed anything): nothing to fall back for
+                self._switch(True, now)
         elif self.active and self._up_since is not None and now - self._up_since >= self.up_after and may_return:
             self._switch(False, now)
         elif self.active:

@@ -145,6 +145,8 @@ def test_envoy_restart_and_agent_restart(tmp_path: Path) -> None:
         assert key in node.kernel_keys()  # the redirect stays while Envoy is away (a later issue adds a fallback)
         node.envoy.start()
         wait_until(lambda: node.proxy()["in_sync"], timeout=20, what="the new Envoy to receive everything")
+        # Meanwhile the kernel fallback served the Service; it hands back to Envoy once Envoy serves again.
+        wait_until(lambda: not node.proxy()["fallback"]["active"], timeout=20, what="back from the kernel fallback")
         wait_until(lambda: http_request(node.topo.pods[1], CLUSTER_IPS[0], 80)["status"] == 200, timeout=10,
                    what="traffic through the new Envoy")
         # The agent restarted under a client loop: Envoy keeps its configuration, the kernel its rules.
