@@ -353,8 +353,12 @@ class Agent:
             keys = desired if self.gate is None else frozenset(
                 (desired & (applied | self._inherited)) | self._servable(desired - applied - self._inherited))
             keys = keys | (frozenset(self._held) & applied)  # handed-back keys stay until released
-            before = self.backend.read() if check else None
+            # One kernel read: a backend that reports what ``ensure`` found is not read beforehand.
+            tells = bool(getattr(self.backend, "reports_seen", False))
+            before = self.backend.read() if check and not tells else None
             repaired = self.backend.ensure(keys)
+            if check and tells:
+                before = self.backend.last_seen  # type: ignore[attr-defined]
         except Exception as exc:  # noqa: BLE001
             self._belief_ok = False
             self._failed("full", exc)

@@ -68,10 +68,14 @@ class FakeBackend:
 
     # -- Backend -------------------------------------------------------------------------------------
 
+    reports_seen = True  # ``ensure`` records what it found (see NftBackend)
+    last_seen: frozenset[Key] | None = None
+
     def ensure(self, keys: Iterable[Key]) -> bool:
         want = set(keys)
         with self._lock:
             self._enter("ensure")
+            self.last_seen = frozenset(self._kernel) if self._kernel is not None else None
             if self._kernel == want:
                 return False
             self._kernel = want

@@ -59,9 +59,15 @@ class NftBackend:
 
     # -- Backend --------------------------------------------------------------------------------------
 
+    # ``ensure`` records what it found (None: no table, or one of another shape), so the agent's full sync
+    # after a failure reads the kernel once, not twice.
+    reports_seen = True
+    last_seen: frozenset[Key] | None = None
+
     def ensure(self, keys: Iterable[Key]) -> bool:
         want = frozenset(keys)
         with self._lock:
+            self.last_seen = None
             added = self._ensure_addresses()
             listing = self._list()
             if listing is None:
@@ -69,6 +75,8 @@ class NftBackend:
                 self._run(self.layout.create(want, replace=False))
                 return True
             shape_ok, actual = self.layout.inspect(listing)
+            if shape_ok:
+                self.last_seen = frozenset(actual)
             if not shape_ok:
                 log.warning("nftables table has an unexpected shape: replacing it atomically",
                             extra={"table": self.layout.table, "entries": len(want)})

@@ -175,8 +175,10 @@ def test_a_failed_change_schedules_a_full_sync_and_is_not_drift_when_nothing_cha
     assert fake.dump() == [A] and agent.status.full_sync_pending
     assert metric(agent, "sync_errors_total", kind="incremental") == 1
     assert agent.status.last_error is not None and agent.status.last_error.startswith("incremental sync: ")
+    reads = fake.calls["read"]
     agent.sync_once()  # the full sync applies the change that failed
     assert fake.dump() == [A, B] and not agent.status.full_sync_pending
+    assert fake.calls["read"] == reads and fake.calls["ensure"] >= 2  # the kernel read once: by ensure itself
     assert metric(agent, "drift_repairs_total") == 0
     assert agent.status.last_error_time is None
 
