@@ -29,7 +29,7 @@ from kubernetes import client
 from cli import kube, render
 from cli.main import main
 from cli.rows import build_rows, namespace_labels, summarize
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from shared import constants as c
 from shared.policy import PolicyConfig
 

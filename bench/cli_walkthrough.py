@@ -19,7 +19,7 @@ from typing import Any
 
 from kubernetes import client
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from shared import constants as c
 from shared.tls import make_ca, make_serving_cert
 from tests.cli.cluster import namespace, port, service

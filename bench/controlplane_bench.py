@@ -63,7 +63,7 @@ from controlplane.stream import Stream
 from controlplane.translate import cluster_name
 from redirector.desired import service_entries
 from redirector.model import Key
-from sandbox.envoy_process import ENVOY_BIN
+from sandbox.node.envoy_process import ENVOY_BIN
 from shared import constants as c
 
 NODE = "bench-node"

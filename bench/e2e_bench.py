@@ -3,7 +3,7 @@
 Run as root: ``.venv/bin/python -m bench.e2e_bench [--duration 10] [--fresh 500] [--json out.json]``.
 Prints the markdown table of docs/performance.md ("End-to-end").
 
-One run, one topology (sandbox.netns: a node and two pods, nothing on the host's network), two Services
+One run, one topology (sandbox.node.netns: a node and two pods, nothing on the host's network), two Services
 side by side on the same backend:
 - ``direct`` 10.96.0.20:80, unlabelled: the kube-proxy STAND-IN's nftables DNAT (sandbox.kubeproxy);
 - ``envoy``  10.96.0.10:80, labelled, appProtocol http: the redirector's nftables backend (redirector.nft)
@@ -36,8 +36,8 @@ from typing import Any
 from controlplane.embedded import EmbeddedControlPlane
 from redirector.model import Key
 from sandbox import kubeproxy
-from sandbox.envoy_process import ENVOY_BIN, EnvoyProcess
-from sandbox.netns import NetNS, Topology, run_in_netns
+from sandbox.node.envoy_process import ENVOY_BIN, EnvoyProcess
+from sandbox.node.netns import NetNS, Topology, run_in_netns
 from shared import constants as c
 
 DIRECT_IP, ENVOY_IP, BACKEND_PORT = "10.96.0.20", "10.96.0.10", 8080

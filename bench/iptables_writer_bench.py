@@ -1,7 +1,7 @@
 """Why the iptables backend writes with iptables-restore, not python-iptables (iptc): measured, not assumed.
 
 Run as root: ``.venv/bin/python -m bench.iptables_writer_bench [--rules 1000] [--json out.json]``.
-Every scenario runs in a fresh network namespace (sandbox.netns), inside a forked child that
+Every scenario runs in a fresh network namespace (sandbox.node.netns), inside a forked child that
 entered it, so in-process iptc and the restore binaries act on the same tables. Prints markdown.
 
 Measures:
@@ -30,7 +30,7 @@ from typing import Any
 from redirector import iptables_rules as rules
 from redirector.iptables import IptablesBackend, Variant
 from redirector.model import Delta, Key
-from sandbox.netns import Topology, run_in_netns
+from sandbox.node.netns import Topology, run_in_netns
 
 BASE4 = int(ipaddress.ip_address("10.96.0.1"))
 

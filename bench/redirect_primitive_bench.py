@@ -3,7 +3,7 @@
 Run as root: ``.venv/bin/python -m bench.redirect_primitive_bench [--connects 300] [--backend nftables]``.
 Prints the markdown table of docs/performance.md ("Redirect primitive") and docs/redirector.md.
 
-For each topology (``sandbox.netns.Topology``, addressless or not) and each mode of the redirector's backend
+For each topology (``sandbox.node.netns.Topology``, addressless or not) and each mode of the redirector's backend
 (``--redirect-mode redirect|dnat``), one ClusterIP per family is programmed and a stand-in proxy (the echo
 server, reporting SO_ORIGINAL_DST) listens on the node's port 1666. From a pod (prerouting) and from the node
 (output), ``--connects`` sequential TCP connections per family: connect() time (the handshake: the kernel's
@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 from redirector.model import Key
-from sandbox.netns import NetNS, Topology, run_in_netns
-from sandbox.traffic import tcp_listener
+from sandbox.node.netns import NetNS, Topology, run_in_netns
+from sandbox.node.traffic import tcp_listener
 
 CLUSTER = {4: "10.96.0.10", 6: "fd00:10:96::a"}
 PORT = 80

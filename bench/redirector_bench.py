@@ -1,7 +1,7 @@
 """Redirector benchmark: nftables vs iptables backend vs the original per-rule baseline, side by side.
 
 Run as root: ``.venv/bin/python -m bench.redirector_bench [--sizes 10,1000,10000,50000] [--runs 3]
-[--json out.json]``. Everything runs in fresh network namespaces (sandbox.netns), never on the host's
+[--json out.json]``. Everything runs in fresh network namespaces (sandbox.node.netns), never on the host's
 rules. Prints markdown tables (docs/performance.md, "Redirector").
 
 For N Services (dual-stack, one TCP port each: 2N entries):
@@ -43,8 +43,8 @@ from typing import Any
 
 from redirector.desired import DesiredIndex
 from redirector.model import Key
-from sandbox.netns import NetNS, Topology, run_in_netns
-from sandbox.traffic import wait_until
+from sandbox.node.netns import NetNS, Topology, run_in_netns
+from sandbox.node.traffic import wait_until
 from shared import constants as c
 
 PROXY_PORT = 1666
@@ -416,7 +416,7 @@ def baseline(sizes: list[int]) -> tuple[dict[int, list[float]], dict[int, list[f
 
 
 def create_services(api: Any, start: int, stop: int) -> None:
-    from sandbox.resources import SERVICES
+    from sandbox.api.resources import SERVICES
 
     for i in range(start, stop):
         api.operations.create(SERVICES, "bench", {"metadata": {"name": f"svc-{i}", "labels": dict(LABELS)},
@@ -431,7 +431,7 @@ def event_to_rule(api: Any, n: int, changes: int = 100) -> tuple[list[float], li
 
     from redirector.agent import Agent
     from redirector.watch import ServiceWatcher
-    from sandbox.resources import SERVICES
+    from sandbox.api.resources import SERVICES
 
     with NetNS(f"lpr-{os.getpid()}-{n}-e2r") as ns:
         backend = nft_backend(ns.name)
@@ -485,7 +485,7 @@ def event_to_rule(api: Any, n: int, changes: int = 100) -> tuple[list[float], li
 def agent_rss(api: Any, n: int) -> dict[str, float]:
     """``lightpath-redirector run`` (nft) in a node netns, against ``api`` holding n Services."""
     from sandbox.components import node_kubeconfig
-    from sandbox.nsrelay import NetnsRelay
+    from sandbox.node.nsrelay import NetnsRelay
 
     with NetNS(f"lpr-{os.getpid()}-{n}-rss") as ns, NetnsRelay(ns.name, (api.host, api.port)) as relay, \
             tempfile.TemporaryDirectory() as tmp:
@@ -571,8 +571,8 @@ def main() -> None:
                                       "conn_p50": pct(conns[n], 50), "conn_p99": pct(conns[n], 99)}
             previous = n
     if api_sizes:
-        from sandbox.apiserver import SandboxApiServer
-        from sandbox.resources import NAMESPACES
+        from sandbox.api.apiserver import SandboxApiServer
+        from sandbox.api.resources import NAMESPACES
 
         with SandboxApiServer(history_limit=100_000, bookmark_interval=1.0) as api:
             api.operations.create(NAMESPACES, None, {"metadata": {"name": "bench"}})

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 from kubernetes import client
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from shared import constants as c
 from shared.policy import PolicyConfig, decide
 from shared.tls import make_ca, make_serving_cert

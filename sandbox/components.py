@@ -23,8 +23,8 @@ from typing import IO, Any
 
 import yaml
 
-from sandbox.netns import NetNS, run_in_netns
-from sandbox.traffic import wait_until
+from sandbox.node.netns import NetNS, run_in_netns
+from sandbox.node.traffic import wait_until
 from shared import constants as c
 from shared.errors import SandboxError
 
@@ -64,7 +64,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 def poll(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """``sandbox.traffic.wait_until`` (the one polling loop), failing as a ComponentError for the scenario."""
+    """``sandbox.node.traffic.wait_until`` (the one polling loop), failing as a ComponentError for the scenario."""
     try:
         return wait_until(fn, timeout=timeout, interval=interval, what=what)
     except TimeoutError as exc:

@@ -15,14 +15,14 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
-from sandbox.netns import NETNS_DIR, cleanup_stale
+from sandbox.node.netns import NETNS_DIR, cleanup_stale
 from sandbox.scenario import Scenario, ScenarioError
 
 PREFIX = "lpdemo"
 BANNER = """\
 lightpath demo: Services move between a kube-proxy stand-in and a node-local Envoy, for real packets.
 Real: the webhook process (TLS), the redirector process (nftables), Envoy, the Linux network namespaces and
-every connection. Stand-ins: the Kubernetes API is a TEST DOUBLE (sandbox.apiserver) and "kube-proxy" is a
+every connection. Stand-ins: the Kubernetes API is a TEST DOUBLE (sandbox.api.apiserver) and "kube-proxy" is a
 STAND-IN that writes plain nftables DNAT (sandbox.kubeproxy). Nothing touches this host's own network."""
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from kubernetes import client
 
-from sandbox.netns import SERVICE_CIDR, SERVICE_CIDR6, nft
+from sandbox.node.netns import SERVICE_CIDR, SERVICE_CIDR6, nft
 from shared.constants import SERVICE_PROXY_NAME_LABEL
 from shared.kube import Reflector
 

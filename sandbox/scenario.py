@@ -26,15 +26,22 @@ from kubernetes import client
 
 from redirector.model import Key
 from sandbox import components as comp
-from sandbox.apiserver import SandboxApiServer
-from sandbox.client_loop import ClientLoop, Handover, Record, handover
-from sandbox.envoy_process import EnvoyProcess
+from sandbox.api.apiserver import SandboxApiServer
 from sandbox.kubeproxy import TABLE as STANDIN_TABLE
 from sandbox.kubeproxy import StandinSync
-from sandbox.netns import Topology, run_in_netns
-from sandbox.nftwatch import Coverage, NftMonitor
-from sandbox.nsrelay import NetnsRelay
-from sandbox.traffic import http_listener, http_request, tcp_listener, tcp_request, udp_listener, udp_request
+from sandbox.node.client_loop import ClientLoop, Handover, Record, handover
+from sandbox.node.envoy_process import EnvoyProcess
+from sandbox.node.netns import Topology, run_in_netns
+from sandbox.node.nftwatch import Coverage, NftMonitor
+from sandbox.node.nsrelay import NetnsRelay
+from sandbox.node.traffic import (
+    http_listener,
+    http_request,
+    tcp_listener,
+    tcp_request,
+    udp_listener,
+    udp_request,
+)
 from shared import constants as c
 from shared.errors import SandboxError
 

@@ -19,7 +19,7 @@ import pytest
 from kubernetes import client
 
 from cli.main import main
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from shared import constants as c
 from shared.tls import KeyPair, make_ca, make_serving_cert
 from webhook.app import create_app

@@ -17,7 +17,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf import json_format
 
 from controlplane import resources as res
-from sandbox.envoy_process import ENVOY_BIN
+from sandbox.node.envoy_process import ENVOY_BIN
 
 
 def _static(cluster: cluster_pb2.Cluster) -> dict[str, object]:

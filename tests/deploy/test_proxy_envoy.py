@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from controlplane.embedded import EmbeddedControlPlane
-from sandbox.traffic import wait_until
+from sandbox.node.traffic import wait_until
 from shared import constants as c
 from tests.deploy.manifests import Obj, one
 

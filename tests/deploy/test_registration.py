@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from shared import constants as c
 from shared.tls import make_ca
 from tests.deploy.manifests import Obj, container, env_of, find, one

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cli import certs
-from sandbox.admission import Request, webhook_applies
-from sandbox.resources import SERVICES
+from sandbox.api.admission import Request, webhook_applies
+from sandbox.api.resources import SERVICES
 from shared import constants as c
 from shared.policy import Action, PolicyConfig, decide
 from tests.deploy.manifests import Obj, container, env_of, one, port_number

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def _clean_stale_netns() -> None:
     if os.geteuid() == 0:
-        from sandbox.netns import cleanup_stale
+        from sandbox.node.netns import cleanup_stale
 
         for prefix in ("lpe2e", "lpdemo", "lpbench"):
             cleanup_stale(prefix)

@@ -12,12 +12,12 @@ from typing import Any
 from kubernetes import client
 
 from redirector.model import Key
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
+from sandbox.api.resources import NAMESPACES
 from sandbox.components import netns_get
-from sandbox.envoy_process import EnvoyProcess
-from sandbox.netns import NetNS, Topology
-from sandbox.resources import NAMESPACES
-from sandbox.traffic import Listener, http_listener, tcp_listener
+from sandbox.node.envoy_process import EnvoyProcess
+from sandbox.node.netns import NetNS, Topology
+from sandbox.node.traffic import Listener, http_listener, tcp_listener
 from shared import constants as c
 from tests.redirector.agentproc import AgentProcess
 from tests.redirector.conftest import nft_backend

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from redirector.model import Key
-from sandbox.traffic import http_request, wait_until
+from sandbox.node.traffic import http_request, wait_until
 from shared import constants as c
 from tests.e2e.envoynode import CLUSTER_IPS, envoy_node
 

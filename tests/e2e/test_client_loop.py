@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.client_loop import ClientLoop, Record, handover
-from sandbox.netns import Topology
-from sandbox.traffic import http_listener
+from sandbox.node.client_loop import ClientLoop, Record, handover
+from sandbox.node.netns import Topology
+from sandbox.node.traffic import http_listener
 
 
 def rec(i: int, t0: float, ok: bool, via: str | None = None, dur: float = 0.01) -> Record:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from redirector.model import Key
-from sandbox.traffic import http_request, wait_until
+from sandbox.node.traffic import http_request, wait_until
 from tests.e2e.envoynode import CLUSTER_IPS, NODE, NS, EnvoyNode, envoy_node
 
 pytestmark = pytest.mark.root
@@ -125,7 +125,7 @@ def test_named_target_ports_per_pod_renumbered_ports_and_type_change(tmp_path: P
 def test_no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drops(tmp_path: Path) -> None:
     """kube-proxy's "should be rejected when no endpoints exist": refused at once, not accepted-then-closed;
     back to Envoy as soon as an endpoint appears. internalTrafficPolicy Local with no endpoint here: dropped."""
-    from sandbox.traffic import TrafficError, tcp_request
+    from sandbox.node.traffic import TrafficError, tcp_request
 
     with envoy_node(tmp_path) as node:
         start(node, pods=1)

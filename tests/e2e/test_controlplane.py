@@ -12,7 +12,7 @@ import pytest
 
 from redirector.model import Key
 from redirector.node import TEST_REFUSE_ENV
-from sandbox.traffic import TrafficError, http_request, tcp_request, wait_until
+from sandbox.node.traffic import TrafficError, http_request, tcp_request, wait_until
 from tests.e2e.envoynode import CLUSTER_IPS, NS, EnvoyNode, envoy_node
 
 pytestmark = pytest.mark.root

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from redirector.model import Key
-from sandbox.client_loop import ClientLoop, Record
-from sandbox.envoy_process import EnvoyProcess
-from sandbox.traffic import wait_until
+from sandbox.node.client_loop import ClientLoop, Record
+from sandbox.node.envoy_process import EnvoyProcess
+from sandbox.node.traffic import wait_until
 from tests.e2e.envoynode import CLUSTER_IPS, EnvoyNode, envoy_node
 
 pytestmark = pytest.mark.root

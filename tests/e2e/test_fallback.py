@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from redirector.model import Key
-from sandbox.client_loop import ClientLoop
-from sandbox.traffic import wait_until
+from sandbox.node.client_loop import ClientLoop
+from sandbox.node.traffic import wait_until
 from tests.e2e.envoynode import CLUSTER_IPS, EnvoyNode, envoy_node
 
 pytestmark = pytest.mark.root

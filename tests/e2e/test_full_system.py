@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.netns import NETNS_DIR
+from sandbox.node.netns import NETNS_DIR
 from sandbox.scenario import DNS, MIXED, WEB, Scenario
 from shared import constants as c
 

@@ -11,9 +11,9 @@ import pytest
 
 from redirector.model import Key
 from redirector.node import TEST_REFUSE_ENV
-from sandbox.client_loop import ClientLoop
 from sandbox.kubeproxy import StandinSync
-from sandbox.traffic import wait_until
+from sandbox.node.client_loop import ClientLoop
+from sandbox.node.traffic import wait_until
 from shared import constants as c
 from tests.e2e.envoynode import CLUSTER_IPS, NS, envoy_node
 

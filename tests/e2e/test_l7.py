@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from redirector.model import Key
-from sandbox.traffic import Listener, _read_ready, http_request, wait_until
+from sandbox.node.traffic import Listener, _read_ready, http_request, wait_until
 from shared import constants as c
 from tests.e2e.envoynode import NS, EnvoyNode, envoy_node
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from sandbox.netns import Topology, nft
-from sandbox.nftwatch import NftMonitor, coverage
+from sandbox.node.netns import Topology, nft
+from sandbox.node.nftwatch import NftMonitor, coverage
 
 IP, PORT = "10.96.1.1", 80
 ADD_REDIRECT = (f"add element inet lightpath svc4 {{ {IP} . {PORT} }}",)

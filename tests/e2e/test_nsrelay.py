@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from sandbox.netns import NetNS, run_in_netns
-from sandbox.nsrelay import NetnsRelay
+from sandbox.node.netns import NetNS, run_in_netns
+from sandbox.node.nsrelay import NetnsRelay
 
 pytestmark = pytest.mark.root
 

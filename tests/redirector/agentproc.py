@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from sandbox.components import node_kubeconfig
-from sandbox.netns import NetNS
-from sandbox.nsrelay import NetnsRelay
-from sandbox.traffic import wait_until
+from sandbox.node.netns import NetNS
+from sandbox.node.nsrelay import NetnsRelay
+from sandbox.node.traffic import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(sys.executable).parent / "lightpath-redirector"

@@ -14,7 +14,7 @@ from shared.netns import entered
 @pytest.fixture(scope="session", autouse=True)
 def _clean_stale_netns() -> None:
     if os.geteuid() == 0:
-        from sandbox.netns import cleanup_stale
+        from sandbox.node.netns import cleanup_stale
 
         cleanup_stale("lpr")
 
@@ -60,7 +60,7 @@ def handles(netns: str, table: str = "lightpath") -> list[tuple[str, int]]:
     """(kind, handle) of every table/chain/set/rule of our table: equal before and after = nothing recreated."""
     import json
 
-    from sandbox.netns import run_in_netns
+    from sandbox.node.netns import run_in_netns
 
     items = json.loads(run_in_netns(netns, _json_list, table))["nftables"]
     return sorted((kind, item[kind]["handle"]) for item in items for kind in ("table", "chain", "set", "rule")

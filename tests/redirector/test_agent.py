@@ -19,8 +19,8 @@ import pytest
 
 from redirector.agent import Agent
 from redirector.model import Key
-from sandbox.netns import NetNS, nft
-from sandbox.traffic import wait_until
+from sandbox.node.netns import NetNS, nft
+from sandbox.node.traffic import wait_until
 from shared import constants as c
 from tests.redirector.conftest import handles, nft_backend
 from tests.redirector.factories import numbered, service

@@ -17,7 +17,7 @@ import pytest
 from redirector.agent import Agent
 from redirector.fake_backend import FakeBackend
 from redirector.model import BackendError, Delta, Key
-from sandbox.traffic import wait_until
+from sandbox.node.traffic import wait_until
 from shared import constants as c
 from tests.redirector.factories import numbered, service
 

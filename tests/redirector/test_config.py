@@ -11,7 +11,7 @@ import pytest
 
 from redirector import config
 from redirector.__main__ import build_parser, main
-from sandbox.netns import NetNS, nft
+from sandbox.node.netns import NetNS, nft
 
 BINARY = Path(sys.executable).parent / "lightpath-redirector"
 

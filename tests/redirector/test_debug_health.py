@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from redirector.model import Key
-from sandbox.traffic import wait_until
+from sandbox.node.traffic import wait_until
 from tests.redirector.test_debug_node import PROXY_PORT, DebugNode
 
 pytestmark = pytest.mark.root

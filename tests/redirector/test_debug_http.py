@@ -23,7 +23,7 @@ from redirector.debug import cli as debug_cli
 from redirector.debug import launch
 from redirector.debug.server import DebugServer
 from redirector.model import Key
-from sandbox.traffic import wait_until
+from sandbox.node.traffic import wait_until
 from tests.redirector.test_debug_node import NS, DebugNode
 
 pytestmark = pytest.mark.root

@@ -23,9 +23,9 @@ from redirector.debug.settings import DebugSettings
 from redirector.debug.source import AgentSource
 from redirector.model import Backend, Key
 from redirector.watch import ServiceWatcher
-from sandbox.apiserver import SandboxApiServer
-from sandbox.netns import Topology
-from sandbox.traffic import Listener, tcp_listener, tcp_request, wait_until
+from sandbox.api.apiserver import SandboxApiServer
+from sandbox.node.netns import Topology
+from sandbox.node.traffic import Listener, tcp_listener, tcp_request, wait_until
 from shared import constants as c
 from tests.redirector.conftest import nft_backend
 

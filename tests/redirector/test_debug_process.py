@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from sandbox.components import netns_get
-from sandbox.netns import NetNS, Topology
-from sandbox.traffic import tcp_listener, wait_until
+from sandbox.node.netns import NetNS, Topology
+from sandbox.node.traffic import tcp_listener, wait_until
 from shared import constants as c
 from tests.redirector.agentproc import AgentProcess
 

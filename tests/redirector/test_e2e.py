@@ -13,10 +13,10 @@ import pytest
 from kubernetes import client
 
 from redirector.model import Key
-from sandbox.apiserver import SandboxApiServer
-from sandbox.netns import Topology, nft, run_in_netns
-from sandbox.resources import NAMESPACES, SERVICES
-from sandbox.traffic import (
+from sandbox.api.apiserver import SandboxApiServer
+from sandbox.api.resources import NAMESPACES, SERVICES
+from sandbox.node.netns import Topology, nft, run_in_netns
+from sandbox.node.traffic import (
     Listener,
     TrafficError,
     tcp_listener,

@@ -1,6 +1,6 @@
 """IptablesBackend against the real kernel: iptables-nft and iptables-legacy, IPv4 and IPv6, real TCP.
 
-Each test builds a throw-away node netns (sandbox.netns.Topology, one pod) with a proxy echo
+Each test builds a throw-away node netns (sandbox.node.netns.Topology, one pod) with a proxy echo
 listener on port 1666 that reports SO_ORIGINAL_DST. ClusterIPs in 10.96.0.0/16 route to a device
 where unredirected traffic dies; the LOCAL4/LOCAL6 ranges are local instead, so "not redirected"
 answers at once (refused, or the "origin" listener on port 80) instead of timing out.
@@ -24,7 +24,7 @@ import pytest
 from redirector import iptables_rules as rules
 from redirector.iptables import IptablesBackend, IptablesError, Variant, binaries
 from redirector.model import BackendError, Delta, Family, Key
-from sandbox.netns import NetNS, Topology, cleanup_stale, run_in_netns, tcp_listener
+from sandbox.node.netns import NetNS, Topology, cleanup_stale, run_in_netns, tcp_listener
 
 pytestmark = pytest.mark.root
 

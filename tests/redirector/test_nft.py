@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from redirector.model import BackendError, Delta, Key
-from sandbox.netns import Topology, nft, run_in_netns
-from sandbox.traffic import Listener, TrafficError, tcp_listener, tcp_request, udp_listener, udp_request
+from sandbox.node.netns import Topology, nft, run_in_netns
+from sandbox.node.traffic import Listener, TrafficError, tcp_listener, tcp_request, udp_listener, udp_request
 from tests.redirector.conftest import handles, marked_connect, nft_backend
 
 pytestmark = pytest.mark.root

@@ -13,8 +13,8 @@ import pytest
 
 from redirector.iptables import IptablesBackend
 from redirector.model import Family, Key
-from sandbox.netns import NODE_IP, NODE_IP6, NetNS, Topology
-from sandbox.traffic import TrafficError, tcp_listener, tcp_request
+from sandbox.node.netns import NODE_IP, NODE_IP6, NetNS, Topology
+from sandbox.node.traffic import TrafficError, tcp_listener, tcp_request
 from shared import constants as c
 from tests.redirector.conftest import nft_backend
 

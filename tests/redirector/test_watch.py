@@ -15,9 +15,9 @@ from kubernetes import client
 from redirector.agent import ChangeTracker
 from redirector.desired import DesiredIndex
 from redirector.watch import ServiceWatcher
-from sandbox.apiserver import SandboxApiServer
-from sandbox.resources import NAMESPACES, SERVICES
-from sandbox.traffic import wait_until
+from sandbox.api.apiserver import SandboxApiServer
+from sandbox.api.resources import NAMESPACES, SERVICES
+from sandbox.node.traffic import wait_until
 from shared import constants as c
 
 LABELS = {c.SERVICE_PROXY_NAME_LABEL: c.DEFAULT_PROXY_NAME}

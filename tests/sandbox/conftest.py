@@ -7,13 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _clean_stale_netns() -> None:
     if os.geteuid() == 0:
-        from sandbox.netns import cleanup_stale
+        from sandbox.node.netns import cleanup_stale
 
         cleanup_stale("lp")
 

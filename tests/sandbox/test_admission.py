@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException, CoreV1Api
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from shared.tls import KeyPair, make_ca, make_serving_cert
 
 HOOK_NS, HOOK_SVC = "lightpath-system", "lightpath"

@@ -20,7 +20,7 @@ from kubernetes.client import (
     DiscoveryV1Api,
 )
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 
 
 @pytest.fixture

@@ -8,18 +8,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandbox import admission
-from sandbox.allocation import ServiceAllocator, carry_over
-from sandbox.errors import ApiError
-from sandbox.label_selectors import (
+from sandbox.api import admission
+from sandbox.api.allocation import ServiceAllocator, carry_over
+from sandbox.api.errors import ApiError
+from sandbox.api.label_selectors import (
     from_label_selector_object,
     matches,
     parse_field_selector,
     parse_label_selector,
 )
-from sandbox.patching import apply_json_patch, apply_merge_patch, apply_strategic_merge_patch
-from sandbox.resources import NAMESPACES, SERVICES
-from sandbox.watch import ADDED, DELETED, MODIFIED, Event, translate
+from sandbox.api.patching import apply_json_patch, apply_merge_patch, apply_strategic_merge_patch
+from sandbox.api.resources import NAMESPACES, SERVICES
+from sandbox.api.watch import ADDED, DELETED, MODIFIED, Event, translate
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 from kubernetes import watch
 from kubernetes.client import ApiException, CoreV1Api
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 
 
 @pytest.fixture

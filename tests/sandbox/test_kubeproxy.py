@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 
 from sandbox.kubeproxy import Backend, apply, remove, service_ports, standin_ruleset
-from sandbox.netns import Topology, TrafficError, nft, tcp_listener, tcp_request, udp_listener, udp_request
+from sandbox.node.netns import (
+    Topology,
+    TrafficError,
+    nft,
+    tcp_listener,
+    tcp_request,
+    udp_listener,
+    udp_request,
+)
 from shared.constants import DEFAULT_PROXY_NAME, SERVICE_PROXY_NAME_LABEL
 
 WEB = {4: "10.96.0.20", 6: "fd00:10:96::20"}
@@ -165,7 +173,7 @@ def test_apply_replaces_and_remove_deletes() -> None:
 
 @pytest.mark.root
 def test_sync_follows_the_api_server() -> None:
-    apiserver = pytest.importorskip("sandbox.apiserver", reason="sandbox API server not available yet")
+    apiserver = pytest.importorskip("sandbox.api.apiserver", reason="sandbox API server not available yet")
     from kubernetes import client
 
     from sandbox.kubeproxy import StandinSync
@@ -226,7 +234,7 @@ def test_no_endpoints_is_refused_unknown_cluster_ip_is_dropped_unknown_port_refu
 
 @pytest.mark.root
 def test_syncs_are_rate_limited_like_kube_proxys_min_sync_period() -> None:
-    apiserver = pytest.importorskip("sandbox.apiserver")
+    apiserver = pytest.importorskip("sandbox.api.apiserver")
     from kubernetes import client
 
     from sandbox.kubeproxy import StandinSync

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from sandbox.netns import (
+from sandbox.node.netns import (
     NetNS,
     RemoteTraceback,
     Topology,

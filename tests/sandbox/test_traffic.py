@@ -6,8 +6,15 @@ import json
 
 import pytest
 
-from sandbox.netns import Topology
-from sandbox.traffic import TrafficError, http_listener, http_request, tcp_request, udp_listener, udp_request
+from sandbox.node.netns import Topology
+from sandbox.node.traffic import (
+    TrafficError,
+    http_listener,
+    http_request,
+    tcp_request,
+    udp_listener,
+    udp_request,
+)
 
 pytestmark = pytest.mark.root
 

@@ -1,6 +1,6 @@
 """Wait for a condition with a deadline: tests poll, they never sleep and hope.
 
-The one polling loop is ``sandbox.traffic.wait_until``; this keeps the tests' older spelling, failing as
+The one polling loop is ``sandbox.node.traffic.wait_until``; this keeps the tests' older spelling, failing as
 an AssertionError that names what was awaited.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sandbox.traffic import wait_until
+from sandbox.node.traffic import wait_until
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:

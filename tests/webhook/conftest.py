@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from shared.tls import KeyPair, make_ca, make_serving_cert
 from tests.support.secret_volume import SecretVolume
 from webhook.app import create_app

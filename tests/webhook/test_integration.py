@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 from kubernetes import client
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from shared import constants as c
 from tests.support.polling import wait_for
 from tests.webhook.conftest import SERVICE_NAME, SERVICE_NAMESPACE, Webhook

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from shared import constants as c
 from shared.tls import KeyPair, make_serving_cert
 from tests.support.polling import wait_for

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from kubernetes import client
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from shared.kube import is_read_timeout
 from tests.support.polling import wait_for
 from webhook.namespaces import NamespaceCache

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sandbox.apiserver import SandboxApiServer
+from sandbox.api.apiserver import SandboxApiServer
 from shared import constants as c
 from shared.logs import JsonFormatter
 from shared.tls import KeyPair, make_serving_cert

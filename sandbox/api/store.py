@@ -15,12 +15,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sandbox import strategy
-from sandbox.allocation import ServiceAllocator, carry_over
-from sandbox.errors import ApiError, already_exists, conflict, invalid, not_found
-from sandbox.resources import ALL, ENDPOINTSLICES, MUTATING_WEBHOOKS, NAMESPACES, SERVICES, ResourceType
-from sandbox.validation import validate
-from sandbox.watch import ADDED, DELETED, MODIFIED, Event, History, Watcher
+from sandbox.api import strategy
+from sandbox.api.allocation import ServiceAllocator, carry_over
+from sandbox.api.errors import ApiError, already_exists, conflict, invalid, not_found
+from sandbox.api.resources import ALL, ENDPOINTSLICES, MUTATING_WEBHOOKS, NAMESPACES, SERVICES, ResourceType
+from sandbox.api.validation import validate
+from sandbox.api.watch import ADDED, DELETED, MODIFIED, Event, History, Watcher
 from shared.errors import SandboxError
 
 Obj = dict[str, Any]

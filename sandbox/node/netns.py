@@ -10,7 +10,7 @@ counter so parallel runs never collide) and removes them afterwards, even when t
 - ``Topology``: node + N pods, pod IPs 10.244.0.(10+i) / fd00:10:244::(10+i), node 10.244.0.1 /
   fd00:10:244::1, service CIDRs routed to a device in the node. ``addressless=True`` builds the
   Calico / Cilium-chaining / AWS VPC CNI shape instead: no address on the host side of any veth.
-- Traffic helpers (``tcp_listener``, ``tcp_request``, ...) live in ``sandbox.traffic`` and are
+- Traffic helpers (``tcp_listener``, ``tcp_request``, ...) live in ``sandbox.node.traffic`` and are
   re-exported here.
 """
 
@@ -364,9 +364,9 @@ _TRAFFIC_NAMES = frozenset(
 
 
 def __getattr__(name: str) -> Any:
-    """Re-export the traffic helpers lazily (``sandbox.traffic`` imports this module)."""
+    """Re-export the traffic helpers lazily (``sandbox.node.traffic`` imports this module)."""
     if name in _TRAFFIC_NAMES:
-        from sandbox import traffic
+        from sandbox.node import traffic
 
         return getattr(traffic, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sandbox import admission
-from sandbox.defaulting import apply_defaults
-from sandbox.errors import ApiError, conflict, invalid
-from sandbox.patching import apply_patch
-from sandbox.resources import MUTATING_WEBHOOKS, NAMESPACES, SERVICES, ResourceType
-from sandbox.store import Store
-from sandbox.strategy import prepare_for_update
+from sandbox.api import admission
+from sandbox.api.defaulting import apply_defaults
+from sandbox.api.errors import ApiError, conflict, invalid
+from sandbox.api.patching import apply_patch
+from sandbox.api.resources import MUTATING_WEBHOOKS, NAMESPACES, SERVICES, ResourceType
+from sandbox.api.store import Store
+from sandbox.api.strategy import prepare_for_update
 
 Obj = dict[str, Any]
 _PATCH_RETRIES = 5

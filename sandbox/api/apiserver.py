@@ -29,10 +29,10 @@ from typing import Any
 import kubernetes.client
 import yaml
 
-from sandbox.allocation import ServiceAllocator
-from sandbox.handler import SandboxHTTPServer
-from sandbox.operations import Operations
-from sandbox.store import Store
+from sandbox.api.allocation import ServiceAllocator
+from sandbox.api.handler import SandboxHTTPServer
+from sandbox.api.operations import Operations
+from sandbox.api.store import Store
 
 
 class SandboxApiServer:

@@ -13,7 +13,7 @@ import copy
 import ipaddress
 from typing import Any
 
-from sandbox.errors import ApiError, invalid
+from sandbox.api.errors import ApiError, invalid
 
 IPV4, IPV6 = "IPv4", "IPv6"
 SINGLE, PREFER_DUAL, REQUIRE_DUAL = "SingleStack", "PreferDualStack", "RequireDualStack"

@@ -1,6 +1,6 @@
 """Real traffic for kernel tests: echo listeners in a netns, and clients that dial from a netns.
 
-WHY: a rule is proven by what a real connection sees. Listeners run ``sandbox/echo_server.py`` in
+WHY: a rule is proven by what a real connection sees. Listeners run ``sandbox/node/echo_server.py`` in
 a namespace (started via ``NetNS.popen``, so they die with it) and report where each connection
 landed plus its SO_ORIGINAL_DST; clients run in a forked child that entered the source netns.
 Failures raise ``TrafficError`` with the source netns and target in the message.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from sandbox.netns import NetNS, run_in_netns
+from sandbox.node.netns import NetNS, run_in_netns
 from shared.errors import SandboxError
 
 T = TypeVar("T")

@@ -10,7 +10,7 @@ import datetime
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sandbox.resources import ResourceType
+from sandbox.api.resources import ResourceType
 
 Obj = Mapping[str, Any]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox import resources
-from sandbox.errors import ApiError
-from sandbox.resources import ResourceType
+from sandbox.api import resources
+from sandbox.api.errors import ApiError
+from sandbox.api.resources import ResourceType
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import copy
 import json
 from typing import Any
 
-from sandbox.errors import ApiError
+from sandbox.api.errors import ApiError
 
 MERGE_KEYS: dict[str, str] = {
     "ports": "port",

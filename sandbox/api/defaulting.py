@@ -1,7 +1,7 @@
 """Scheme defaulting: what the real API server fills in when it decodes a request, BEFORE admission.
 
 WHY: a mutating webhook sees objects after defaulting (type, protocol, targetPort, sessionAffinity...)
-but before the Service REST storage allocates cluster IPs and node ports (sandbox/allocation.py runs
+but before the Service REST storage allocates cluster IPs and node ports (sandbox/api/allocation.py runs
 after admission, as in kube-apiserver). Getting that order right is what lets webhook tests mean
 something. Pure functions on plain dicts; they return new dicts.
 """

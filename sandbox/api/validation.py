@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sandbox.label_selectors import from_label_selector_object
+from sandbox.api.label_selectors import from_label_selector_object
 
 Causes = list[tuple[str, str]]
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox.errors import ApiError
+from sandbox.api.errors import ApiError
 
 # One requirement: key, operator, values. Operators as the API names them in LabelSelector objects.
 IN, NOT_IN, EXISTS, NOT_EXISTS = "In", "NotIn", "Exists", "DoesNotExist"

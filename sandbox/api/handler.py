@@ -18,16 +18,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from sandbox import routes, tables
-from sandbox.errors import ApiError
-from sandbox.label_selectors import object_filter, parse_field_selector, parse_label_selector
-from sandbox.store import WatchExpired
-from sandbox.watch import bookmark, gone
+from sandbox.api import routes, tables
+from sandbox.api.errors import ApiError
+from sandbox.api.label_selectors import object_filter, parse_field_selector, parse_label_selector
+from sandbox.api.store import WatchExpired
+from sandbox.api.watch import bookmark, gone
 
 if TYPE_CHECKING:
-    from sandbox.apiserver import SandboxApiServer
+    from sandbox.api.apiserver import SandboxApiServer
 
-log = logging.getLogger("sandbox.apiserver")
+log = logging.getLogger("sandbox.api.apiserver")
 DEFAULT_WATCH_TIMEOUT = 1800.0  # the real server's --min-request-timeout
 _POLL = 0.1  # how often a quiet watch re-checks stop/stall flags
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sandbox.netns import NetNS
+from sandbox.node.netns import NetNS
 
 Generation = tuple[float, tuple[str, ...]]  # (monotonic stamp, the lines of one committed transaction)
 

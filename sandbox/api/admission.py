@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sandbox.errors import ApiError
-from sandbox.label_selectors import from_label_selector_object, matches
-from sandbox.patching import apply_json_patch
-from sandbox.resources import NAMESPACES, ResourceType
+from sandbox.api.errors import ApiError
+from sandbox.api.label_selectors import from_label_selector_object, matches
+from sandbox.api.patching import apply_json_patch
+from sandbox.api.resources import NAMESPACES, ResourceType
 from shared.errors import SandboxError
 
 USER_INFO = {"username": "sandbox-admin", "uid": "sandbox-admin", "groups": ["system:masters", "system:authenticated"]}

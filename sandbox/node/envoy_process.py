@@ -16,10 +16,10 @@ import urllib.request
 from pathlib import Path
 
 from controlplane.resources import bootstrap
-from sandbox.netns import NetNS, run_in_netns
+from sandbox.node.netns import NetNS, run_in_netns
 from shared import constants as c
 
-ENVOY_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "envoy"
+ENVOY_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
 
 
 def _admin_get(url: str, timeout: float) -> str:

@@ -14,8 +14,8 @@ import string
 import uuid
 from typing import Any
 
-from sandbox.errors import invalid
-from sandbox.resources import ENDPOINTSLICES, NAMESPACES, SERVICES, ResourceType
+from sandbox.api.errors import invalid
+from sandbox.api.resources import ENDPOINTSLICES, NAMESPACES, SERVICES, ResourceType
 
 SERVER_OWNED_META = ("uid", "creationTimestamp", "generation", "resourceVersion")
 _SUFFIX_ALPHABET = "".join(c for c in string.ascii_lowercase + string.digits if c not in "aeiou013")
