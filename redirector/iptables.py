@@ -93,6 +93,9 @@ class IptablesBackend:
 
     # -- Backend protocol ---------------------------------------------------------------------
 
+    reports_seen = True  # ``ensure`` records the keys it found (the agent then skips its own read)
+    last_seen: frozenset[Key] | None = None
+
     def ensure(self, keys: Iterable[Key]) -> bool:
         """Converge to exactly ``keys``: rewrite a family's chains only when they differ. True = repaired.
 
@@ -101,6 +104,8 @@ class IptablesBackend:
         """
         wanted = self._by_family(keys)
         repaired, written = False, {}
+        self.last_seen = None
+        seen: set[Key] = set()
         self._written = None  # memory is either right or absent: a failure below leaves it absent
         if self.cfg.mode == "dnat":  # the targets first: no rule ever points at an address we lack
             added = self.addresses.ensure()
@@ -109,6 +114,7 @@ class IptablesBackend:
                 repaired = True
         for family in self.families:
             saved = rules.parse_save(self.save(family))
+            seen |= rules.saved_rules(saved, self.cfg, family).keys()
             specs = rules.redirect_specs(self.cfg, wanted[family], {})
             expected = rules.chain_rules(self.cfg, specs.values())
             fixes = rules.jump_fixes(saved, self.cfg)
@@ -123,6 +129,7 @@ class IptablesBackend:
             else:
                 written[family] = rules.saved_rules(saved, self.cfg, family)
         self._written = written
+        self.last_seen = frozenset(seen)
         return repaired
 
     def apply(self, delta: Delta) -> None:
