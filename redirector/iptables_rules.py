@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from redirector.localaddr import check_address
+from redirector.localaddr import redirect_target
 from redirector.model import Family, Key
 from shared import constants as c
 from shared.constants import DEFAULT_IPTABLES_CHAIN, DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT
@@ -70,11 +70,10 @@ class RuleConfig:
     address6: str = c.DEFAULT_REDIRECT_ADDRESS6
 
     def __post_init__(self) -> None:
-        if self.mode not in c.REDIRECT_MODES:
-            raise ValueError(f"redirect mode must be one of {', '.join(c.REDIRECT_MODES)}, not {self.mode!r}")
         # Canonical text, so our specs compare equal to what iptables-save prints back.
-        object.__setattr__(self, "address4", check_address(self.address4, 4))
-        object.__setattr__(self, "address6", check_address(self.address6, 6))
+        address4, address6 = redirect_target(self.mode, self.address4, self.address6)
+        object.__setattr__(self, "address4", address4)
+        object.__setattr__(self, "address6", address6)
         if not _CHAIN_NAME.match(self.chain) or len(self.output_chain) > MAX_CHAIN_NAME:
             raise ValueError(
                 f"chain {self.chain!r}: letters, digits, '_' and '-' only, at most "

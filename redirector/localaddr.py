@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redirector.model import BackendError, Family
+from shared import constants as c
 from shared.netns import NETNS_DIR, enter_fd
 
 log = logging.getLogger(__name__)
@@ -196,3 +197,11 @@ def _remove(wanted: tuple[AddressSpec, ...]) -> list[str]:
                 raise BackendError(f"removing {spec.address}/{spec.prefixlen} from {DEVICE}: {exc}") from exc
             removed.append(f"{spec.address}/{spec.prefixlen}")
     return removed
+
+
+def redirect_target(mode: str, address4: str, address6: str) -> tuple[str, str]:
+    """Validate a backend's redirect mode and return its DNAT addresses in canonical text (both backends'
+    rules must compare equal to what the kernel lists back)."""
+    if mode not in c.REDIRECT_MODES:
+        raise ValueError(f"redirect mode must be one of {', '.join(c.REDIRECT_MODES)}, not {mode!r}")
+    return check_address(address4, 4), check_address(address6, 6)

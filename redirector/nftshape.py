@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from redirector.localaddr import check_address
+from redirector.localaddr import redirect_target
 from redirector.model import Delta, Family, Key
 from shared import constants as c
 
@@ -63,11 +63,10 @@ class Layout:
     address6: str = c.DEFAULT_REDIRECT_ADDRESS6
 
     def __post_init__(self) -> None:
-        if self.mode not in c.REDIRECT_MODES:
-            raise ValueError(f"redirect mode must be one of {', '.join(c.REDIRECT_MODES)}, not {self.mode!r}")
         # Canonical text, so the rules compare equal to what libnftables lists back.
-        object.__setattr__(self, "address4", check_address(self.address4, 4))
-        object.__setattr__(self, "address6", check_address(self.address6, 6))
+        address4, address6 = redirect_target(self.mode, self.address4, self.address6)
+        object.__setattr__(self, "address4", address4)
+        object.__setattr__(self, "address6", address6)
         if not self.table or not self.table.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"nftables table name must be alphanumeric: {self.table!r}")
         if not 0 < self.proxy_port < 65536:
