@@ -91,6 +91,9 @@ class ControlPlane:
         # ``on_blocked`` hears the whole map after each change (redirector.blocks programs the kernel).
         self.blocked: dict[Key, str] = {}
         self.on_blocked: Callable[[dict[Key, str]], None] | None = None
+        # healthCheckNodePort -> (Service, local endpoints), for the node's health-check server.
+        self.health: dict[int, tuple[str, int]] = {}
+        self.on_health: Callable[[dict[int, tuple[str, int]]], None] | None = None
         self._cond = threading.Condition()
         self._pending = _Pending()
         self._stop = threading.Event()
@@ -184,6 +187,7 @@ class ControlPlane:
         routed: set[Family] = set()
         again: set[str] = set()
         blocks_changed = False
+        health_changed = False
         with self._lock:
             for sid in sids:
                 view = self._views.get(sid)
@@ -193,6 +197,12 @@ class ControlPlane:
                 if new == old and sid not in self._retake:
                     continue
                 self._apply(sid, old, new, clusters, loads, cluster_removes, load_removes, touched, routed, again)
+                if old.health != new.health:
+                    if old.health is not None:
+                        self.health.pop(old.health[0], None)
+                    if new.health is not None:
+                        self.health[new.health[0]] = (sid, new.health[1])
+                    health_changed = True
                 if old.blocked != new.blocked:
                     for key, _ in old.blocked:
                         self.blocked.pop(key, None)
@@ -223,6 +233,8 @@ class ControlPlane:
         self.store.update(res.CLUSTER, removes=cluster_removes)
         if blocks_changed and self.on_blocked is not None:
             self.on_blocked(dict(self.blocked))
+        if health_changed and self.on_health is not None:
+            self.on_health(dict(self.health))
         self.metrics.sync_duration.observe(time.perf_counter() - started)
         if again:
             self.mark(again)

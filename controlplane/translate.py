@@ -63,6 +63,7 @@ class ServiceView:
     affinity: bool = False  # sessionAffinity: ClientIP
     problems: tuple[str, ...] = ()
     options: l7.Parsed = l7.Parsed()  # per-port L7 options from config.lightpath.cloud/ annotations
+    health_check_node_port: int | None = None  # LoadBalancer + externalTrafficPolicy Local: answered per node
 
 
 def project_service(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROXY_NAME) -> ServiceView:
@@ -105,8 +106,11 @@ def project_service(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROX
     problems.extend(options.problems)
     if affinity == "ClientIP" and any(o.cluster.lb_policy not in ("LEAST_REQUEST", "RING_HASH") for _, o in options.ports):
         problems.append("lb-policy is ignored: sessionAffinity ClientIP needs a ring hash")
+    hc = spec.get("healthCheckNodePort")
+    hc_port = hc if (labelled and spec.get("type") == "LoadBalancer" and etp == "Local" and type(hc) is int
+                     and 0 < hc < 65536) else None
     return ServiceView(sid, namespace, name, True, labelled, entries, tuple(protocols), itp == "Local", etp == "Local",
-                       affinity == "ClientIP", tuple(problems), options)
+                       affinity == "ClientIP", tuple(problems), options, hc_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +146,9 @@ class ServiceResources:
     # kube-proxy does with such traffic: "reject" (no endpoints at all), "drop" (a Local traffic policy and
     # no endpoint on this node). The kernel answers those itself (redirector.blocks), as kube-proxy would.
     blocked: tuple[tuple[Key, Block], ...] = ()
+    # kube-proxy's healthCheckNodePort (it stops serving it for labelled Services, so we answer it):
+    # (port, endpoints of the Service ready on this node).
+    health: tuple[int, int] | None = None
 
 
 NOTHING = ServiceResources()
@@ -197,8 +204,12 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
         if view.labelled and not selected[pick]:
             anywhere = local and bool(eps.select(slices, port_name, key.family, node=node.name, zone=node.zone))
             blocked.append((key, "drop" if anywhere else "reject"))
+    health = None
+    if view.health_check_node_port is not None:
+        here = {ep.addresses[0] for s in slices for ep in s.endpoints if ep.node == node.name and ep.ready}
+        health = (view.health_check_node_port, len(here))
     return ServiceResources(tuple(clusters), tuple(loads), tuple(chains), view.problems, tuple(routes),
-                            tuple(blocked))
+                            tuple(blocked), health)
 
 
 def _port_numbers(view: ServiceView) -> dict[str, int]:

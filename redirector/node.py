@@ -153,6 +153,9 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
                   handback_hold=settings.handback_hold, handback_timeout=settings.handback_timeout)
     plane.metrics = ControlPlaneMetrics(agent.metrics.registry)
     plane.on_gate = agent.gate_changed
+    from redirector.healthcheck import HealthChecks
+
+    plane.on_health = HealthChecks().apply
     if settings.backend == "nftables":
         from redirector.blocks import KernelBlocks
 

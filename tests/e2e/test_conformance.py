@@ -157,3 +157,23 @@ def test_no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoint
         wait_until(dropped, timeout=20, what="dropped like kube-proxy")
         blocks = node.topo.node.run(["nft", "list", "table", "inet", "lightpath-block"]).stdout
         assert "10.96.0.50 . 80" in blocks and IP not in blocks, blocks
+
+
+def test_health_check_node_port_is_answered_like_kube_proxy(tmp_path: Path) -> None:
+    """kube-proxy stops answering a labelled Service's healthCheckNodePort; the agent answers it the same way:
+    200 with the local endpoint count, 503 with none (what cloud load balancers probe)."""
+    with envoy_node(tmp_path) as node:
+        start(node, pods=2)
+        node.service("lb", HTTP, ips=("10.96.0.60",), type="LoadBalancer", externalTrafficPolicy="Local",
+                     healthCheckNodePort=32100)
+        node.slice("lb", {"http": 8080}, [{"pod": 0}, {"pod": 1, "node": "other-node"}])
+
+        def probe() -> tuple[int, int]:
+            reply = http_request(node.topo.pods[1], node.topo.node_ip, 32100, "/")
+            return reply["status"], json.loads(reply["body"])["localEndpoints"]
+
+        wait_until(lambda: probe() == (200, 1), timeout=20, what="200, one local endpoint")
+        body = json.loads(http_request(node.topo.pods[1], node.topo.node_ip, 32100, "/")["body"])
+        assert body["service"] == {"namespace": NS, "name": "lb"} and body["serviceProxyHealthy"] is True
+        node.slice("lb", {"http": 8080}, [{"pod": 1, "node": "other-node"}])  # none left on this node
+        wait_until(lambda: probe() == (503, 0), timeout=20, what="503, no local endpoint")

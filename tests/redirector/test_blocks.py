@@ -49,3 +49,23 @@ def test_script_holds_exactly_the_blocked_keys_and_removes_the_table_when_empty(
     assert "set reject4np { type inet_service; elements = { 30080 }; }" in script
     assert script.count("priority -120") == 2 and "reject with tcp reset" in script
     assert blocks_script("t", {}) == "add table inet t\ndelete table inet t\n"
+
+
+def test_health_check_node_port_only_for_labelled_local_load_balancers() -> None:
+    from controlplane.endpoints import project_slice
+    from redirector.healthcheck import answer
+
+    lb = svc(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32100)
+    sl = project_slice({"metadata": {"name": "s", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+                        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                        "endpoints": [{"addresses": ["10.244.0.10"], "nodeName": "n1"},
+                                      {"addresses": ["10.244.0.11"], "nodeName": "n2"}]})
+    assert sl is not None
+    assert translate_service(project_service(lb), [sl], NodeInfo("n1")).health == (32100, 1)
+    assert translate_service(project_service(lb), [sl], NodeInfo("n3")).health == (32100, 0)
+    cluster_policy = svc(type="LoadBalancer", healthCheckNodePort=32100)
+    assert translate_service(project_service(cluster_policy), [sl], NodeInfo("n1")).health is None
+    assert translate_service(project_service({**lb, "metadata": {"name": "web", "namespace": "shop"}}), [sl],
+                             NodeInfo("n1")).health is None  # unlabelled: kube-proxy answers it
+    assert answer("shop/web", 2)[0] == 200 and answer("shop/web", 0)[0] == 503
+    assert b'"localEndpoints": 0' in answer("shop/web", 0)[1]
