@@ -15,6 +15,8 @@ BENCHMARKS = (
     ("cli status", ["-m", "bench.cli_status_bench"]),
     ("end to end", ["-m", "bench.e2e_bench"]),
     ("control plane", ["-m", "bench.controlplane_bench"]),
+    ("redirect primitive", ["-m", "bench.redirect_primitive_bench"]),
+    ("l7 resilience", ["-m", "bench.l7_bench"]),
 )
 
 
