@@ -189,7 +189,15 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         if socket_path is not None:
             os.chmod(socket_path, 0o660)
             if owner is not None:
-                os.chown(socket_path, owner, -1)
+                try:
+                    os.chown(socket_path, owner, -1)
+                except PermissionError:
+                    # No CAP_CHOWN (the shipped DaemonSet grants only NET_ADMIN and NET_RAW): the socket keeps the
+                    # agent's group, which the DaemonSet makes the proxy's (runAsGroup), so Envoy can still connect.
+                    st = socket_path.stat()
+                    log.warning("cannot give the xDS socket to the proxy's uid (no CAP_CHOWN): it stays mode 0660 "
+                                "for gid %d; run the agent with the proxy's group", st.st_gid,
+                                extra={"socket": str(socket_path), "uid": st.st_uid, "gid": st.st_gid})
         self._server = server
         log.info("xDS server listening", extra={"socket": str(socket_path) if socket_path else None, "tcp": tcp_address})
         return self

@@ -215,3 +215,11 @@ def test_system_priority_pods_have_a_covering_quota_in_their_namespace(default_o
         assert quotas, f"{workload['metadata']['name']}: no ResourceQuota covers priority class {cls} in its namespace"
         hard = quotas[0]["spec"]["hard"]["pods"]
         assert int(hard.removesuffix("k")) * (1000 if hard.endswith("k") else 1) >= 2 * nodes
+
+
+def test_envoy_can_reach_the_xds_socket_the_agent_creates_without_cap_chown(default_objs: list[Obj]) -> None:
+    """The agent has no CAP_CHOWN, so the socket keeps the agent's group: that must be the proxy's group."""
+    agent = container(_redirector(default_objs))["securityContext"]
+    proxy = _proxy(default_objs)["spec"]["template"]["spec"]["securityContext"]
+    assert "CHOWN" not in agent["capabilities"]["add"]
+    assert agent["runAsGroup"] == proxy["runAsGroup"]
