@@ -98,8 +98,12 @@ class Watchdog:
                  accepting: Callable[[], bool], targets: Callable[[], Mapping[Key, tuple[Endpoint, ...]]],
                  period: float = 0.1, down_after: float = 0.3, up_after: float = 1.0, min_interval: float = 2.0,
                  on_switch: Callable[[bool], None] | None = None, write: Callable[[str], str | None] | None = None,
-                 ) -> None:
-        """``write`` runs an nft script and returns an error or None (default: libnftables here)."""
+                 revision: Callable[[], object] | None = None) -> None:
+        """``write`` runs an nft script and returns an error or None (default: libnftables here).
+        ``revision`` changes whenever the targets may have: while in fallback they are recomputed only then
+        (not every period: at 10,000 Services the script is large)."""
+        self.revision = revision
+        self._revision: object = None
         self.table = table
         self._run = write or self._libnftables
         self.connected, self.in_sync, self.accepting, self.targets = connected, in_sync, accepting, targets
@@ -134,8 +138,14 @@ class Watchdog:
         connected = self.connected()
         envoy_down = not self.active and not connected and not self.accepting()
         serving = self.active and connected and self.in_sync() and self.accepting()
-        self._down_since = (self._down_since or now) if envoy_down else None
-        self._up_since = (self._up_since or now) if serving else None
+        if not envoy_down:
+            self._down_since = None
+        elif self._down_since is None:
+            self._down_since = now
+        if not serving:
+            self._up_since = None
+        elif self._up_since is None:
+            self._up_since = now
         # Into the fallback as soon as Envoy is seen down (safety first); back to Envoy only after it served
         # for ``up_after`` and at most once per ``min_interval`` -- which also bounds the switches into it.
         may_return = now - self._last_switch >= self.min_interval
@@ -144,7 +154,8 @@ class Watchdog:
                 self._switch(True, now)
         elif self.active and self._up_since is not None and now - self._up_since >= self.up_after and may_return:
             self._switch(False, now)
-        elif self.active:
+        elif self.active and (self.revision is None or self.revision() != self._revision):
+            self._revision = self.revision() if self.revision is not None else None
             self._write(fallback_script(self.table, self.targets()))  # endpoints changed meanwhile
 
     def _switch(self, on: bool, now: float) -> None:

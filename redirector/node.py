@@ -186,7 +186,8 @@ def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: Ads
 
     return Watchdog(f"{settings.nft_table}-fallback", connected=lambda: server.newest() is not None,
                     in_sync=plane.in_sync, accepting=lambda: port_accepts(settings.proxy_port),
-                    targets=lambda: plane.endpoints_for(agent.applied_keys()), on_switch=switched)
+                    targets=lambda: plane.endpoints_for(agent.applied_keys()), on_switch=switched,
+                    revision=lambda: (plane.store.revision, agent.status.transactions))
 
 
 def _lease(settings: Settings, api: client.ApiClient, agent: Agent) -> LeaseReporter | None:

@@ -68,3 +68,26 @@ def test_the_script_is_empty_without_targets_and_masquerades_nodeports_and_hairp
     script = fallback_script("t", {Key(4, None, 30080): (("10.244.0.10", 8080),)})
     assert "30080 : goto k4-np-30080-np" in script and "meta mark set meta mark | 0x20000000" in script
     assert "priority -115" in script and "masquerade" in script
+
+
+def test_in_fallback_targets_are_recomputed_only_when_the_revision_moves() -> None:
+    envoy, written, calls, rev = Envoy(), [], [], [1]
+
+    def targets() -> dict[Key, tuple[tuple[str, int], ...]]:
+        calls.append(1)
+        return EPS
+
+    w = Watchdog("t", connected=lambda: envoy.connected, in_sync=lambda: envoy.in_sync,
+                 accepting=lambda: envoy.accepting, targets=targets, write=lambda s: written.append(s) or None,
+                 revision=lambda: rev[0])
+    envoy.connected = envoy.accepting = False
+    w.check(0.0)
+    w.check(0.4)
+    assert w.active
+    before = len(calls)
+    for t in (0.5, 0.6, 0.7):
+        w.check(t)
+    assert len(calls) == before + 1  # the first period records the revision; then nothing moved
+    rev[0] = 2
+    w.check(0.8)
+    assert len(calls) == before + 2
