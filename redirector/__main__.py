@@ -133,6 +133,10 @@ def run(settings: config.Settings) -> int:
     # Fewer, later collections: the agent holds ~100k small long-lived objects at 10,000 Services, and the
     # default thresholds would walk them all many times during a full sync.
     gc.set_threshold(50_000, 20, 20)
+    if settings.proc_sys is not None and (settings.xds_socket is not None or settings.xds_address is not None):
+        from redirector.sysctls import ensure
+
+        ensure(settings.proc_sys)  # a failure is logged with its consequence; the agent still runs
     try:
         backend = make_backend(settings)
         node = build(settings, backend, api_client(settings))

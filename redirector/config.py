@@ -69,6 +69,9 @@ class Settings:
     envoy_admin: str | None = f"127.0.0.1:{c.ENVOY_ADMIN_PORT}"
     # Kernel L4 fallback while Envoy is down (nftables backend with the control plane).
     fallback: str = "on"
+    # Where the node's sysctls are (redirector.sysctls): /proc/sys in the node's netns, or the DaemonSet's
+    # mount of the node's /proc/sys/net; None: the agent sets none.
+    proc_sys: Path | None = Path("/proc/sys")
 
     def __post_init__(self) -> None:
         if self.proxy_uid is None and self.proxy_mark is None:
@@ -212,6 +215,9 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "Envoy's admin address (loopback) for per-Service traffic figures in /debug/proxy; 'none': not read"),
     ("--fallback", "FALLBACK", "fallback", _choice(("on", "off")),
      "while the node's Envoy is down, load-balance migrated Services in the kernel (L4 only): on or off"),
+    ("--proc-sys", "PROC_SYS", "proc_sys", _optional(Path),
+     "the node's /proc/sys (a writable mount of it in a container): the agent sets net.ipv4.tcp_migrate_req=1 "
+     "so an Envoy rollout resets no queued connection; 'none': set nothing"),
     ("--log-level", "LOG_LEVEL", "log_level", _choice(LOG_LEVELS, upper=True), f"one of {', '.join(LOG_LEVELS)}"),
 )
 

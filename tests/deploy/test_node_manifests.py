@@ -223,3 +223,19 @@ def test_envoy_can_reach_the_xds_socket_the_agent_creates_without_cap_chown(defa
     proxy = _proxy(default_objs)["spec"]["template"]["spec"]["securityContext"]
     assert "CHOWN" not in agent["capabilities"]["add"]
     assert agent["runAsGroup"] == proxy["runAsGroup"]
+
+
+def test_the_agent_can_write_the_nodes_network_sysctls(default_objs: list[Obj]) -> None:
+    """tcp_migrate_req (redirector/sysctls.py) lives in the node's /proc/sys/net, read-only in a container
+    unless mounted: the mount and --proc-sys must agree."""
+    from redirector.sysctls import REQUIRED, path
+
+    ds = _redirector(default_objs)
+    pod, ctr = ds["spec"]["template"]["spec"], container(ds)
+    settings = _redirector_settings(default_objs)
+    assert settings.proc_sys is not None
+    volume = next(v for v in pod["volumes"] if v.get("hostPath", {}).get("path") == "/proc/sys/net")
+    mount = next(m for m in ctr["volumeMounts"] if m["name"] == volume["name"])
+    assert not mount.get("readOnly") and mount["mountPath"] == str(settings.proc_sys / "net")
+    for setting in REQUIRED:
+        assert str(path(settings.proc_sys, setting.name)).startswith(mount["mountPath"] + "/")

@@ -110,6 +110,8 @@ def test_envoy_rollout_refuses_no_connection(tmp_path: Path) -> None:
     with envoy_node(tmp_path, start_envoy=False) as node:
         old = daemonset_envoy(node, "envoy-old", ctr).start()
         migrated_services(node)
+        # Set by the agent (redirector/sysctls.py): the old Envoy's queued connections move to the new one.
+        assert node.topo.node.run(["sysctl", "-n", "net.ipv4.tcp_migrate_req"]).stdout.strip() == "1"
         wait_until(lambda: hook_ok(node, ctr, old, "ready"), timeout=20, what="old Envoy ready (manifest probe)")
         http, tcp = client_loops(node, tmp_path)
 
