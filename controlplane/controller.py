@@ -90,7 +90,10 @@ class ControlPlane:
         # Keys of labelled Services with no endpoint to send to -> "reject" | "drop" (kube-proxy's answer);
         # ``on_blocked`` hears the whole map after each change (redirector.blocks programs the kernel).
         self.blocked: dict[Key, str] = {}
-        self.on_blocked: Callable[[dict[Key, str]], None] | None = None
+        # With it, the labelled Services' ClusterIP keys (``ServiceResources.exposed``): their other ports
+        # are rejected in the kernel.
+        self.exposed: set[Key] = set()
+        self.on_blocked: Callable[[dict[Key, str], frozenset[Key]], None] | None = None
         # healthCheckNodePort -> (Service, local endpoints), for the node's health-check server.
         self.health: dict[int, tuple[str, int]] = {}
         self.on_health: Callable[[dict[int, tuple[str, int]]], None] | None = None
@@ -208,6 +211,10 @@ class ControlPlane:
                         self.blocked.pop(key, None)
                     self.blocked.update(new.blocked)
                     blocks_changed = True
+                if old.exposed != new.exposed:
+                    self.exposed.difference_update(old.exposed)
+                    self.exposed.update(new.exposed)
+                    blocks_changed = True
                 if new is NOTHING or (not new.clusters and not new.problems):
                     self._published.pop(sid, None)
                 else:
@@ -232,7 +239,7 @@ class ControlPlane:
         self.store.update(res.ENDPOINT, removes=load_removes)
         self.store.update(res.CLUSTER, removes=cluster_removes)
         if blocks_changed and self.on_blocked is not None:
-            self.on_blocked(dict(self.blocked))
+            self.on_blocked(dict(self.blocked), frozenset(self.exposed))
         if health_changed and self.on_health is not None:
             self.on_health(dict(self.health))
         self.metrics.sync_duration.observe(time.perf_counter() - started)

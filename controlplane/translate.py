@@ -146,6 +146,10 @@ class ServiceResources:
     # kube-proxy does with such traffic: "reject" (no endpoints at all), "drop" (a Local traffic policy and
     # no endpoint on this node). The kernel answers those itself (redirector.blocks), as kube-proxy would.
     blocked: tuple[tuple[Key, Block], ...] = ()
+    # The ClusterIP keys of a LABELLED Service (kube-proxy's ``cluster-ips`` set no longer holds its
+    # ClusterIPs): traffic to one of its ClusterIPs on any other port or protocol is rejected in the kernel
+    # as kube-proxy's cluster-ips-check does (redirector.blocks), never sent to the proxy or dropped.
+    exposed: tuple[Key, ...] = ()
     # kube-proxy's healthCheckNodePort (it stops serving it for labelled Services, so we answer it):
     # (port, endpoints of the Service ready on this node).
     health: tuple[int, int] | None = None
@@ -183,6 +187,7 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
     chains: list[tuple[Key, Chain]] = []
     routes: list[tuple[Key, l7.RouteOptions]] = []
     blocked: list[tuple[Key, Block]] = []
+    exposed: list[Key] = []
     selected: dict[tuple[str, Family, bool], tuple[eps.Endpoint, ...]] = {}
     for key, (kind, port_name) in zip(view.entries.keys, view.entries.claims, strict=True):
         if key.family == 6 and not node.ipv6:
@@ -201,6 +206,8 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
         chains.append((key, "tcp" if protocol == "tcp" else "http"))
         if protocol != "tcp" and port is not None and port.route is not None and port.route != l7.DEFAULT_ROUTE:
             routes.append((key, port.route))
+        if view.labelled and kind == "clusterIP":
+            exposed.append(key)
         if view.labelled and not selected[pick]:
             anywhere = local and bool(eps.select(slices, port_name, key.family, node=node.name, zone=node.zone))
             blocked.append((key, "drop" if anywhere else "reject"))
@@ -209,7 +216,7 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
         here = {ep.addresses[0] for s in slices for ep in s.endpoints if ep.node == node.name and ep.ready}
         health = (view.health_check_node_port, len(here))
     return ServiceResources(tuple(clusters), tuple(loads), tuple(chains), view.problems, tuple(routes),
-                            tuple(blocked), health)
+                            tuple(blocked), tuple(exposed), health)
 
 
 def _port_numbers(view: ServiceView) -> dict[str, int]:

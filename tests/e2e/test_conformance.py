@@ -4,6 +4,7 @@ real Envoy programmed by the agent's control plane (rows of docs/conformance.md)
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from redirector.model import Key
 from sandbox.node.traffic import http_request, wait_until
+from shared import constants as c
 from tests.e2e.envoynode import CLUSTER_IPS, NODE, NS, EnvoyNode, envoy_node
 
 pytestmark = pytest.mark.root
@@ -156,7 +158,8 @@ def test_no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoint
 
         wait_until(dropped, timeout=20, what="dropped like kube-proxy")
         blocks = node.topo.node.run(["nft", "list", "table", "inet", "lightpath-block"]).stdout
-        assert "10.96.0.50 . 80" in blocks and IP not in blocks, blocks
+        sets = dict(re.findall(r"set (\w+) \{([^}]*)\}", blocks))
+        assert "10.96.0.50 . 80" in sets["drop4"] and IP not in sets["reject4"] + sets["drop4"], blocks
 
 
 def test_health_check_node_port_is_answered_like_kube_proxy(tmp_path: Path) -> None:
@@ -177,3 +180,57 @@ def test_health_check_node_port_is_answered_like_kube_proxy(tmp_path: Path) -> N
         assert body["service"] == {"namespace": NS, "name": "lb"} and body["serviceProxyHealthy"] is True
         node.slice("lb", {"http": 8080}, [{"pod": 1, "node": "other-node"}])  # none left on this node
         wait_until(lambda: probe() == (503, 0), timeout=20, what="503, no local endpoint")
+
+
+def test_an_unexposed_port_of_a_migrated_cluster_ip_is_refused(tmp_path: Path) -> None:
+    """kube-proxy's cluster-ips-check: a ClusterIP on a port (or protocol) its Service does not expose is
+    rejected, not dropped and never sent to the proxy; from a pod and from the node, both families. The
+    exposed port keeps working, and an unlabelled Service's ClusterIP is left to kube-proxy."""
+    import socket
+
+    from sandbox.node.netns import run_in_netns
+    from sandbox.node.traffic import TrafficError, tcp_request
+
+    def outcome(source: Any, ip: str, port: int) -> str:
+        try:
+            tcp_request(source, ip, port, timeout=2)
+        except TrafficError as exc:
+            return "refused" if "ConnectionRefused" in str(exc) else f"other: {exc}"
+        return "connected"
+
+    def udp_refused(ip: str) -> bool:  # a connected UDP socket reports ICMP port unreachable on recv
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(2)
+            sock.connect((ip, 80))
+            sock.send(b"x")
+            try:
+                sock.recv(1)
+            except ConnectionRefusedError:
+                return True
+            except TimeoutError:
+                return False
+            return False
+
+    with envoy_node(tmp_path) as node:
+        start(node, pods=1)
+        node.serve(0, "http", 6, port=8080)
+        node.service("web", HTTP, ips=CLUSTER_IPS)
+        node.slice("web", {"http": 8080}, [{"pod": 0}])
+        node.slice("web", {"http": 8080}, [{"pod": 0}], family=6)
+        node.service("theirs", HTTP, ips=("10.96.0.70",), labelled=False)
+        want = {Key(4, CLUSTER_IPS[0], 80), Key(6, CLUSTER_IPS[1], 80)}
+        wait_until(lambda: want <= node.kernel_keys(), timeout=20, what="both redirects")
+        settled(node, {"pod0"})
+        pod, host = node.topo.pods[1], node.topo.node
+        for ip in CLUSTER_IPS:
+            wait_until(lambda ip=ip: outcome(pod, ip, 81) == "refused", timeout=20, what=f"{ip}:81 refused")
+            assert outcome(host, ip, 81) == "refused"
+            assert run_in_netns(pod.name, udp_refused, ip), f"UDP to {ip} not refused"
+        assert http_request(pod, CLUSTER_IPS[1], 80, "/")["status"] == 200
+        # Not ours: the ClusterIP check leaves it to kube-proxy (not in the sandbox here: the SYN dies).
+        blocks = host.run(["nft", "list", "table", "inet", "lightpath-block"]).stdout
+        assert "10.96.0.70" not in blocks and f"{CLUSTER_IPS[0]} . tcp . 80" in blocks, blocks
+        assert outcome(pod, "10.96.0.70", 81).startswith("other: ")
+        # The Service goes back to kube-proxy: the check goes with it.
+        node.core.patch_namespaced_service("web", NS, {"metadata": {"labels": {c.SERVICE_PROXY_NAME_LABEL: None}}})
+        wait_until(lambda: outcome(pod, CLUSTER_IPS[0], 81) != "refused", timeout=20, what="check removed")

@@ -51,6 +51,33 @@ def test_script_holds_exactly_the_blocked_keys_and_removes_the_table_when_empty(
     assert blocks_script("t", {}) == "add table inet t\ndelete table inet t\n"
 
 
+def test_labelled_services_expose_only_their_cluster_ip_ports() -> None:
+    """The ClusterIP check (row 12) covers the ClusterIPs of labelled Services only, with their exposed TCP
+    ports; externalIPs, NodePorts and LB IPs are not ClusterIPs (kube-proxy does not check them either)."""
+    def exposed(service: dict[str, Any]) -> set[Key]:
+        res = translate_service(project_service(service), [], NodeInfo("n1", ipv6=True))
+        return set(res.exposed)
+
+    two = svc(type="NodePort", externalIPs=["192.0.2.7"], clusterIPs=["10.96.0.10", "fd00::10"],
+              ports=[{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+                     {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}])
+    assert exposed(two) == {Key(4, "10.96.0.10", 80), Key(4, "10.96.0.10", 443), Key(6, "fd00::10", 80),
+                            Key(6, "fd00::10", 443)}
+    assert exposed(svc(labelled=False)) == set()
+
+
+def test_script_rejects_unexposed_ports_of_cluster_ips_after_every_dnat() -> None:
+    script = blocks_script("t", {}, {Key(4, "10.96.0.10", 80), Key(4, "10.96.0.10", 443), Key(6, "fd00::10", 80)})
+    assert "set clusterips4 { type ipv4_addr; elements = { 10.96.0.10 }; }" in script
+    assert ("set exposed4 { type ipv4_addr . inet_proto . inet_service; "
+            "elements = { 10.96.0.10 . tcp . 443, 10.96.0.10 . tcp . 80 }; }") in script
+    assert "elements = { fd00::10 . tcp . 80 }" in script
+    rule = "ct state new ip daddr @clusterips4 ip daddr . meta l4proto . th dport != @exposed4 reject\n"
+    # forward before kube-proxy's drop (-110); output after both output DNATs (ours -110, kube-proxy's -100)
+    assert "type filter hook forward priority -115;" in script and "type filter hook output priority -95;" in script
+    assert script.count(rule) == 2
+
+
 def test_health_check_node_port_only_for_labelled_local_load_balancers() -> None:
     from controlplane.endpoints import project_slice
     from redirector.healthcheck import answer
