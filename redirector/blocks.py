@@ -21,6 +21,7 @@ exempt: their traffic is dropped by kube-proxy and retried by the client, not re
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Collection, Mapping
@@ -34,41 +35,63 @@ CHECK_FORWARD_PRIORITY = -115  # before kube-proxy's filter-forward (-110), whic
 CHECK_OUTPUT_PRIORITY = -95  # after every output DNAT (ours -110, kube-proxy's -100)
 
 
-def _elements(keys: list[Key]) -> str:
-    items = sorted(f"{k.ip} . {k.port}" if k.ip is not None else str(k.port) for k in keys)
-    return f" elements = {{ {', '.join(items)} }};" if items else ""
+Sets = dict[str, frozenset[str]]  # set name -> its elements as nft prints them
+_FAMILIES = ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr"))
+_VERDICTS = (("reject", "reject with tcp reset"), ("drop", "drop"))
 
 
-def _exposed(keys: list[Key], family: int) -> str:
-    items = sorted(f"{k.ip} . tcp . {k.port}" for k in keys if k.family == family and k.ip is not None)
-    return f" elements = {{ {', '.join(items)} }};" if items else ""
+def _types() -> dict[str, str]:
+    """Every set of the table and its nft type, in script order."""
+    types: dict[str, str] = {}
+    for verdict, _ in _VERDICTS:
+        for family, _ipf, addr in _FAMILIES:
+            types[f"{verdict}{family}"] = f"{addr} . inet_service"
+            types[f"{verdict}{family}np"] = "inet_service"
+    for family, _ipf, addr in _FAMILIES:
+        types[f"clusterips{family}"] = addr
+        types[f"exposed{family}"] = f"{addr} . inet_proto . inet_service"
+    return types
 
 
-def blocks_script(table: str, blocked: Mapping[Key, str], exposed: Collection[Key] = ()) -> str:
-    """The nft script that makes the kernel hold exactly ``blocked`` and the ClusterIP check of ``exposed``
-    (pure). Deletes the table when both are empty."""
+TYPES = _types()
+
+
+def desired_sets(blocked: Mapping[Key, str], exposed: Collection[Key] = ()) -> Sets:
+    """What each set must hold for ``blocked`` and the ClusterIP check of ``exposed`` (pure)."""
+    out: dict[str, set[str]] = {name: set() for name in TYPES}
+    for key, verdict in blocked.items():
+        if key.ip is None:
+            out[f"{verdict}{key.family}np"].add(str(key.port))
+        else:
+            out[f"{verdict}{key.family}"].add(f"{key.ip} . {key.port}")
+    for key in exposed:
+        if key.ip is not None:
+            out[f"clusterips{key.family}"].add(str(key.ip))
+            out[f"exposed{key.family}"].add(f"{key.ip} . tcp . {key.port}")
+    return {name: frozenset(items) for name, items in out.items()}
+
+
+def _listed(items: Collection[str]) -> str:
+    return ", ".join(sorted(items))
+
+
+def full_script(table: str, sets: Sets) -> str:
+    """The whole table for ``sets`` in one transaction that first deletes whatever is there; only the
+    deletion when every set is empty (the table is absent whenever nothing needs an answer)."""
     head = f"add table inet {table}\ndelete table inet {table}\n"
-    if not blocked and not exposed:
+    if not any(sets.values()):
         return head
-    sets: list[str] = []
+    lines = [f"\tset {name} {{ type {kind};" + (f" elements = {{ {_listed(sets[name])} }};" if sets.get(name) else "")
+             + " }" for name, kind in TYPES.items()]
     rules: list[str] = []
     checks: list[str] = []
-    for verdict, action in (("reject", "reject with tcp reset"), ("drop", "drop")):
-        for family, ipf, addr in ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr")):
-            keys = [k for k, v in blocked.items() if v == verdict and k.family == family and k.ip is not None]
-            ports = [k for k, v in blocked.items() if v == verdict and k.family == family and k.ip is None]
+    for verdict, action in _VERDICTS:
+        for family, ipf, _addr in _FAMILIES:
             name = f"{verdict}{family}"
-            sets.append(f"\tset {name} {{ type {addr} . inet_service;{_elements(keys)} }}")
-            sets.append(f"\tset {name}np {{ type inet_service;{_elements(ports)} }}")
             rules.append(f"ct state new {ipf} daddr . tcp dport @{name} {action}")
             nfproto = "ipv4" if family == 4 else "ipv6"
             rules.append(f"ct state new fib daddr type local meta nfproto {nfproto} tcp dport @{name}np {action}")
-    exposed = list(exposed)
-    for family, ipf, addr in ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr")):
-        ips = sorted({str(k.ip) for k in exposed if k.family == family and k.ip is not None})
-        items = f" elements = {{ {', '.join(ips)} }};" if ips else ""
-        sets.append(f"\tset clusterips{family} {{ type {addr};{items} }}")
-        sets.append(f"\tset exposed{family} {{ type {addr} . inet_proto . inet_service;{_exposed(exposed, family)} }}")
+    for family, ipf, _addr in _FAMILIES:
         checks.append(f"ct state new {ipf} daddr @clusterips{family} {ipf} daddr . meta l4proto . th dport "
                       f"!= @exposed{family} reject")
     chains = [f"\tchain {hook} {{\n\t\ttype filter hook {hook} priority {PRIORITY}; policy accept;\n"
@@ -77,38 +100,134 @@ def blocks_script(table: str, blocked: Mapping[Key, str], exposed: Collection[Ke
                + "".join(f"\t\t{r}\n" for r in checks) + "\t}"
                for name, hook, prio in (("forward-check", "forward", CHECK_FORWARD_PRIORITY),
                                         ("output-check", "output", CHECK_OUTPUT_PRIORITY))]
-    return head + f"table inet {table} {{\n" + "\n".join(sets + chains) + "\n}\n"
+    return head + f"table inet {table} {{\n" + "\n".join(lines + chains) + "\n}\n"
+
+
+Changes = dict[str, tuple[set[Any], set[Any]]]  # set name -> (elements to delete, elements to add), JSON form
+IpCounts = dict[tuple[int, str], int]  # (family, ClusterIP) -> how many exposed keys it has
+
+
+def ip_counts(exposed: Collection[Key]) -> IpCounts:
+    counts: IpCounts = {}
+    for key in exposed:
+        if key.ip is not None:
+            counts[(key.family, key.ip)] = counts.get((key.family, key.ip), 0) + 1
+    return counts
+
+
+def changes(old: tuple[Mapping[Key, str], Collection[Key]], new: tuple[Mapping[Key, str], Collection[Key]],
+            counts: IpCounts) -> tuple[Changes, IpCounts]:
+    """The element changes from ``old`` to ``new`` (each ``(blocked, exposed)``; ``counts`` is
+    ``ip_counts`` of old's exposed), and new's counts. Only the changed keys are visited: a Service's change
+    costs what it changes, not 20,000 elements formatted and compared (pure). Elements in libnftables' JSON
+    form (hashable: tuples stand for concatenations)."""
+    out: Changes = {}
+
+    def put(name: str, element: Any, add: bool) -> None:
+        out.setdefault(name, (set(), set()))[1 if add else 0].add(element)
+
+    old_blocked, new_blocked = dict(old[0]), dict(new[0])
+    for add, items in ((False, old_blocked.items() - new_blocked.items()), (True, new_blocked.items() - old_blocked.items())):
+        for key, verdict in items:
+            if key.ip is None:
+                put(f"{verdict}{key.family}np", key.port, add)
+            else:
+                put(f"{verdict}{key.family}", (str(key.ip), key.port), add)
+    was, now = frozenset(old[1]), frozenset(new[1])
+    counts = dict(counts)
+    for add, keys in ((False, was - now), (True, now - was)):
+        for key in keys:
+            if key.ip is None:
+                continue
+            put(f"exposed{key.family}", (key.ip, "tcp", key.port), add)
+            ip = (key.family, key.ip)
+            before = counts.get(ip, 0)
+            counts[ip] = before + (1 if add else -1)
+            if counts[ip] <= 0:
+                del counts[ip]
+                put(f"clusterips{key.family}", key.ip, False)
+            elif add and before == 0:
+                put(f"clusterips{key.family}", key.ip, True)
+    # An IP whose last port went and whose new port came in the same change is in both: it stays.
+    for name, (deleted, added) in out.items():
+        if name.startswith("clusterips"):
+            both = deleted & added
+            deleted -= both
+            added -= both
+    return {name: (d, a) for name, (d, a) in out.items() if d or a}, counts
+
+
+def changes_json(table: str, delta: Changes) -> dict[str, Any]:
+    """``delta`` as one libnftables JSON transaction: deletions first, so a key that moves from one verdict
+    to another never holds both."""
+    def elem(item: Any) -> Any:
+        return {"concat": list(item)} if isinstance(item, tuple) else item
+
+    def ref(name: str, items: set[Any]) -> dict[str, Any]:
+        return {"element": {"family": "inet", "table": table, "name": name, "elem": [elem(i) for i in sorted(items, key=str)]}}
+
+    commands = [{"delete": ref(name, d)} for name, (d, _a) in delta.items() if d]
+    commands += [{"add": ref(name, a)} for name, (_d, a) in delta.items() if a]
+    return {"nftables": commands}
+
+
+def blocks_script(table: str, blocked: Mapping[Key, str], exposed: Collection[Key] = ()) -> str:
+    """The nft script that makes the kernel hold exactly ``blocked`` and the ClusterIP check of ``exposed``
+    from any state (pure). Deletes the table when both are empty."""
+    return full_script(table, desired_sets(blocked, exposed))
 
 
 class KernelBlocks:
-    """Writes ``blocks_script`` with libnftables in the agent's network namespace, only when it changes."""
+    """Writes the table with libnftables in the agent's network namespace when it changes: element changes
+    while the table is there, the whole table (atomically) when it is not, when its state is unknown (first
+    apply after a start: a previous agent's table stays until then) or when a change failed (e.g. someone
+    deleted the table)."""
 
     def __init__(self, table: str) -> None:
         import nftables  # type: ignore[import-untyped,unused-ignore]  # Debian python3-nftables
 
         self.table = table
-        self._nft: Any = nftables.Nftables()
+        self._nft: Any = nftables.Nftables()  # whole-table writes (text)
+        # Element changes (JSON input), on a context of their own: a whole-table write leaves its 20,000
+        # elements in its context's cache, which the next command there throws away first (~30 ms).
+        self._json: Any = nftables.Nftables()
+        self._json.set_json_output(True)  # libnftables 1.0 parses its input as JSON when this is on
         self._lock = threading.Lock()
         self.applied: dict[Key, str] = {}
         self.exposed: frozenset[Key] = frozenset()
+        self._counts: IpCounts = {}
+        self.present: bool | None = None  # is the table in the kernel as we last wrote it? None: unknown
         self.errors = 0
+        self.rewrites = 0  # whole-table writes (the rest are element changes)
 
     def apply(self, blocked: Mapping[Key, str], exposed: Collection[Key] = frozenset()) -> None:
         with self._lock:
-            if dict(blocked) == self.applied and frozenset(exposed) == self.exposed:
+            blocked, exposed = dict(blocked), frozenset(exposed)
+            wanted = bool(blocked or exposed)
+            if self.present is not None and (blocked, exposed) == (self.applied, self.exposed):
                 return
-            rc, _out, err = self._nft.cmd(blocks_script(self.table, blocked, exposed))
+            rc, err = 1, ""
+            counts: IpCounts | None = None
+            if self.present and wanted:
+                delta, counts = changes((self.applied, self.exposed), (blocked, exposed), self._counts)
+                rc, _out, err = self._json.cmd(json.dumps(changes_json(self.table, delta))) if delta else (0, "", "")
+            if rc != 0:
+                self.rewrites += 1
+                rc, _out, err = self._nft.cmd(full_script(self.table, desired_sets(blocked, exposed)))
             if rc != 0:
                 self.errors += 1
+                self.present = None
                 log.error("could not program the kernel's answers for Services without endpoints",
                           extra={"table": self.table, "error": str(err)[:500]})
                 return
-            changed = dict(blocked) != self.applied
-            self.applied, self.exposed = dict(blocked), frozenset(exposed)
+            changed = blocked != self.applied
+            self.applied, self.exposed, self.present = blocked, exposed, wanted
+            self._counts = counts if counts is not None else ip_counts(exposed)
             if changed:
                 log.info("kernel answers for Services without endpoints", extra={
                     "reject": sum(v == "reject" for v in blocked.values()),
                     "drop": sum(v == "drop" for v in blocked.values())})
 
     def cleanup(self) -> None:
+        self.present = None
         self.apply({})

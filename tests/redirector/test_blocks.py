@@ -3,7 +3,10 @@ nft script (pure); tests/e2e/test_conformance.py proves the packets."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+import pytest
 
 from controlplane.translate import NodeInfo, project_service, translate_service
 from redirector.blocks import blocks_script
@@ -76,6 +79,61 @@ def test_script_rejects_unexposed_ports_of_cluster_ips_after_every_dnat() -> Non
     # forward before kube-proxy's drop (-110); output after both output DNATs (ours -110, kube-proxy's -100)
     assert "type filter hook forward priority -115;" in script and "type filter hook output priority -95;" in script
     assert script.count(rule) == 2
+
+
+def test_a_change_is_a_diff_of_elements_not_a_rewrite() -> None:
+    from redirector.blocks import changes, changes_json, ip_counts
+
+    a, a443, b = Key(4, "10.96.0.10", 80), Key(4, "10.96.0.10", 443), Key(4, "10.96.0.11", 80)
+    delta, counts = changes(({a: "reject"}, {a, a443}), ({a: "drop"}, {a, b}), ip_counts({a, a443}))
+    assert counts == ip_counts({a, b}) == {(4, "10.96.0.10"): 1, (4, "10.96.0.11"): 1}
+    assert delta == {"reject4": ({("10.96.0.10", 80)}, set()), "drop4": (set(), {("10.96.0.10", 80)}),
+                     "exposed4": ({("10.96.0.10", "tcp", 443)}, {("10.96.0.11", "tcp", 80)}),
+                     "clusterips4": (set(), {"10.96.0.11"})}  # 10.96.0.10 keeps port 80: stays
+    assert changes(({}, {a}), ({}, {a}), ip_counts({a}))[0] == {}
+    assert changes(({}, {a, a443}), ({}, set()), ip_counts({a, a443}))[0]["clusterips4"] == ({"10.96.0.10"}, set())
+    moved, _ = changes(({}, {a}), ({}, {a443}), ip_counts({a}))  # the IP's only port renumbered: it stays
+    assert "clusterips4" not in moved and moved["exposed4"] == ({("10.96.0.10", "tcp", 80)}, {("10.96.0.10", "tcp", 443)})
+    commands = changes_json("t", delta)["nftables"]
+    # deletions first: a key moving from reject to drop never holds both verdicts
+    assert [next(iter(c)) for c in commands] == ["delete", "delete", "add", "add", "add"]
+    assert {"add": {"element": {"family": "inet", "table": "t", "name": "exposed4",
+                                "elem": [{"concat": ["10.96.0.11", "tcp", 80]}]}}} in commands
+
+
+@pytest.mark.root
+def test_kernel_blocks_apply_changes_in_place_and_rebuild_a_deleted_table() -> None:
+    """The real kernel: element changes while the table is there, a rebuild once someone deleted it, the
+    table gone when nothing needs an answer."""
+    from sandbox.node.netns import NetNS, nft, run_in_netns
+
+    def scenario() -> list[str]:
+        from redirector.blocks import KernelBlocks
+
+        blocks = KernelBlocks("lp-block")
+        shots = []
+        a, b = Key(4, "10.96.0.10", 80), Key(6, "fd00::b", 443)
+        blocks.apply({a: "reject"}, {a})
+        shots.append(blocks._nft.cmd("list table inet lp-block")[1])
+        blocks.apply({}, {a, b})  # in place: element changes in JSON
+        assert blocks.rewrites == 1
+        shots.append(blocks._nft.cmd("list table inet lp-block")[1])
+        blocks._nft.cmd("delete table inet lp-block")
+        blocks.apply({b: "drop"}, {a, b})  # the element change fails: rebuilt
+        assert blocks.rewrites == 2
+        shots.append(blocks._nft.cmd("list table inet lp-block")[1])
+        blocks.apply({}, set())
+        shots.append(blocks._nft.cmd("list tables")[1])
+        return [*shots, str(blocks.errors)]
+
+    with NetNS("lpblocks") as ns:
+        first, second, rebuilt, gone, errors = run_in_netns(ns.name, scenario)
+        assert nft(ns.name, "list tables").strip() == ""
+    sets = lambda text: dict(re.findall(r"set (\w+) \{([^}]*)\}", text))  # noqa: E731
+    assert "10.96.0.10 . 80" in sets(first)["reject4"] and "10.96.0.10" in sets(first)["clusterips4"]
+    assert "elements" not in sets(second)["reject4"] and "fd00::b . tcp . 443" in sets(second)["exposed6"]
+    assert "fd00::b . 443" in sets(rebuilt)["drop6"] and "10.96.0.10 . tcp . 80" in sets(rebuilt)["exposed4"]
+    assert "lp-block" not in gone and errors == "0"
 
 
 def test_health_check_node_port_only_for_labelled_local_load_balancers() -> None:
