@@ -93,7 +93,9 @@ class ControlPlane:
         # With it, the labelled Services' ClusterIP keys (``ServiceResources.exposed``): their other ports
         # are rejected in the kernel.
         self.exposed: set[Key] = set()
-        self.on_blocked: Callable[[dict[Key, str], frozenset[Key]], None] | None = None
+        # and the labelled load balancers' source ranges (``ServiceResources.firewall``).
+        self.firewall: dict[Key, tuple[str, ...]] = {}
+        self.on_blocked: Callable[[dict[Key, str], frozenset[Key], dict[Key, tuple[str, ...]]], None] | None = None
         # healthCheckNodePort -> (Service, local endpoints), for the node's health-check server.
         self.health: dict[int, tuple[str, int]] = {}
         self.on_health: Callable[[dict[int, tuple[str, int]]], None] | None = None
@@ -215,6 +217,11 @@ class ControlPlane:
                     self.exposed.difference_update(old.exposed)
                     self.exposed.update(new.exposed)
                     blocks_changed = True
+                if old.firewall != new.firewall:
+                    for key, _ in old.firewall:
+                        self.firewall.pop(key, None)
+                    self.firewall.update(new.firewall)
+                    blocks_changed = True
                 if new is NOTHING or (not new.clusters and not new.problems):
                     self._published.pop(sid, None)
                 else:
@@ -239,7 +246,7 @@ class ControlPlane:
         self.store.update(res.ENDPOINT, removes=load_removes)
         self.store.update(res.CLUSTER, removes=cluster_removes)
         if blocks_changed and self.on_blocked is not None:
-            self.on_blocked(dict(self.blocked), frozenset(self.exposed))
+            self.on_blocked(dict(self.blocked), frozenset(self.exposed), dict(self.firewall))
         if health_changed and self.on_health is not None:
             self.on_health(dict(self.health))
         self.metrics.sync_duration.observe(time.perf_counter() - started)

@@ -19,6 +19,7 @@ externalTrafficPolicy, as kube-proxy does.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -64,6 +65,9 @@ class ServiceView:
     problems: tuple[str, ...] = ()
     options: l7.Parsed = l7.Parsed()  # per-port L7 options from config.lightpath.cloud/ annotations
     health_check_node_port: int | None = None  # LoadBalancer + externalTrafficPolicy Local: answered per node
+    # loadBalancerSourceRanges, canonical networks (kube-proxy trims and parses them sloppily: host bits
+    # allowed, invalid entries skipped)
+    source_ranges: tuple[str, ...] = ()
 
 
 def project_service(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROXY_NAME) -> ServiceView:
@@ -106,11 +110,29 @@ def project_service(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROX
     problems.extend(options.problems)
     if affinity == "ClientIP" and any(o.cluster.lb_policy not in ("LEAST_REQUEST", "RING_HASH") for _, o in options.ports):
         problems.append("lb-policy is ignored: sessionAffinity ClientIP needs a ring hash")
+    ranges = _source_ranges(spec.get("loadBalancerSourceRanges"), problems)
     hc = spec.get("healthCheckNodePort")
     hc_port = hc if (labelled and spec.get("type") == "LoadBalancer" and etp == "Local" and type(hc) is int
                      and 0 < hc < 65536) else None
     return ServiceView(sid, namespace, name, True, labelled, entries, tuple(protocols), itp == "Local", etp == "Local",
-                       affinity == "ClientIP", tuple(problems), options, hc_port)
+                       affinity == "ClientIP", tuple(problems), options, hc_port, ranges)
+
+
+def _source_ranges(value: Any, problems: list[str]) -> tuple[str, ...]:
+    """loadBalancerSourceRanges as kube-proxy reads them: each trimmed and parsed (host bits allowed); an
+    invalid one is skipped with a problem, the others still apply."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append("loadBalancerSourceRanges is not a list: ignored")
+        return ()
+    out: list[str] = []
+    for item in value:
+        try:
+            out.append(ipaddress.ip_network(str(item).strip() if isinstance(item, str) else "", strict=False).compressed)
+        except ValueError:
+            problems.append(f"loadBalancerSourceRanges entry {str(item)[:64]!r} is not a CIDR: skipped")
+    return tuple(dict.fromkeys(out))
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +172,10 @@ class ServiceResources:
     # ClusterIPs): traffic to one of its ClusterIPs on any other port or protocol is rejected in the kernel
     # as kube-proxy's cluster-ips-check does (redirector.blocks), never sent to the proxy or dropped.
     exposed: tuple[Key, ...] = ()
+    # loadBalancerSourceRanges per load-balancer key of a LABELLED Service (only ranges of the key's
+    # family; none of its family: no filter, as kube-proxy): new connections from elsewhere are dropped in
+    # the kernel before the redirect (redirector.blocks), as kube-proxy's firewall-check does.
+    firewall: tuple[tuple[Key, tuple[str, ...]], ...] = ()
     # kube-proxy's healthCheckNodePort (it stops serving it for labelled Services, so we answer it):
     # (port, endpoints of the Service ready on this node).
     health: tuple[int, int] | None = None
@@ -188,6 +214,7 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
     routes: list[tuple[Key, l7.RouteOptions]] = []
     blocked: list[tuple[Key, Block]] = []
     exposed: list[Key] = []
+    firewall: list[tuple[Key, tuple[str, ...]]] = []
     selected: dict[tuple[str, Family, bool], tuple[eps.Endpoint, ...]] = {}
     for key, (kind, port_name) in zip(view.entries.keys, view.entries.claims, strict=True):
         if key.family == 6 and not node.ipv6:
@@ -208,6 +235,10 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
             routes.append((key, port.route))
         if view.labelled and kind == "clusterIP":
             exposed.append(key)
+        if view.labelled and kind == "loadBalancer" and view.source_ranges:
+            ranges = tuple(r for r in view.source_ranges if (":" in r) == (key.family == 6))
+            if ranges:
+                firewall.append((key, ranges))
         if view.labelled and not selected[pick]:
             anywhere = local and bool(eps.select(slices, port_name, key.family, node=node.name, zone=node.zone))
             blocked.append((key, "drop" if anywhere else "reject"))
@@ -216,7 +247,7 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
         here = {ep.addresses[0] for s in slices for ep in s.endpoints if ep.node == node.name and ep.ready}
         health = (view.health_check_node_port, len(here))
     return ServiceResources(tuple(clusters), tuple(loads), tuple(chains), view.problems, tuple(routes),
-                            tuple(blocked), tuple(exposed), health)
+                            tuple(blocked), tuple(exposed), tuple(firewall), health)
 
 
 def _port_numbers(view: ServiceView) -> dict[str, int]:

@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from redirector.model import Key
 
@@ -50,24 +50,42 @@ def _types() -> dict[str, str]:
     for family, _ipf, addr in _FAMILIES:
         types[f"clusterips{family}"] = addr
         types[f"exposed{family}"] = f"{addr} . inet_proto . inet_service"
+        types[f"firewall{family}"] = f"{addr} . inet_service"
+        types[f"allowed{family}"] = f"{addr} . inet_service . {addr}; flags interval"
     return types
 
 
 TYPES = _types()
 
 
-def desired_sets(blocked: Mapping[Key, str], exposed: Collection[Key] = ()) -> Sets:
-    """What each set must hold for ``blocked`` and the ClusterIP check of ``exposed`` (pure)."""
+class Answers(NamedTuple):
+    """Everything the table answers for: keys without endpoints (verdict), the labelled Services' ClusterIP
+    keys (the rest of their ClusterIPs is rejected) and the load balancers' source ranges."""
+
+    blocked: Mapping[Key, str] = {}
+    exposed: frozenset[Key] = frozenset()
+    firewall: Mapping[Key, tuple[str, ...]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.blocked or self.exposed or self.firewall)
+
+
+def desired_sets(answers: Answers) -> Sets:
+    """What each set must hold for ``answers`` (pure)."""
     out: dict[str, set[str]] = {name: set() for name in TYPES}
-    for key, verdict in blocked.items():
+    for key, verdict in answers.blocked.items():
         if key.ip is None:
             out[f"{verdict}{key.family}np"].add(str(key.port))
         else:
             out[f"{verdict}{key.family}"].add(f"{key.ip} . {key.port}")
-    for key in exposed:
+    for key in answers.exposed:
         if key.ip is not None:
             out[f"clusterips{key.family}"].add(str(key.ip))
             out[f"exposed{key.family}"].add(f"{key.ip} . tcp . {key.port}")
+    for key, ranges in answers.firewall.items():
+        if key.ip is not None:
+            out[f"firewall{key.family}"].add(f"{key.ip} . {key.port}")
+            out[f"allowed{key.family}"].update(f"{key.ip} . {key.port} . {cidr}" for cidr in ranges)
     return {name: frozenset(items) for name, items in out.items()}
 
 
@@ -85,6 +103,9 @@ def full_script(table: str, sets: Sets) -> str:
              + " }" for name, kind in TYPES.items()]
     rules: list[str] = []
     checks: list[str] = []
+    for family, ipf, _addr in _FAMILIES:  # loadBalancerSourceRanges first, as kube-proxy's pre-DNAT check
+        rules.append(f"ct state new {ipf} daddr . tcp dport @firewall{family} "
+                     f"{ipf} daddr . tcp dport . {ipf} saddr != @allowed{family} drop")
     for verdict, action in _VERDICTS:
         for family, ipf, _addr in _FAMILIES:
             name = f"{verdict}{family}"
@@ -115,25 +136,24 @@ def ip_counts(exposed: Collection[Key]) -> IpCounts:
     return counts
 
 
-def changes(old: tuple[Mapping[Key, str], Collection[Key]], new: tuple[Mapping[Key, str], Collection[Key]],
-            counts: IpCounts) -> tuple[Changes, IpCounts]:
-    """The element changes from ``old`` to ``new`` (each ``(blocked, exposed)``; ``counts`` is
-    ``ip_counts`` of old's exposed), and new's counts. Only the changed keys are visited: a Service's change
-    costs what it changes, not 20,000 elements formatted and compared (pure). Elements in libnftables' JSON
-    form (hashable: tuples stand for concatenations)."""
+def changes(old: Answers, new: Answers, counts: IpCounts) -> tuple[Changes, IpCounts]:
+    """The element changes from ``old`` to ``new`` (``counts`` is ``ip_counts(old.exposed)``), and new's
+    counts. Only the changed keys are visited: a Service's change costs what it changes, not 20,000 elements
+    formatted and compared (pure). Elements in libnftables' JSON form (hashable: tuples stand for
+    concatenations, ``("prefix", net, len)`` for a CIDR)."""
     out: Changes = {}
 
     def put(name: str, element: Any, add: bool) -> None:
         out.setdefault(name, (set(), set()))[1 if add else 0].add(element)
 
-    old_blocked, new_blocked = dict(old[0]), dict(new[0])
+    old_blocked, new_blocked = dict(old.blocked), dict(new.blocked)
     for add, items in ((False, old_blocked.items() - new_blocked.items()), (True, new_blocked.items() - old_blocked.items())):
         for key, verdict in items:
             if key.ip is None:
                 put(f"{verdict}{key.family}np", key.port, add)
             else:
                 put(f"{verdict}{key.family}", (str(key.ip), key.port), add)
-    was, now = frozenset(old[1]), frozenset(new[1])
+    was, now = old.exposed, new.exposed
     counts = dict(counts)
     for add, keys in ((False, was - now), (True, now - was)):
         for key in keys:
@@ -148,12 +168,21 @@ def changes(old: tuple[Mapping[Key, str], Collection[Key]], new: tuple[Mapping[K
                 put(f"clusterips{key.family}", key.ip, False)
             elif add and before == 0:
                 put(f"clusterips{key.family}", key.ip, True)
-    # An IP whose last port went and whose new port came in the same change is in both: it stays.
-    for name, (deleted, added) in out.items():
-        if name.startswith("clusterips"):
-            both = deleted & added
-            deleted -= both
-            added -= both
+    old_fw, new_fw = dict(old.firewall), dict(new.firewall)
+    for add, fw_items in ((False, old_fw.items() - new_fw.items()), (True, new_fw.items() - old_fw.items())):
+        for key, ranges in fw_items:
+            if key.ip is None:
+                continue
+            put(f"firewall{key.family}", (key.ip, key.port), add)
+            for cidr in ranges:
+                net, _, length = cidr.partition("/")
+                put(f"allowed{key.family}", (key.ip, key.port, ("prefix", net, int(length))), add)
+    # An element deleted and added in the same change (a ClusterIP whose last port went and whose new port
+    # came; a range kept while another changed) stays.
+    for deleted, added in out.values():
+        both = deleted & added
+        deleted -= both
+        added -= both
     return {name: (d, a) for name, (d, a) in out.items() if d or a}, counts
 
 
@@ -161,7 +190,9 @@ def changes_json(table: str, delta: Changes) -> dict[str, Any]:
     """``delta`` as one libnftables JSON transaction: deletions first, so a key that moves from one verdict
     to another never holds both."""
     def elem(item: Any) -> Any:
-        return {"concat": list(item)} if isinstance(item, tuple) else item
+        if isinstance(item, tuple) and item[0] == "prefix":
+            return {"prefix": {"addr": item[1], "len": item[2]}}
+        return {"concat": [elem(part) for part in item]} if isinstance(item, tuple) else item
 
     def ref(name: str, items: set[Any]) -> dict[str, Any]:
         return {"element": {"family": "inet", "table": table, "name": name, "elem": [elem(i) for i in sorted(items, key=str)]}}
@@ -171,10 +202,11 @@ def changes_json(table: str, delta: Changes) -> dict[str, Any]:
     return {"nftables": commands}
 
 
-def blocks_script(table: str, blocked: Mapping[Key, str], exposed: Collection[Key] = ()) -> str:
-    """The nft script that makes the kernel hold exactly ``blocked`` and the ClusterIP check of ``exposed``
-    from any state (pure). Deletes the table when both are empty."""
-    return full_script(table, desired_sets(blocked, exposed))
+def blocks_script(table: str, blocked: Mapping[Key, str], exposed: Collection[Key] = (),
+                  firewall: Mapping[Key, tuple[str, ...]] | None = None) -> str:
+    """The nft script that makes the kernel hold exactly these answers from any state (pure). Deletes the
+    table when there are none."""
+    return full_script(table, desired_sets(Answers(blocked, frozenset(exposed), firewall or {})))
 
 
 class KernelBlocks:
@@ -193,40 +225,43 @@ class KernelBlocks:
         self._json: Any = nftables.Nftables()
         self._json.set_json_output(True)  # libnftables 1.0 parses its input as JSON when this is on
         self._lock = threading.Lock()
-        self.applied: dict[Key, str] = {}
-        self.exposed: frozenset[Key] = frozenset()
+        self.answers = Answers()
         self._counts: IpCounts = {}
         self.present: bool | None = None  # is the table in the kernel as we last wrote it? None: unknown
         self.errors = 0
         self.rewrites = 0  # whole-table writes (the rest are element changes)
 
-    def apply(self, blocked: Mapping[Key, str], exposed: Collection[Key] = frozenset()) -> None:
+    def apply(self, blocked: Mapping[Key, str], exposed: Collection[Key] = frozenset(),
+              firewall: Mapping[Key, tuple[str, ...]] | None = None) -> None:
         with self._lock:
-            blocked, exposed = dict(blocked), frozenset(exposed)
-            wanted = bool(blocked or exposed)
-            if self.present is not None and (blocked, exposed) == (self.applied, self.exposed):
+            answers = Answers(dict(blocked), frozenset(exposed), dict(firewall or {}))
+            if self.present is not None and answers == self.answers:
                 return
             rc, err = 1, ""
             counts: IpCounts | None = None
-            if self.present and wanted:
-                delta, counts = changes((self.applied, self.exposed), (blocked, exposed), self._counts)
+            if self.present and answers:
+                delta, counts = changes(self.answers, answers, self._counts)
                 rc, _out, err = self._json.cmd(json.dumps(changes_json(self.table, delta))) if delta else (0, "", "")
             if rc != 0:
                 self.rewrites += 1
-                rc, _out, err = self._nft.cmd(full_script(self.table, desired_sets(blocked, exposed)))
+                rc, _out, err = self._nft.cmd(full_script(self.table, desired_sets(answers)))
             if rc != 0:
                 self.errors += 1
                 self.present = None
                 log.error("could not program the kernel's answers for Services without endpoints",
                           extra={"table": self.table, "error": str(err)[:500]})
                 return
-            changed = blocked != self.applied
-            self.applied, self.exposed, self.present = blocked, exposed, wanted
-            self._counts = counts if counts is not None else ip_counts(exposed)
+            changed = answers.blocked != self.answers.blocked
+            self.answers, self.present = answers, bool(answers)
+            self._counts = counts if counts is not None else ip_counts(answers.exposed)
             if changed:
                 log.info("kernel answers for Services without endpoints", extra={
-                    "reject": sum(v == "reject" for v in blocked.values()),
-                    "drop": sum(v == "drop" for v in blocked.values())})
+                    "reject": sum(v == "reject" for v in answers.blocked.values()),
+                    "drop": sum(v == "drop" for v in answers.blocked.values())})
+
+    @property
+    def applied(self) -> Mapping[Key, str]:
+        return self.answers.blocked
 
     def cleanup(self) -> None:
         self.present = None

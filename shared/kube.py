@@ -193,6 +193,8 @@ class Reflector:
                 failures += 1
                 self.restarts += 1
                 reason = "stalled" if is_read_timeout(exc) else "error"
+                if rv is not None and self.resource_version:
+                    rv = self.resource_version  # resume after the last event seen, not where that watch began
                 delay = self.backoff(failures)
                 log.warning("watch failed: retrying", extra={"what": self.what, "reason": reason,
                                                                "error": describe(exc), "retry_in_s": round(delay, 3),

@@ -256,3 +256,25 @@ def test_random_nested_dicts_never_raise(svc: dict[str, Any], slice_objs: list[d
 @given(_plausible_service(), st.lists(_plausible_slice(), max_size=3), st.booleans())
 def test_plausible_but_odd_objects_never_raise(svc: dict[str, Any], slice_objs: list[dict[str, Any]], ipv6: bool) -> None:
     _check(svc, slice_objs, ipv6)
+
+
+# -- loadBalancerSourceRanges (conformance row 10) ------------------------------------------------------------
+
+@pytest.mark.parametrize(("ranges", "firewall", "problem"), [
+    ([" 10.0.0.0/8", "203.0.113.9/25"], {Key(4, "192.0.2.1", 80): ("10.0.0.0/8", "203.0.113.0/25")}, None),
+    (["fd00::/64"], {}, None),  # none of the LB IP's family: no filter, as kube-proxy
+    (["10.0.0.0/8", "bogus", 7], {Key(4, "192.0.2.1", 80): ("10.0.0.0/8",)}, "'bogus' is not a CIDR"),
+    ("10.0.0.0/8", {}, "not a list"),
+    ([], {}, None),
+])
+def test_source_ranges_filter_the_load_balancer_keys_of_their_family(ranges: Any, firewall: dict[Key, Any],
+                                                                        problem: str | None) -> None:
+    svc = service(type_="LoadBalancer", ingress=["192.0.2.1"],
+                  ports=[{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}])
+    svc["spec"]["loadBalancerSourceRanges"] = ranges
+    res = translate(svc, endpoint_slice(endpoints=[endpoint("10.244.0.5")]))
+    assert dict(res.firewall) == firewall  # never the ClusterIP or the NodePort (kube-proxy: NodePorts bypass)
+    assert any(problem in p for p in res.problems) if problem else not res.problems
+    theirs = service(label=None, type_="LoadBalancer", ingress=["192.0.2.1"])
+    theirs["spec"]["loadBalancerSourceRanges"] = ["10.0.0.0/8"]
+    assert translate(theirs).firewall == ()  # kube-proxy's to filter

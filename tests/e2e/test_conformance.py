@@ -234,3 +234,35 @@ def test_an_unexposed_port_of_a_migrated_cluster_ip_is_refused(tmp_path: Path) -
         # The Service goes back to kube-proxy: the check goes with it.
         node.core.patch_namespaced_service("web", NS, {"metadata": {"labels": {c.SERVICE_PROXY_NAME_LABEL: None}}})
         wait_until(lambda: outcome(pod, CLUSTER_IPS[0], 81) != "refused", timeout=20, what="check removed")
+
+
+def test_load_balancer_source_ranges_are_enforced_for_load_balancer_traffic(tmp_path: Path) -> None:
+    """kube-proxy's firewall-check ("should only allow access from service loadbalancer source ranges"):
+    a new connection to a load-balancer IP from outside loadBalancerSourceRanges is dropped before any
+    DNAT; the ClusterIP is not filtered; a change of the ranges applies."""
+    from sandbox.node.traffic import TrafficError
+
+    def served(source: int, ip: str) -> bool:
+        try:
+            return http_request(node.topo.pods[source], ip, 80, "/", timeout=0.5)["status"] == 200
+        except TrafficError as exc:
+            assert "timed out" in str(exc), exc  # dropped, as kube-proxy does: not refused or reset
+            return False
+
+    lb_ip = "198.51.100.10"
+    with envoy_node(tmp_path) as node:
+        start(node, pods=1)
+        allowed, other = node.topo.pod_ips[1], node.topo.pod_ips[2]
+        node.service("lb", HTTP, ips=("10.96.0.80",), type="LoadBalancer",
+                     loadBalancerSourceRanges=[f" {allowed}/32", "not-a-cidr", "fd00:1::/64"])
+        node.core.patch_namespaced_service_status("lb", NS, {"status": {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}})
+        node.slice("lb", {"http": 8080}, [{"pod": 0}])
+        wait_until(lambda: Key(4, lb_ip, 80) in node.kernel_keys(), timeout=20, what="LB IP redirected")
+        wait_until(lambda: served(1, lb_ip), timeout=20, what="allowed source served")
+        assert not served(2, lb_ip)  # outside the ranges: dropped
+        assert served(2, "10.96.0.80")  # the ClusterIP is not subject to the ranges
+        row = node.proxy("lb")["services"][0]
+        assert any("'not-a-cidr' is not a CIDR" in p for p in row["problems"]), row  # skipped, said why
+        node.core.patch_namespaced_service("lb", NS, {"spec": {"loadBalancerSourceRanges": [f"{other}/31"]}})
+        wait_until(lambda: served(2, lb_ip), timeout=20, what="the new range applies (host bits allowed)")
+        assert not served(1, lb_ip)  # 10.244.0.11 is outside 10.244.0.12/31 = 10.244.0.12-13

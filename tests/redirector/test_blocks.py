@@ -82,23 +82,34 @@ def test_script_rejects_unexposed_ports_of_cluster_ips_after_every_dnat() -> Non
 
 
 def test_a_change_is_a_diff_of_elements_not_a_rewrite() -> None:
-    from redirector.blocks import changes, changes_json, ip_counts
+    from redirector.blocks import Answers, changes, changes_json, ip_counts
 
     a, a443, b = Key(4, "10.96.0.10", 80), Key(4, "10.96.0.10", 443), Key(4, "10.96.0.11", 80)
-    delta, counts = changes(({a: "reject"}, {a, a443}), ({a: "drop"}, {a, b}), ip_counts({a, a443}))
+    delta, counts = changes(Answers({a: "reject"}, frozenset({a, a443})), Answers({a: "drop"}, frozenset({a, b})),
+                            ip_counts({a, a443}))
     assert counts == ip_counts({a, b}) == {(4, "10.96.0.10"): 1, (4, "10.96.0.11"): 1}
     assert delta == {"reject4": ({("10.96.0.10", 80)}, set()), "drop4": (set(), {("10.96.0.10", 80)}),
                      "exposed4": ({("10.96.0.10", "tcp", 443)}, {("10.96.0.11", "tcp", 80)}),
                      "clusterips4": (set(), {"10.96.0.11"})}  # 10.96.0.10 keeps port 80: stays
-    assert changes(({}, {a}), ({}, {a}), ip_counts({a}))[0] == {}
-    assert changes(({}, {a, a443}), ({}, set()), ip_counts({a, a443}))[0]["clusterips4"] == ({"10.96.0.10"}, set())
-    moved, _ = changes(({}, {a}), ({}, {a443}), ip_counts({a}))  # the IP's only port renumbered: it stays
+    assert changes(Answers({}, frozenset({a})), Answers({}, frozenset({a})), ip_counts({a}))[0] == {}
+    gone = changes(Answers({}, frozenset({a, a443})), Answers(), ip_counts({a, a443}))[0]
+    assert gone["clusterips4"] == ({"10.96.0.10"}, set())
+    # the IP's only port renumbered: it stays
+    moved, _ = changes(Answers({}, frozenset({a})), Answers({}, frozenset({a443})), ip_counts({a}))
     assert "clusterips4" not in moved and moved["exposed4"] == ({("10.96.0.10", "tcp", 80)}, {("10.96.0.10", "tcp", 443)})
     commands = changes_json("t", delta)["nftables"]
     # deletions first: a key moving from reject to drop never holds both verdicts
     assert [next(iter(c)) for c in commands] == ["delete", "delete", "add", "add", "add"]
     assert {"add": {"element": {"family": "inet", "table": "t", "name": "exposed4",
                                 "elem": [{"concat": ["10.96.0.11", "tcp", 80]}]}}} in commands
+    lb = Key(4, "192.0.2.1", 80)
+    ranged, _ = changes(Answers(firewall={lb: ("10.0.0.0/8", "203.0.113.0/25")}),
+                        Answers(firewall={lb: ("10.0.0.0/8", "198.51.100.7/32")}), {})
+    assert ranged == {"allowed4": ({("192.0.2.1", 80, ("prefix", "203.0.113.0", 25))},
+                                   {("192.0.2.1", 80, ("prefix", "198.51.100.7", 32))})}
+    assert changes_json("t", ranged)["nftables"][1] == {"add": {"element": {
+        "family": "inet", "table": "t", "name": "allowed4",
+        "elem": [{"concat": ["192.0.2.1", 80, {"prefix": {"addr": "198.51.100.7", "len": 32}}]}]}}}
 
 
 @pytest.mark.root

@@ -15,6 +15,7 @@ from sandbox.node.netns import (
     tcp_request,
     udp_listener,
     udp_request,
+    wait_until,
 )
 from shared.constants import DEFAULT_PROXY_NAME, SERVICE_PROXY_NAME_LABEL
 
@@ -209,13 +210,17 @@ def test_sync_follows_the_api_server() -> None:
             sync.wait_for(lambda rs: f"{ip} . tcp . 80 : goto service-" in rs)
             assert tcp_request(topo.pods[0], ip, 80)["server"] == topo.pods[0].name
 
-            # A stream that goes silent times out client-side; the re-list still sees changes.
+            # A stream that goes silent times out client-side (a restart counted), and the change made
+            # meanwhile arrives once the server talks again.
+            errors = sync.errors
             api.stall_watches(True)
             try:
                 core.patch_namespaced_service("web", "demo", patch)
-                sync.wait_for(lambda rs: ip not in rs, timeout=20)
+                wait_until(lambda: sync.errors > errors, timeout=20, what="the silent watch restarted")
+                assert ip in (sync.applied or "")
             finally:
                 api.stall_watches(False)
+            sync.wait_for(lambda rs: ip not in rs, timeout=20)
 
 
 @pytest.mark.root

@@ -1,4 +1,4 @@
-"""shared.kube's pure parts: the line splitter and the read-timeout test (the Reflector itself is exercised
+"""shared.kube's pure parts: the line splitter and the read-timeout test (the Reflector is also exercised
 against the sandbox API server by tests/redirector/test_watch.py and tests/webhook/test_namespaces.py)."""
 
 from __future__ import annotations
@@ -35,3 +35,68 @@ def test_read_timeouts_are_recognised_by_type_not_text() -> None:
     assert not is_read_timeout(ApiException(status=500, reason="Read timed out (from a proxy)"))
     assert not is_read_timeout(ConnectionRefusedError())
     assert not is_read_timeout(None)
+
+
+def test_a_stalled_watch_resumes_after_the_last_event_it_saw() -> None:
+    """A stream that goes silent is given up client-side; the next watch starts at the resourceVersion of
+    the last event seen (not where the failed watch began, which would replay or, after a compaction, force
+    a needless re-list), and changes made during the stall arrive once the server talks again."""
+    import threading
+    from typing import Any
+
+    from kubernetes import client
+
+    from sandbox.api.apiserver import SandboxApiServer
+    from sandbox.node.traffic import wait_until
+    from shared.kube import Reflector
+
+    class Sink:
+        def __init__(self) -> None:
+            self.names: list[str] = []
+            self.reasons: list[str] = []
+
+        def replace(self, items: Any) -> None:
+            self.names = [o["metadata"]["name"] for o in items]
+
+        def upsert(self, obj: dict[str, Any]) -> None:
+            self.names.append(obj["metadata"]["name"])
+
+        def delete(self, obj: dict[str, Any]) -> None:
+            self.names.remove(obj["metadata"]["name"])
+
+        def restarted(self, reason: str) -> None:
+            self.reasons.append(reason)
+
+    with SandboxApiServer() as api:
+        core = client.CoreV1Api(api.api_client())
+        core.create_namespace({"metadata": {"name": "demo"}})
+        watches: list[str | None] = []
+
+        def list_fn(**kw: Any) -> Any:
+            if kw.get("watch"):
+                watches.append(kw.get("resource_version"))
+            return core.list_service_for_all_namespaces(**kw)
+
+        sink = Sink()
+        reflector = Reflector(list_fn, sink, what="services", server_timeout=60, read_timeout=0.5,
+                              backoff_base=0.05, backoff_max=0.1)
+        thread = threading.Thread(target=reflector.run, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: reflector.connected, timeout=10, what="watching")
+            listed_at = watches[0]
+            core.create_namespaced_service("demo", {"metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}})
+            wait_until(lambda: "a" in sink.names, timeout=10, what="event a")
+            seen = reflector.resource_version
+            api.stall_watches(True)
+            try:
+                wait_until(lambda: "stalled" in sink.reasons and len(watches) >= 2, timeout=10, what="a re-watch")
+                core.create_namespaced_service("demo", {"metadata": {"name": "b"}, "spec": {"ports": [{"port": 80}]}})
+            finally:
+                api.stall_watches(False)
+            wait_until(lambda: "b" in sink.names, timeout=10, what="event b after the stall")
+        finally:
+            reflector.stop()
+            thread.join(5)
+        assert watches[1] == seen != listed_at
+        assert reflector.lists == 1 and sink.names == ["a", "b"]
