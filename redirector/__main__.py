@@ -178,6 +178,11 @@ def run(settings: config.Settings) -> int:
     if stop_debug is not None:
         stop_debug()
     health.stop()
+    if node.owner is not None and node.owner[0].deleting and stop.is_set():
+        log.warning("the DaemonSet was deleted: removing this agent's rules (labelled Services on this node "
+                    "now have no data plane until they are rolled back)",
+                    extra={"daemonset": settings.daemonset, "redirects": len(agent.applied_keys())})
+        return cleanup(settings)
     return 0 if stop.is_set() else 1
 
 

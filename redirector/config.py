@@ -72,6 +72,9 @@ class Settings:
     # Where the node's sysctls are (redirector.sysctls): /proc/sys in the node's netns, or the DaemonSet's
     # mount of the node's /proc/sys/net; None: the agent sets none.
     proc_sys: Path | None = Path("/proc/sys")
+    # The DaemonSet that runs this agent (in lease_namespace): when it is deleted, the agent removes its
+    # rules as it stops (redirector.owner); None: the rules always stay.
+    daemonset: str | None = None
 
     def __post_init__(self) -> None:
         if self.proxy_uid is None and self.proxy_mark is None:
@@ -218,6 +221,9 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("--proc-sys", "PROC_SYS", "proc_sys", _optional(Path),
      "the node's /proc/sys (a writable mount of it in a container): the agent sets net.ipv4.tcp_migrate_req=1 "
      "so an Envoy rollout resets no queued connection; 'none': set nothing"),
+    ("--daemonset", "DAEMONSET", "daemonset", _optional(_name),
+     "the DaemonSet running this agent (in --lease-namespace): once it is deleted, the agent removes its rules "
+     "when it stops (a rolling update keeps them); 'none': always keep them"),
     ("--log-level", "LOG_LEVEL", "log_level", _choice(LOG_LEVELS, upper=True), f"one of {', '.join(LOG_LEVELS)}"),
 )
 

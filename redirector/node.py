@@ -61,6 +61,7 @@ class NodeAgent:
     node: NodeWatcher | None = None
     lease: LeaseReporter | None = None
     fallback: Any = None  # redirector.fallback.Watchdog
+    owner: Any = None  # (redirector.owner.OwnerState, its Reflector): is our DaemonSet being deleted?
     threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self, settings: Settings, *, socket_owner: int | None = None) -> NodeAgent:
@@ -76,6 +77,8 @@ class NodeAgent:
             targets.append(("lease", self.lease.run))
         if self.fallback is not None:
             targets.append(("fallback", self.fallback.run))
+        if self.owner is not None:
+            targets.append(("watch-daemonset", self.owner[1].run))
         self.threads = [threading.Thread(target=fn, name=name, daemon=True) for name, fn in targets]
         for thread in self.threads:
             thread.start()
@@ -99,6 +102,8 @@ class NodeAgent:
             self.lease.stop()
         if self.fallback is not None:
             self.fallback.stop()
+        if self.owner is not None:
+            self.owner[1].stop()
         if self.plane is not None:
             self.plane.stop()
         self.agent.stop()
@@ -138,7 +143,7 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
         # All Services, as with the control plane: a label removal must read as a handback, not a deletion.
         services = ServiceWatcher(core, tracker, labelled_only=False, **watch)
         agent.watcher = services
-        return NodeAgent(agent, services, lease=_lease(settings, api, agent))
+        return NodeAgent(agent, services, lease=_lease(settings, api, agent), owner=_owner(settings, api, watch))
     node = NodeInfo(settings.node, ipv6=node_has_ipv6() if ipv6 is None else ipv6)
     if mangle is None and os.environ.get(TEST_REFUSE_ENV):
         log.warning("TEST HOOK active: Envoy will refuse a Service's clusters", extra={"service": os.environ[TEST_REFUSE_ENV]})
@@ -171,7 +176,17 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     watchdog = _watchdog(settings, agent, plane, server)
     agent.fallback = watchdog
     return NodeAgent(agent, services, plane, slices, server, node=node_watch, lease=_lease(settings, api, agent),
-                     fallback=watchdog)
+                     fallback=watchdog, owner=_owner(settings, api, watch))
+
+
+def _owner(settings: Settings, api: client.ApiClient, watch: dict[str, Any]) -> Any:
+    """The watch on this agent's own DaemonSet (--daemonset in --lease-namespace), or None."""
+    if settings.daemonset is None or settings.lease_namespace is None:
+        return None
+    from redirector.owner import OwnerState, owner_watch
+
+    state = OwnerState(settings.daemonset)
+    return state, owner_watch(api, settings.lease_namespace, settings.daemonset, state, **watch)
 
 
 def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: AdsServer) -> Any:

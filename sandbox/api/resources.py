@@ -41,11 +41,12 @@ SERVICES = ResourceType("", "v1", "services", "Service", True, ("svc",), ("statu
 ENDPOINTSLICES = ResourceType("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True)
 NODES = ResourceType("", "v1", "nodes", "Node", False, ("no",))
 LEASES = ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True)
+DAEMONSETS = ResourceType("apps", "v1", "daemonsets", "DaemonSet", True, ("ds",))
 MUTATING_WEBHOOKS = ResourceType(
     "admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False
 )
 
-ALL: tuple[ResourceType, ...] = (NAMESPACES, SERVICES, ENDPOINTSLICES, NODES, LEASES, MUTATING_WEBHOOKS)
+ALL: tuple[ResourceType, ...] = (NAMESPACES, SERVICES, ENDPOINTSLICES, NODES, LEASES, DAEMONSETS, MUTATING_WEBHOOKS)
 
 
 def lookup(group: str, version: str, plural: str) -> ResourceType | None:

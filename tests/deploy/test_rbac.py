@@ -34,10 +34,11 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "config_map": ("", "configmaps"),
     "secret": ("", "secrets"),
     "lease": ("coordination.k8s.io", "leases"),
+    "daemon_set": ("apps", "daemonsets"),
     "mutating_webhook_configuration": ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"),
 }
 API_CLASSES = (kubernetes.client.CoreV1Api, kubernetes.client.DiscoveryV1Api, kubernetes.client.CoordinationV1Api,
-               kubernetes.client.AdmissionregistrationV1Api)
+               kubernetes.client.AdmissionregistrationV1Api, kubernetes.client.AppsV1Api)
 VERBS = {"read": "get", "list": "list", "create": "create", "patch": "patch", "replace": "update",
          "delete_collection": "deletecollection", "delete": "delete"}
 _METHOD = re.compile(r"^(read|list|create|patch|replace|delete_collection|delete)_(?:namespaced_)?(\w+?)(?:_for_all_namespaces)?$")
@@ -114,12 +115,16 @@ def test_redirector_rbac_matches_its_calls(default_objs: list[Obj]) -> None:
 
 
 def test_no_namespaced_roles_and_nothing_else_is_bound(default_objs: list[Obj]) -> None:
-    """One namespaced Role only: the agents write their Leases in their own namespace, nowhere else."""
+    """One namespaced Role only: the agents write their Leases and watch their DaemonSet (by name) in their
+    own namespace, nowhere else."""
     roles = [o for o in default_objs if o["kind"] in ("Role", "RoleBinding")]
     assert sorted((o["kind"], o["metadata"]["name"], o["metadata"]["namespace"]) for o in roles) == [
         ("Role", "lightpath-redirector", "lightpath-node"), ("RoleBinding", "lightpath-redirector", "lightpath-node")]
     (role,) = [o for o in roles if o["kind"] == "Role"]
-    assert {r for rule in role["rules"] for r in rule["resources"]} == {"leases"}
+    assert {r for rule in role["rules"] for r in rule["resources"]} == {"leases", "daemonsets"}
+    (ds_rule,) = [rule for rule in role["rules"] if rule["resources"] == ["daemonsets"]]
+    ds = one(default_objs, "DaemonSet", "lightpath-redirector")
+    assert ds_rule["resourceNames"] == [ds["metadata"]["name"]]  # that one object, nothing else
     bound = {(b["roleRef"]["name"], s["name"]) for b in default_objs if b["kind"] == "ClusterRoleBinding" for s in b["subjects"]}
     assert bound == {("lightpath-webhook", "lightpath-webhook"), ("lightpath-redirector", "lightpath-redirector")}
     # The example proxy talks to no API server: no token in its pods.
