@@ -70,7 +70,7 @@ class ControlPlane:
     def __init__(self, node: NodeInfo, *, proxy_port: int = c.DEFAULT_PROXY_PORT,
                  proxy_name: str = c.DEFAULT_PROXY_NAME, metrics: ControlPlaneMetrics | None = None,
                  mangle: Mangle | None = None, batch_idle: float = 0.002, batch_max: float = 0.02,
-                 envoy_admin: tuple[str, int] | None = ("127.0.0.1", c.ENVOY_ADMIN_PORT)) -> None:
+                 envoy_admin: tuple[str, int] | envoystats.Admins | None = ("127.0.0.1", c.ENVOY_ADMIN_PORT)) -> None:
         self.node = node
         self.proxy_name = proxy_name
         self.store = Store()

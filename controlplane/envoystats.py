@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 # Per cluster (alt_stat_name = the Service port): the request and connection figures an operator compares.
@@ -36,18 +36,25 @@ def figures(stats: Mapping[str, int], stat_name: str) -> dict[str, int]:
     return {f: stats.get(prefix + f, 0) for f in FIGURES}
 
 
-class EnvoyStats:
-    """Envoy's counters, fetched on demand from ``admin`` (host, port) and kept ``ttl`` seconds."""
+Admins = Callable[[], list[tuple[str, int]]]
 
-    def __init__(self, admin: tuple[str, int], ttl: float = 3.0, timeout: float = 1.0) -> None:
-        self.admin, self.ttl, self.timeout = admin, ttl, timeout
+
+class EnvoyStats:
+    """Envoy's counters, fetched on demand and kept ``ttl`` seconds. ``admin``: one (host, port), or a
+    function naming every Envoy admin on the node (two during a rollout: their counters are added, which
+    gives the node's totals)."""
+
+    def __init__(self, admin: tuple[str, int] | Admins, ttl: float = 3.0, timeout: float = 1.0) -> None:
+        self.admins: Admins = (lambda: [admin]) if isinstance(admin, tuple) else admin
+        self.ttl, self.timeout = ttl, timeout
         self._lock = threading.Lock()
         self._at = -1e9
         self._stats: dict[str, int] | None = None
         self._error = "not fetched yet"
 
-    def url(self) -> str:
-        host, port = self.admin
+    @staticmethod
+    def url(admin: tuple[str, int]) -> str:
+        host, port = admin
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/stats?filter={urllib.parse.quote(FILTER)}"
 
@@ -56,13 +63,29 @@ class EnvoyStats:
         with self._lock:
             if time.monotonic() - self._at < self.ttl:
                 return self._stats, self._error
-            try:
-                with urllib.request.urlopen(self.url(), timeout=self.timeout) as resp:  # noqa: S310 - loopback admin
-                    self._stats, self._error = parse(resp.read().decode(errors="replace")), ""
-            except Exception as exc:  # noqa: BLE001 - reported, never raised into the debug endpoint
-                self._stats, self._error = None, f"{type(exc).__name__}: {str(exc)[:200]}"
+            self._stats, self._error = self._fetch()
             self._at = time.monotonic()
             return self._stats, self._error
+
+    def _fetch(self) -> tuple[dict[str, int] | None, str]:
+        try:
+            admins = self.admins()
+        except Exception as exc:  # noqa: BLE001 - reported, never raised into the debug endpoint
+            return None, f"cannot look for Envoy's admin: {type(exc).__name__}: {str(exc)[:200]}"
+        if not admins:
+            return None, "no Envoy admin found on this node"
+        total: dict[str, int] = {}
+        errors: list[str] = []
+        for admin in admins:
+            try:
+                with urllib.request.urlopen(self.url(admin), timeout=self.timeout) as resp:  # noqa: S310 - loopback
+                    for name, value in parse(resp.read().decode(errors="replace")).items():
+                        total[name] = total.get(name, 0) + value
+            except Exception as exc:  # noqa: BLE001 - reported
+                errors.append(f"{admin[0]}:{admin[1]}: {type(exc).__name__}: {str(exc)[:200]}")
+        if len(errors) == len(admins):
+            return None, "; ".join(errors)
+        return total, ""
 
 
 def per_key(stats: dict[str, int] | None, error: str, stat_names: Iterable[str]) -> list[dict[str, Any] | str]:

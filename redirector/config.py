@@ -66,7 +66,9 @@ class Settings:
     # Where this agent's Lease lives (make-before-break migration); None: no Lease.
     lease_namespace: str | None = os.environ.get("POD_NAMESPACE") or c.DEFAULT_AGENT_NAMESPACE
     # Envoy's admin API, read for the per-Service traffic figures in /debug/proxy (None: not read).
-    envoy_admin: str | None = f"127.0.0.1:{c.ENVOY_ADMIN_PORT}"
+    # "auto": every loopback listener of --proxy-uid but the proxy port and our own servers (the shipped
+    # Envoy's admin port is picked by the kernel; two Envoys during a rollout: their counters are added).
+    envoy_admin: str | None = "auto"
     # Kernel L4 fallback while Envoy is down (nftables backend with the control plane).
     fallback: str = "on"
     # Where the node's sysctls are (redirector.sysctls): /proc/sys in the node's netns, or the DaemonSet's
@@ -159,6 +161,10 @@ def _address(family: Family) -> Callable[[str], str]:
     return convert
 
 
+def _admin(text: str) -> str:
+    return "auto" if text.strip().lower() == "auto" else _loopback(text)
+
+
 def _name(text: str) -> str:
     if not text or len(text) > 63 or not text.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ValueError("must be 1-63 letters, digits, '-', '_' or '.'")
@@ -214,8 +220,10 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "longest a handed-back Service keeps its redirect waiting for kube-proxy's rule to appear"),
     ("--lease-namespace", "LEASE_NAMESPACE", "lease_namespace", _optional(_name),
      "namespace of this agent's Lease, which reports the Services it prepared for a migration; 'none': no Lease"),
-    ("--envoy-admin", "ENVOY_ADMIN", "envoy_admin", _optional(_loopback),
-     "Envoy's admin address (loopback) for per-Service traffic figures in /debug/proxy; 'none': not read"),
+    ("--envoy-admin", "ENVOY_ADMIN", "envoy_admin", _optional(_admin),
+     "Envoy's admin address (loopback) for per-Service traffic figures in /debug/proxy; 'auto': every loopback "
+     "listener of --proxy-uid (any uid without it) but the proxy port and the agent's own servers, found at each "
+     "read (the shipped Envoy's admin port is picked by the kernel); 'none': not read"),
     ("--fallback", "FALLBACK", "fallback", _choice(("on", "off")),
      "while the node's Envoy is down, load-balance migrated Services in the kernel (L4 only): on or off"),
     ("--proc-sys", "PROC_SYS", "proc_sys", _optional(Path),

@@ -148,9 +148,8 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     if mangle is None and os.environ.get(TEST_REFUSE_ENV):
         log.warning("TEST HOOK active: Envoy will refuse a Service's clusters", extra={"service": os.environ[TEST_REFUSE_ENV]})
         mangle = refuse_service(os.environ[TEST_REFUSE_ENV])
-    admin = settings.envoy_admin.rsplit(":", 1) if settings.envoy_admin else None
     plane = ControlPlane(node, proxy_port=settings.proxy_port, proxy_name=settings.proxy_name, mangle=mangle,
-                         envoy_admin=(admin[0].strip("[]"), int(admin[1])) if admin else None,
+                         envoy_admin=_envoy_admin(settings),
                          batch_idle=settings.batch_idle, batch_max=max(settings.batch_max, 0.02))
     tracker = ChangeTracker(label)
     agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, batch_idle=settings.batch_idle,
@@ -187,6 +186,25 @@ def _owner(settings: Settings, api: client.ApiClient, watch: dict[str, Any]) -> 
 
     state = OwnerState(settings.daemonset)
     return state, owner_watch(api, settings.lease_namespace, settings.daemonset, state, **watch)
+
+
+def _envoy_admin(settings: Settings) -> Any:
+    """Where /debug/proxy reads Envoy's counters: a fixed address, or ("auto") the loopback listeners of the
+    proxy's uid (any uid without --proxy-uid) found with sock_diag at each (cached) read; None: nowhere."""
+    if settings.envoy_admin is None:
+        return None
+    if settings.envoy_admin != "auto":
+        host, _, port = settings.envoy_admin.rpartition(":")
+        return host.strip("[]"), int(port)
+    # Never our own servers (or the proxy port): what is left on loopback is Envoy's admin, one per Envoy.
+    ours = {settings.proxy_port, settings.health_port, settings.debug_port}
+    if settings.xds_address:
+        ours.add(int(settings.xds_address.rpartition(":")[2]))
+    from redirector.debug.netlink import NetlinkProbe
+
+    probe = NetlinkProbe(timeout=2.0)
+    uid, exclude = settings.proxy_uid, frozenset(ours)
+    return lambda: [(s.address, s.port) for s in probe.loopback_listeners(uid, exclude)]
 
 
 def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: AdsServer) -> Any:

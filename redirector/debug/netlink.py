@@ -53,6 +53,11 @@ class NetlinkProbe:
         """TCP sockets in LISTEN state on ``port``, IPv4 and IPv6, of every process in the namespace."""
         return self._call(_listeners, port)
 
+    def loopback_listeners(self, uid: int | None, exclude: frozenset[int]) -> list[ListeningSocket]:
+        """TCP LISTEN sockets (of ``uid``, unless None) on a loopback address, except on the ``exclude``
+        ports: where the node's Envoy (uid 101) has its admin, whose port the kernel picks (port 0)."""
+        return self._call(_loopback_listeners, uid, exclude)
+
     def local_prefixes(self) -> list[str]:
         """Prefixes of the local routing table's ``local`` routes ("10.244.0.1/32", "127.0.0.0/8", ...)."""
         return self._call(_local_prefixes)
@@ -91,6 +96,23 @@ def _listeners(port: int) -> list[ListeningSocket]:
             for sock in diag.get_sock_stats(family=af, states=1 << TCP_LISTEN):
                 if sock.get("idiag_sport") == port and sock.get("idiag_state") == TCP_LISTEN:
                     found.add(ListeningSocket(family, str(sock.get("idiag_src")), port))
+    return sorted(found)
+
+
+def _loopback_listeners(uid: int | None, exclude: frozenset[int]) -> list[ListeningSocket]:
+    import ipaddress
+
+    from pyroute2 import DiagSocket  # type: ignore[import-untyped,unused-ignore]
+
+    found: set[ListeningSocket] = set()
+    with DiagSocket() as diag:
+        diag.bind()
+        for family, af in FAMILIES:
+            for sock in diag.get_sock_stats(family=af, states=1 << TCP_LISTEN):
+                port, address = sock.get("idiag_sport"), str(sock.get("idiag_src"))
+                if ((uid is None or sock.get("idiag_uid") == uid) and port not in exclude
+                        and sock.get("idiag_state") == TCP_LISTEN and ipaddress.ip_address(address).is_loopback):
+                    found.add(ListeningSocket(family, address, int(port)))
     return sorted(found)
 
 

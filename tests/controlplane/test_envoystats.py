@@ -32,3 +32,44 @@ def test_an_unreachable_admin_is_unavailable_with_the_reason() -> None:
     assert found is None and "Connection refused" in error or "URLError" in error
     assert envoystats.per_key(found, error, ["a"]) == [f"unavailable: {error}"]
     assert stats.snapshot() == (found, error)  # cached, not fetched again
+
+
+def test_every_admin_found_is_read_and_their_counters_added() -> None:
+    """Two Envoys during a rollout: the node's figures are the sum; an admin that fails is skipped as long as
+    one answers; none found is said so."""
+    import http.server
+    import threading
+
+    def server(body: bytes) -> http.server.ThreadingHTTPServer:
+        class Stats(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stats)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        return srv
+
+    old = server(b"cluster.shop_web_80_ipv4.upstream_rq_total: 7\ncluster.shop_web_80_ipv4.upstream_cx_active: 1\n")
+    new = server(b"cluster.shop_web_80_ipv4.upstream_rq_total: 5\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    try:
+        admins = [("127.0.0.1", old.server_address[1]), ("127.0.0.1", new.server_address[1]), ("127.0.0.1", dead)]
+        found, error = envoystats.EnvoyStats(lambda: admins, ttl=0).snapshot()
+        assert error == "" and found == {"cluster.shop_web_80_ipv4.upstream_rq_total": 12,
+                                         "cluster.shop_web_80_ipv4.upstream_cx_active": 1}
+        assert envoystats.EnvoyStats(lambda: [], ttl=0).snapshot() == (None, "no Envoy admin found on this node")
+
+        def broken() -> list[tuple[str, int]]:
+            raise LookupError("sock_diag refused")
+
+        assert "sock_diag refused" in envoystats.EnvoyStats(broken, ttl=0).snapshot()[1]
+    finally:
+        old.shutdown()
+        new.shutdown()
