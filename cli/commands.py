@@ -178,6 +178,20 @@ def rollback(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return _execute(the_plan, args, cluster, ns_labels, out)
 
 
+def uninstall(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    from cli import uninstall as steps
+
+    out = out or sys.stdout
+    cluster, _default_ns = connect(args.kubeconfig, args.context)
+
+    def say(line: str) -> None:
+        out.write(line + "\n")
+        out.flush()
+
+    return steps.uninstall(cluster, proxy_name=args.proxy_name, agent_namespace=args.agent_namespace,
+                           timeout=args.timeout, say=say)
+
+
 def reconcile(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     cluster, selection, config = _connect(args, require_explicit=False)

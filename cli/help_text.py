@@ -68,3 +68,16 @@ examples:
   lightpath reconcile -A --dry-run
   lightpath reconcile -n shop
 """
+
+UNINSTALL_EPILOG = """\
+Before `kubectl delete -k deploy/default`: deletes lightpath's MutatingWebhookConfiguration (no Service is
+handed over any more), removes the handoff label from every Service that carries it, then waits until
+every live node agent reports 0 redirects in its Lease (each keeps a handed-back Service's redirect until
+kube-proxy's rule is visible on its node). Exit 0: safe to delete the components; the agents remove
+their rules as their DaemonSet goes. Exit 1: the nodes still holding redirects are named; nothing else
+changed. See docs/install.md.
+
+examples:
+  lightpath uninstall && kubectl delete -k deploy/default
+  lightpath uninstall --timeout 300
+"""

@@ -145,6 +145,21 @@ class Cluster:
             )
         )
 
+    def list_webhook_configurations(self, label_selector: str) -> list[dict[str, Any]]:
+        admission = client.AdmissionregistrationV1Api(self.api)
+        return self._paginate("list MutatingWebhookConfigurations",
+                              lambda **kw: admission.list_mutating_webhook_configuration(label_selector=label_selector,
+                                                                                           **kw))
+
+    def delete_webhook_configuration(self, name: str) -> None:
+        admission = client.AdmissionregistrationV1Api(self.api)
+        try:
+            self._call(f"delete MutatingWebhookConfiguration {name}",
+                       lambda: admission.delete_mutating_webhook_configuration(name, _preload_content=False))
+        except ClusterError as exc:
+            if exc.status != 404:  # already gone is what we wanted
+                raise
+
     def patch_namespace(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         return self._json(
             self._call(

@@ -21,6 +21,7 @@ from cli.help_text import (
     RECONCILE_EPILOG,
     ROLLBACK_EPILOG,
     STATUS_EPILOG,
+    UNINSTALL_EPILOG,
 )
 from cli.kube import ClusterError
 from cli.selection import SelectionError
@@ -215,6 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _selector(p, names=False)
     _batching(p)
+
+    p = command(
+        "uninstall",
+        "Hand every Service back to kube-proxy on every node, so the components can be deleted safely.",
+        UNINSTALL_EPILOG,
+        commands.uninstall,
+    )
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="how long the node agents have to release their redirects (default: 120)")
+    p.add_argument("--agent-namespace", default=c.DEFAULT_AGENT_NAMESPACE, metavar="NAMESPACE",
+                   help=f"where the node agents' Leases are (default: {c.DEFAULT_AGENT_NAMESPACE})")
 
     _add_certs(sub)
     return parser

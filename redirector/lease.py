@@ -31,14 +31,18 @@ def lease_name(node: str) -> str:
     return f"{c.AGENT_LEASE_PREFIX}{node}"[:253]
 
 
-def lease_body(node: str, prepared: list[str], now: datetime, duration: int = c.AGENT_LEASE_SECONDS) -> dict[str, Any]:
+def lease_body(node: str, prepared: list[str], now: datetime, duration: int = c.AGENT_LEASE_SECONDS,
+               redirects: int | None = None) -> dict[str, Any]:
     """The Lease as the agent writes it (pure)."""
     shown = sorted(prepared)[:MAX_PREPARED]
+    annotations = {c.PREPARED_ANNOTATION: json.dumps(shown, separators=(",", ":"))}
+    if redirects is not None:
+        annotations[c.REDIRECTS_ANNOTATION] = str(redirects)
     stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return {
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": lease_name(node), "labels": {"app.kubernetes.io/name": "lightpath-redirector"},
-                     "annotations": {c.PREPARED_ANNOTATION: json.dumps(shown, separators=(",", ":"))}},
+                     "annotations": annotations},
         "spec": {"holderIdentity": node, "leaseDurationSeconds": duration, "renewTime": stamp},
     }
 
@@ -47,9 +51,11 @@ class LeaseReporter:
     """Renews the Lease every ``period`` seconds, and soon after ``changed()`` (prepared Services moved)."""
 
     def __init__(self, api: client.ApiClient, namespace: str, node: str, prepared: Callable[[], list[str]], *,
-                 period: float = 5.0, duration: int = c.AGENT_LEASE_SECONDS) -> None:
+                 period: float = 5.0, duration: int = c.AGENT_LEASE_SECONDS,
+                 redirects: Callable[[], int] | None = None) -> None:
         self.api = client.CoordinationV1Api(api)
-        self.namespace, self.node, self.prepared = namespace, node, prepared
+        self.namespace, self.node, self.prepared, self.redirects = namespace, node, prepared, redirects
+        self.last_redirects: int | None = None
         self.period, self.duration = period, duration
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -69,7 +75,8 @@ class LeaseReporter:
         while not self._stop.is_set():
             try:
                 now = time.monotonic()
-                if now >= due or self.prepared() != self.last:  # renew on schedule, or when prepared changed
+                # renew on schedule, or when what it reports changed
+                if now >= due or self.prepared() != self.last or self._redirects() != self.last_redirects:
                     self.write()
                     due = now + self.period
                 self.last_error = None
@@ -83,9 +90,12 @@ class LeaseReporter:
             if self._stop.wait(0.02):  # coalesce a burst of changes
                 return
 
+    def _redirects(self) -> int | None:
+        return self.redirects() if self.redirects is not None else None
+
     def write(self) -> None:
-        prepared = self.prepared()
-        body = lease_body(self.node, prepared, datetime.now(UTC), self.duration)
+        prepared, redirects = self.prepared(), self._redirects()
+        body = lease_body(self.node, prepared, datetime.now(UTC), self.duration, redirects)
         name = body["metadata"]["name"]
         try:  # a merge patch: no resourceVersion to track, and another writer's fields are left alone
             self.api.patch_namespaced_lease(name, self.namespace, body, _request_timeout=5,
@@ -94,5 +104,5 @@ class LeaseReporter:
             if exc.status != 404:
                 raise
             self.api.create_namespaced_lease(self.namespace, body, _request_timeout=5)  # type: ignore[arg-type]
-        self.last = prepared
+        self.last, self.last_redirects = prepared, redirects
         self.writes += 1

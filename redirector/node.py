@@ -226,7 +226,8 @@ def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: Ads
 def _lease(settings: Settings, api: client.ApiClient, agent: Agent) -> LeaseReporter | None:
     if settings.lease_namespace is None:
         return None
-    reporter = LeaseReporter(api, settings.lease_namespace, settings.node, agent.prepared)
+    reporter = LeaseReporter(api, settings.lease_namespace, settings.node, agent.prepared,
+                             redirects=lambda: len(agent.applied_keys()))
     agent.on_synced = reporter.changed
     return reporter
 

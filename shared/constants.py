@@ -84,5 +84,8 @@ HANDOVER_ANNOTATION: Final = "lightpath.cloud/handover"
 HANDOVER_MIGRATE: Final = "migrate"
 AGENT_LEASE_PREFIX: Final = "lightpath-agent-"
 PREPARED_ANNOTATION: Final = "lightpath.cloud/prepared"
+# How many redirects the agent holds in the kernel (handed-back Services keep theirs until kube-proxy's rule
+# is visible): `lightpath uninstall` waits until every live agent says "0".
+REDIRECTS_ANNOTATION: Final = "lightpath.cloud/redirects"
 DEFAULT_AGENT_NAMESPACE: Final = "lightpath-node"
 AGENT_LEASE_SECONDS: Final = 15

@@ -5,6 +5,7 @@ redirect until kube-proxy's rule is visible (make-before-break), so a client ope
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,52 @@ def test_migration_is_prepared_on_the_node_before_the_label_and_aborts_cleanly(t
             failed = [r for r in recs if not r.ok]
             assert not failed, failed[:5]
         assert all(r.via == "direct" for r in records[1]), "the aborted Service left kube-proxy"
+
+
+def test_uninstall_hands_everything_back_and_the_agents_clean_up(tmp_path: Path) -> None:
+    """Issue 15's uninstall path under load: `lightpath uninstall` (webhook configuration deleted, labels
+    removed, every live agent at 0 redirects) then the DaemonSet deleted: 0 failed requests, kube-proxy (the
+    stand-in) serving, no lightpath table left on the node."""
+    from kubernetes import client
+
+    from cli.kube import Cluster
+    from cli.uninstall import uninstall
+    from sandbox.api.resources import MUTATING_WEBHOOKS
+    from sandbox.node.netns import nft
+
+    ds = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "lightpath-redirector"},
+          "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
+              "metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "r", "image": "i"}]}}}}
+    with envoy_node(tmp_path, agent_args=("--daemonset", "lightpath-redirector")) as node, \
+            StandinSync(node.api.api_client(), node.topo.node.name, watch_timeout=5, min_sync_period=1.0) as standin:
+        apps = client.AppsV1Api(node.api.api_client())
+        apps.create_namespaced_daemon_set(c.DEFAULT_AGENT_NAMESPACE, ds)
+        node.api.operations.create(MUTATING_WEBHOOKS, None, {"metadata": {
+            "name": "lightpath", "labels": {"app.kubernetes.io/part-of": "lightpath"}}, "webhooks": []})
+        node.serve(0, "http", 4, port=8080)
+        node.service("web", [{"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"}])
+        node.endpoints("web", {"http": 8080}, [0])
+        wait_until(lambda: Key(4, IP, 80) in node.kernel_keys(), timeout=20, what="migrated")
+        loop = ClientLoop(node.topo.pods[1], IP, 80, stop_file=tmp_path / "loop.stop", duration=60, timeout=1.0)
+        said: list[str] = []
+        try:
+            loop.wait_for(20)
+            code = uninstall(Cluster(node.api.api_client()), proxy_name=c.DEFAULT_PROXY_NAME,
+                             agent_namespace=c.DEFAULT_AGENT_NAMESPACE, timeout=30, say=said.append)
+            assert code == 0, said
+            assert "lightpath" not in [w.metadata.name for w in client.AdmissionregistrationV1Api(
+                node.api.api_client()).list_mutating_webhook_configuration().items]
+            assert c.SERVICE_PROXY_NAME_LABEL not in (node.core.read_namespaced_service("web", NS).metadata.labels or {})
+            assert f"{IP} . tcp . 80 : goto service-" in (standin.applied or "")  # kube-proxy serves it
+            assert Key(4, IP, 80) not in node.kernel_keys()  # released only after that
+            apps.delete_namespaced_daemon_set("lightpath-redirector", c.DEFAULT_AGENT_NAMESPACE)
+            wait_until(lambda: node.agent.logged("DaemonSet is being deleted"), timeout=10, what="deletion seen")
+            assert node.agent.signal(signal.SIGTERM) == 0  # the kubelet stops the agent
+            assert "lightpath" not in nft(node.topo.node.name, "list tables")
+            loop.wait_for(40)
+        finally:
+            records = loop.stop()
+        failed = [r for r in records if not r.ok]
+        assert not failed, failed[:5]
+        assert records[-1].via == "direct"
+        print("\n" + "\n".join(said))
