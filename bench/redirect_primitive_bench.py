@@ -2,6 +2,8 @@
 
 Run as root: ``.venv/bin/python -m bench.redirect_primitive_bench [--connects 300] [--backend nftables]``.
 Prints the markdown table of docs/performance.md ("Redirect primitive") and docs/redirector.md.
+``--scale 10,1000,10000``: instead, DNAT in the addressless topology with that many dual-stack Services
+programmed (20,000 keys at 10,000), the measured ClusterIP among them: is the connect time flat?
 
 For each topology (``sandbox.node.netns.Topology``, addressless or not) and each mode of the redirector's backend
 (``--redirect-mode redirect|dnat``), one ClusterIP per family is programmed and a stand-in proxy (the echo
@@ -81,11 +83,42 @@ def cell(source: NetNS, family: int, n: int) -> str:
             f"original_dst ok {r['original_ok']}/{done}")
 
 
+def many(n: int) -> set[Key]:
+    """``n`` dual-stack Services on port 80, the measured ClusterIPs among them."""
+    keys = {Key(4, CLUSTER[4], PORT), Key(6, CLUSTER[6], PORT)}
+    for i in range(n - 1):
+        keys |= {Key(4, f"10.97.{i // 250}.{i % 250 + 1}", PORT), Key(6, f"fd00:10:97::{i + 1:x}", PORT)}
+    return keys
+
+
+def scale(kind: str, sizes: list[int], connects: int) -> None:
+    print("| Services (keys) | family | pod -> ClusterIP (prerouting) | node -> ClusterIP (output) |")
+    print("|---|---|---|---|")
+    with Topology(pods=1, prefix="lpb", addressless=True) as topo:
+        proxies = [tcp_listener(topo.node, 1666, f, name="proxy") for f in (4, 6)]
+        try:
+            b = backend(kind, topo, "dnat")
+            for n in sizes:
+                keys = many(n)
+                b.ensure(keys)
+                for family in (4, 6):
+                    pod, node = cell(topo.pods[0], family, connects), cell(topo.node, family, connects)
+                    print(f"| {n:,} ({len(keys):,}) | IPv{family} | {pod} | {node} |", flush=True)
+            b.cleanup()
+        finally:
+            for p in proxies:
+                p.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connects", type=int, default=300)
     parser.add_argument("--backend", choices=("nftables", "iptables"), default="nftables")
+    parser.add_argument("--scale", default="", help="comma-separated Service counts: the DNAT scaling table")
     args = parser.parse_args()
+    if args.scale:
+        scale(args.backend, [int(x) for x in args.scale.split(",")], args.connects)
+        return
     print("| topology | mode | family | pod -> ClusterIP (prerouting) | node -> ClusterIP (output) |")
     print("|---|---|---|---|---|")
     for addressless in (False, True):

@@ -396,6 +396,14 @@ class ControlPlane:
             stream = server.newest()
             return stream is not None and stream.in_sync()
 
+    def traffic_source(self) -> tuple[dict[str, int] | None, list[tuple[str, list[str]]]]:
+        """For the per-Service metrics (controlplane.servicemetrics): Envoy's counters and, per served
+        Service in name order, its clusters' stat names."""
+        counters = self.envoy_stats.snapshot()[0] if self.envoy_stats is not None else None
+        with self._lock:
+            services = [(sid, [spec.stat_name for spec in found.clusters]) for sid, found in sorted(self._published.items())]
+        return counters, services
+
     def report(self, limit: int = 200, service: str | None = None) -> dict[str, Any]:
         """Per Service what Envoy holds (/debug/proxy), with Envoy's traffic counters per key."""
         server = self.server

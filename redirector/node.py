@@ -156,6 +156,9 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
                   batch_max=settings.batch_max, gate=plane, tracker=tracker, kube_proxy=KubeProxyRules().read,
                   handback_hold=settings.handback_hold, handback_timeout=settings.handback_timeout)
     plane.metrics = ControlPlaneMetrics(agent.metrics.registry)
+    from controlplane.servicemetrics import ServiceTraffic
+
+    agent.metrics.registry.register(ServiceTraffic(plane.traffic_source))
     plane.on_gate = agent.gate_changed
     from redirector.healthcheck import HealthChecks
 

@@ -64,6 +64,11 @@ def test_retries_turn_a_backends_500_into_a_200_and_can_be_turned_off(tmp_path: 
         strict_row = node.proxy("strict")["services"][0]["keys"][0]["traffic"]
         assert flaky_row["upstream_rq_retry"] >= 10 and flaky_row["upstream_rq_2xx"] == 10, flaky_row
         assert strict_row["upstream_rq_total"] == 10 and strict_row["upstream_rq_5xx"] == 5, strict_row
+        # ... and in the agent's /metrics, per Service port, for Prometheus.
+        metrics = node.debug("/metrics")[1]
+        assert 'lightpath_service_requests_total{namespace="shop",port="80",service="strict"} 10.0' in metrics
+        assert 'lightpath_service_errors_total{namespace="shop",port="80",service="strict"} 5.0' in metrics
+        assert 'lightpath_service_errors_total{namespace="shop",port="80",service="flaky"} 0.0' in metrics
 
 
 def test_outlier_detection_ejects_a_failing_backend(tmp_path: Path) -> None:
