@@ -5,7 +5,8 @@ components (docs/install.md, "Uninstalling"). Never blackholes, in this order:
    Service gets the handoff label any more, whatever is written meanwhile;
 2. remove the handoff label (and a pending handover mark) from every Service that carries ours, directly
    (the webhook that would do it on a rollback is gone); kube-proxy picks them up at its next sync;
-3. wait until every LIVE agent reports ``lightpath.cloud/redirects: "0"`` in its Lease: each agent keeps a
+3. wait until every LIVE agent reports ``lightpath.cloud/redirects: "0"`` in its Lease, written after the
+   labels were removed (its resourceVersion moved; agents renew every 5 s): each agent keeps a
    handed-back Service's redirect until kube-proxy's rule for it is visible on its node, so 0 means
    kube-proxy serves everything there;
 4. only then is it safe to delete the components (``kubectl delete -k``); the agents remove their rules
@@ -37,20 +38,28 @@ def handed_off(services: Iterable[Mapping[str, Any]], proxy_name: str) -> list[t
     return sorted(out)
 
 
-def redirects_left(leases: Iterable[Mapping[str, Any]], now: datetime) -> dict[str, str]:
-    """node -> its redirect count as reported ("?" when its Lease does not say), for live agents whose count
-    is not "0" (pure). An expired Lease does not block, as in a migration."""
-    live = live_agents(list(leases), now)
-    out: dict[str, str] = {}
+def redirects_left(leases: Iterable[Mapping[str, Any]], now: datetime,
+                   baseline: Mapping[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """(node -> why it is not done, node -> its Lease's resourceVersion) for live agents (pure). Done: the
+    Lease says ``redirects: "0"`` AND was written again since ``baseline`` (the versions read when the
+    labels were removed), so a count written before the hand-back is never taken for its result. An
+    expired Lease does not block, as in a migration."""
+    leases = list(leases)
+    live = live_agents(leases, now)
+    left: dict[str, str] = {}
+    seen: dict[str, str] = {}
     for lease in leases:
         meta, spec = lease.get("metadata") or {}, lease.get("spec") or {}
         node = str(spec.get("holderIdentity") or str(meta.get("name") or "").removeprefix(c.AGENT_LEASE_PREFIX))
         if node not in live:
             continue
+        seen[node] = str(meta.get("resourceVersion") or "")
         count = (meta.get("annotations") or {}).get(c.REDIRECTS_ANNOTATION)
         if count != "0":
-            out[node] = str(count) if count is not None else "?"
-    return out
+            left[node] = str(count) if count is not None else "?"
+        elif baseline is None or baseline.get(node, seen[node]) == seen[node]:
+            left[node] = "not renewed since the hand-back"
+    return left, seen
 
 
 UNLABEL = {"metadata": {"labels": {c.SERVICE_PROXY_NAME_LABEL: None}, "annotations": {c.HANDOVER_ANNOTATION: None}}}
@@ -81,10 +90,11 @@ def uninstall(cluster: Cluster, *, proxy_name: str, agent_namespace: str, timeou
         say("not finished: fix the errors above and run `lightpath uninstall` again")
         return 1
     deadline = time.monotonic() + timeout
-    left = redirects_left(cluster.list_leases(agent_namespace), clock())
+    left, baseline = redirects_left(cluster.list_leases(agent_namespace), clock())
     while left and time.monotonic() < deadline:
         sleep(0.2)
-        left = redirects_left(cluster.list_leases(agent_namespace), clock())
+        left, seen = redirects_left(cluster.list_leases(agent_namespace), clock(), baseline)
+        baseline = {**seen, **baseline}  # an agent that appeared meanwhile: from its first version on
     if left:
         nodes = ", ".join(f"{n} ({count})" for n, count in sorted(left.items()))
         say(f"not finished: these nodes still hold redirects after {timeout:g}s: {nodes}. "

@@ -119,6 +119,7 @@ class Agent:
         self.handback_hold, self.handback_timeout = handback_hold, handback_timeout
         self._held: dict[Key, tuple[float, float]] = {}  # key -> (since, deadline), monotonic
         self.on_synced: Callable[[], None] | None = None  # after each successful sync (the Lease reporter)
+        self._reported = -1
         self._next_hold_check = 0.0
 
     # -- reading (debug server) -----------------------------------------------------------------------
@@ -399,8 +400,9 @@ class Agent:
         s.changes_applied += len(arrivals)
         self._retry_delay = self.retry_min
         self._update_gauges()
-        if self.on_synced is not None and self.tracker.marked:
-            self.on_synced()
+        if self.on_synced is not None and (self.tracker.marked or len(self._applied) != self._reported):
+            self._reported = len(self._applied)
+            self.on_synced()  # the Lease: Services prepared, and how many redirects are in (uninstall waits for 0)
         if kind == "full":
             log.info("full sync done", extra={"entries": len(self._applied), "seconds": round(elapsed, 4),
                                               "cpu_seconds": round(time.thread_time() - self._cpu_started, 4)})

@@ -4,6 +4,7 @@ command line reaches it."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,10 +31,23 @@ def test_only_our_label_is_handed_back() -> None:
     assert handed_off(services, c.DEFAULT_PROXY_NAME) == [("shop", "web")]
 
 
+def versioned(lease: dict[str, Any], rv: str) -> dict[str, Any]:
+    lease["metadata"]["resourceVersion"] = rv
+    return lease
+
+
 def test_live_agents_must_report_zero_and_expired_ones_do_not_block() -> None:
-    leases = [lease_body("n1", [], NOW, redirects=0), lease_body("n2", [], NOW, redirects=3),
-              lease_body("n3", [], NOW), lease_body("n4", [], NOW - timedelta(minutes=5), redirects=9)]
-    assert redirects_left(leases, NOW) == {"n2": "3", "n3": "?"}  # n3: an agent that does not report
+    leases = [versioned(lease_body("n1", [], NOW, redirects=0), "1"), versioned(lease_body("n2", [], NOW, redirects=3), "2"),
+              versioned(lease_body("n3", [], NOW), "3"),
+              versioned(lease_body("n4", [], NOW - timedelta(minutes=5), redirects=9), "4")]
+    left, seen = redirects_left(leases, NOW)
+    # n3: an agent that does not report; n4 expired; n1's "0" counts only once written after this first read
+    assert left == {"n1": "not renewed since the hand-back", "n2": "3", "n3": "?"}
+    assert seen == {"n1": "1", "n2": "2", "n3": "3"}
+    # A "0" written before the labels went does not count: the Lease must have been written again.
+    assert redirects_left(leases, NOW, baseline=seen)[0]["n1"] == "not renewed since the hand-back"
+    renewed = [versioned(lease_body("n1", [], NOW, redirects=0), "7")]
+    assert redirects_left(renewed, NOW, baseline=seen)[0] == {}
 
 
 def test_a_node_still_holding_redirects_stops_the_uninstall_and_is_named(tmp_path: Any) -> None:
@@ -56,11 +70,24 @@ def test_a_node_still_holding_redirects_stops_the_uninstall_and_is_named(tmp_pat
         assert service is not None and c.SERVICE_PROXY_NAME_LABEL not in (service["metadata"].get("labels") or {})
         hooks = [h["metadata"]["name"] for h in cluster.list_webhook_configurations("")]
         assert hooks == ["someone-else"]  # only ours deleted
-        # Once the node reports 0, the command line finishes with 0 and says what to do next.
-        client.CoordinationV1Api(api.api_client()).patch_namespaced_lease(
-            lease["metadata"]["name"], c.DEFAULT_AGENT_NAMESPACE,
-            {"metadata": {"annotations": {c.REDIRECTS_ANNOTATION: "0"}}, "spec": {"renewTime": lease_body(
-                "node-a", [], datetime.now(UTC))["spec"]["renewTime"]}},
-            _content_type="application/merge-patch+json")
-        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
-        assert main(["--kubeconfig", str(kubeconfig), "uninstall", "--timeout", "5"]) == 0
+        # Once the node's agent writes 0 (renewing its Lease, as agents do every 5 s), the command line
+        # finishes with 0.
+        leases = client.CoordinationV1Api(api.api_client())
+        done = threading.Event()
+
+        def agent_renews() -> None:
+            while not done.wait(0.1):
+                leases.patch_namespaced_lease(
+                    lease["metadata"]["name"], c.DEFAULT_AGENT_NAMESPACE,
+                    {"metadata": {"annotations": {c.REDIRECTS_ANNOTATION: "0"}},
+                     "spec": {"renewTime": lease_body("node-a", [], datetime.now(UTC))["spec"]["renewTime"]}},
+                    _content_type="application/merge-patch+json")
+
+        renewer = threading.Thread(target=agent_renews, daemon=True)
+        renewer.start()
+        try:
+            kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+            assert main(["--kubeconfig", str(kubeconfig), "uninstall", "--timeout", "10"]) == 0
+        finally:
+            done.set()
+            renewer.join(5)

@@ -151,7 +151,9 @@ def test_uninstall_hands_everything_back_and_the_agents_clean_up(tmp_path: Path)
             assert "lightpath" not in [w.metadata.name for w in client.AdmissionregistrationV1Api(
                 node.api.api_client()).list_mutating_webhook_configuration().items]
             assert c.SERVICE_PROXY_NAME_LABEL not in (node.core.read_namespaced_service("web", NS).metadata.labels or {})
-            assert f"{IP} . tcp . 80 : goto service-" in (standin.applied or "")  # kube-proxy serves it
+            # kube-proxy serves it: the agent released its redirect only once the rule was in the kernel
+            # (wait_for only covers the stand-in thread's bookkeeping after its own apply)
+            standin.wait_for(lambda rs: f"{IP} . tcp . 80 : goto service-" in rs, timeout=5)
             assert Key(4, IP, 80) not in node.kernel_keys()  # released only after that
             apps.delete_namespaced_daemon_set("lightpath-redirector", c.DEFAULT_AGENT_NAMESPACE)
             wait_until(lambda: node.agent.logged("DaemonSet is being deleted"), timeout=10, what="deletion seen")
