@@ -90,7 +90,9 @@ def status_table(rows: Sequence[Row], summary: Summary, colour: bool) -> str:
             (ports_text(r.ports), None),
             (display_handler(r.handled_by), handler_style(r.handled_by)),
             (display_handler(r.wants), handler_style(r.wants)),
-            ("PENDING" if r.pending else "-", "pending" if r.pending else "dim"),
+            # a handover mark is the more specific state: a migration under way (or stuck half-way)
+            ("HANDOVER" if r.handover else ("PENDING" if r.pending else "-"),
+             "pending" if r.pending or r.handover else "dim"),
             (r.reason, None),
         ]
         for r in rows

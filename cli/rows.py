@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared import constants as c
 from shared.policy import Action, Decision, PolicyConfig, PortInfo, decide
 
 KUBE_PROXY = "kube-proxy"
@@ -40,6 +41,9 @@ class Row:
     action: Action
     reason: str
     eligible: bool
+    # A handover mark (lightpath.cloud/handover): a make-before-break migration is under way, or one whose
+    # CLI died before it labelled or unmarked the Service (docs/migration.md, "Handover protocol").
+    handover: str | None = None
 
     @property
     def pending(self) -> bool:
@@ -63,6 +67,7 @@ class Row:
             "reason": self.reason,
             "eligible": self.eligible,
             "pending": self.pending,
+            "handover": self.handover,
         }
 
 
@@ -120,7 +125,13 @@ def build_row(service: Mapping[str, Any], ns_labels: Mapping[str, str], config: 
         action=decision.action,
         reason=decision.reason,
         eligible=decision.eligible,
+        handover=_handover(service),
     )
+
+
+def _handover(service: Mapping[str, Any]) -> str | None:
+    value = ((service.get("metadata") or {}).get("annotations") or {}).get(c.HANDOVER_ANNOTATION)
+    return str(value)[:64] if value is not None else None
 
 
 def build_rows(

@@ -40,6 +40,7 @@ STATUS_SCHEMA: dict[str, Any] = {
                     "reason",
                     "eligible",
                     "pending",
+                    "handover",
                 ],
                 "properties": {
                     "namespace": {"type": "string", "minLength": 1},
@@ -53,6 +54,7 @@ STATUS_SCHEMA: dict[str, Any] = {
                     "reason": {"type": "string", "minLength": 1},
                     "eligible": {"type": "boolean"},
                     "pending": {"type": "boolean"},
+                    "handover": {"type": ["string", "null"]},
                 },
             },
         },

@@ -88,3 +88,18 @@ def test_row_dict_is_plain_json() -> None:
 
 def test_ports_text_without_ports() -> None:
     assert ports_text(service_ports({"spec": {}})) == "<none>"
+
+
+def test_a_service_in_handover_says_so() -> None:
+    """A make-before-break migration under way (or one whose CLI died before it unmarked the Service) shows
+    as HANDOVER in the table and as ``handover`` in JSON; other rows say null."""
+    from cli import render
+
+    marked = service("web", "shop", labels=ENABLED)
+    marked["metadata"]["annotations"] = {c.HANDOVER_ANNOTATION: c.HANDOVER_MIGRATE}
+    rows = build_rows([marked, service("api", "shop")], {}, CFG)
+    by_name = {r.ref.name: r for r in rows}
+    assert by_name["web"].to_dict()["handover"] == "migrate" and by_name["api"].to_dict()["handover"] is None
+    table = render.status_table(rows, summarize(rows), colour=False)
+    assert "HANDOVER" in next(line for line in table.splitlines() if " web " in line)
+    assert "HANDOVER" not in next(line for line in table.splitlines() if " api " in line)
