@@ -64,6 +64,12 @@ class _Pending:
     since: dict[str, float] = field(default_factory=dict)  # sid -> first pending change (monotonic)
 
 
+def _swap(into: dict[Key, Any], old: Iterable[tuple[Key, Any]], new: Iterable[tuple[Key, Any]]) -> None:
+    """One Service's entries in a node-wide map (its kernel verdicts, its source ranges): old out, new in."""
+    for key, _ in old:
+        into.pop(key, None)
+    into.update(new)
+
 class ControlPlane:
     """Feeds the store from Services and EndpointSlices of this node's cluster; answers the gate."""
 
@@ -209,18 +215,14 @@ class ControlPlane:
                         self.health[new.health[0]] = (sid, new.health[1])
                     health_changed = True
                 if old.blocked != new.blocked:
-                    for key, _ in old.blocked:
-                        self.blocked.pop(key, None)
-                    self.blocked.update(new.blocked)
+                    _swap(self.blocked, old.blocked, new.blocked)
                     blocks_changed = True
                 if old.exposed != new.exposed:
                     self.exposed.difference_update(old.exposed)
                     self.exposed.update(new.exposed)
                     blocks_changed = True
                 if old.firewall != new.firewall:
-                    for key, _ in old.firewall:
-                        self.firewall.pop(key, None)
-                    self.firewall.update(new.firewall)
+                    _swap(self.firewall, old.firewall, new.firewall)
                     blocks_changed = True
                 if new is NOTHING or (not new.clusters and not new.problems):
                     self._published.pop(sid, None)
