@@ -119,6 +119,12 @@ def cleanup(settings: config.Settings) -> int:
             from redirector.fallback import fallback_script
 
             nftables.Nftables().cmd(fallback_script(f"{settings.nft_table}-fallback", {}))
+        else:
+            from redirector.iptables import IptablesBackend
+            from redirector.iptables_fallback import IptablesFallback
+
+            if isinstance(backend, IptablesBackend):
+                IptablesFallback(backend).cleanup()
     except Exception as exc:  # noqa: BLE001 - report and fail
         log.error("cleanup failed", extra={"backend": settings.backend, "error": str(exc)})
         return 1

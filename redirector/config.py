@@ -69,7 +69,7 @@ class Settings:
     # "auto": every loopback listener of --proxy-uid but the proxy port and our own servers (the shipped
     # Envoy's admin port is picked by the kernel; two Envoys during a rollout: their counters are added).
     envoy_admin: str | None = "auto"
-    # Kernel L4 fallback while Envoy is down (nftables backend with the control plane).
+    # Kernel L4 fallback while Envoy is down (either backend, with the control plane).
     fallback: str = "on"
     # Where the node's sysctls are (redirector.sysctls): /proc/sys in the node's netns, or the DaemonSet's
     # mount of the node's /proc/sys/net; None: the agent sets none.

@@ -12,7 +12,8 @@ connections go to Envoy again; established fallback connections keep their DNAT 
 
 Limits (docs/redirector.md): L4 only -- no retries, timeouts or outlier detection while in fallback; the
 backend sees the client's address, or the node's for NodePort and hairpin traffic; keys without endpoints
-stay rejected/dropped by ``redirector.blocks``; the nftables backend only. Hysteresis bounds the switching: into
+stay rejected/dropped by ``redirector.blocks`` (nftables). On the iptables backend the same decisions become
+statistic-mode chains (``redirector.iptables_fallback``). Hysteresis bounds the switching: into
 the fallback at once, back to Envoy only after it served for ``up_after`` and at most once per
 ``min_interval`` (2 s) -- so a flapping Envoy costs at most one round trip per 2 s.
 """
@@ -98,14 +99,18 @@ class Watchdog:
                  accepting: Callable[[], bool], targets: Callable[[], Mapping[Key, tuple[Endpoint, ...]]],
                  period: float = 0.1, down_after: float = 0.3, up_after: float = 1.0, min_interval: float = 2.0,
                  on_switch: Callable[[bool], None] | None = None, write: Callable[[str], str | None] | None = None,
-                 revision: Callable[[], object] | None = None) -> None:
-        """``write`` runs an nft script and returns an error or None (default: libnftables here).
+                 revision: Callable[[], object] | None = None,
+                 render: Callable[[Mapping[Key, tuple[Endpoint, ...]]], str] | None = None) -> None:
+        """``render`` turns targets into the kernel's text (default: ``fallback_script`` for ``table``) and
+        ``write`` runs it, returning an error or None (default: libnftables here); the iptables backend
+        passes both from ``redirector.iptables_fallback``.
         ``revision`` changes whenever the targets may have: while in fallback they are recomputed only then
         (not every period: at 10,000 Services the script is large)."""
         self.revision = revision
         self._revision: object = None
         self.table = table
         self._run = write or self._libnftables
+        self._render = render or (lambda targets: fallback_script(table, targets))
         self.connected, self.in_sync, self.accepting, self.targets = connected, in_sync, accepting, targets
         self.period, self.down_after, self.up_after, self.min_interval = period, down_after, up_after, min_interval
         self.on_switch = on_switch
@@ -124,7 +129,7 @@ class Watchdog:
         self._stop.set()
 
     def run(self) -> None:
-        self._write(fallback_script(self.table, {}))  # a previous agent's fallback: Envoy decides anew
+        self._write(self._render({}))  # a previous agent's fallback: Envoy decides anew
         while not self._stop.wait(self.period):
             try:
                 self.check(time.monotonic())
@@ -156,17 +161,18 @@ class Watchdog:
             self._switch(False, now)
         elif self.active and (self.revision is None or self.revision() != self._revision):
             self._revision = self.revision() if self.revision is not None else None
-            self._write(fallback_script(self.table, self.targets()))  # endpoints changed meanwhile
+            self._write(self._render(self.targets()))  # endpoints changed meanwhile
 
     def _switch(self, on: bool, now: float) -> None:
-        script = fallback_script(self.table, self.targets() if on else {})
+        targets = self.targets() if on else {}
+        script = self._render(targets)
         if not self._write(script):
             return
         self.active, self._last_switch, self.switches = on, now, self.switches + 1
         self.since = now if on else None
         if on:
             log.warning("Envoy is not serving: migrated Services fall back to kernel load-balancing (L4 only)",
-                        extra={"keys": script.count(": goto k")})
+                        extra={"keys": sum(1 for eps in targets.values() if eps)})
         else:
             log.info("Envoy serves again: kernel fallback removed")
         if self.on_switch is not None:

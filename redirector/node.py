@@ -211,10 +211,21 @@ def _envoy_admin(settings: Settings) -> Any:
 
 
 def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: AdsServer) -> Any:
-    """The kernel L4 fallback while Envoy is down (nftables backend, on unless --fallback off)."""
-    if settings.fallback != "on" or settings.backend != "nftables":
+    """The kernel L4 fallback while Envoy is down (on unless --fallback off): an nftables table of its own,
+    or statistic-mode chains on the iptables backend (written through that backend's runner)."""
+    if settings.fallback != "on":
         return None
     from redirector.fallback import Watchdog, port_accepts
+
+    kernel: dict[str, Any] = {}
+    if settings.backend == "iptables":
+        from redirector.iptables import IptablesBackend
+        from redirector.iptables_fallback import IptablesFallback
+
+        if not isinstance(agent.backend, IptablesBackend):
+            return None
+        chains = IptablesFallback(agent.backend)
+        kernel = {"render": chains.render, "write": chains.write}
 
     def switched(on: bool) -> None:
         agent.metrics.fallback_active.set(1 if on else 0)
@@ -223,7 +234,7 @@ def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: Ads
     return Watchdog(f"{settings.nft_table}-fallback", connected=lambda: server.newest() is not None,
                     in_sync=plane.in_sync, accepting=lambda: port_accepts(settings.proxy_port),
                     targets=lambda: plane.endpoints_for(agent.applied_keys()), on_switch=switched,
-                    revision=lambda: (plane.store.revision, agent.status.transactions))
+                    revision=lambda: (plane.store.revision, agent.status.transactions), **kernel)
 
 
 def _lease(settings: Settings, api: client.ApiClient, agent: Agent) -> LeaseReporter | None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from kubernetes import client
 
+from redirector.iptables import IptablesBackend
 from redirector.model import Key
 from sandbox.api.apiserver import SandboxApiServer
 from sandbox.api.resources import NAMESPACES
@@ -38,7 +39,9 @@ class EnvoyNode:
         self.envoy = EnvoyProcess(topo.node, workdir / "envoy", xds_socket=self.socket, node_id=NODE)
         self.core = client.CoreV1Api(api.api_client())
         self.discovery = client.DiscoveryV1Api(api.api_client())
-        self.kernel = nft_backend(topo.node.name)
+        args = list(agent_args)
+        iptables = "--backend" in args and args[args.index("--backend") + 1] == "iptables"
+        self.kernel = IptablesBackend(netns=topo.node.name) if iptables else nft_backend(topo.node.name)
         self.listeners: list[Listener] = []
         self.more_envoys: list[EnvoyProcess] = []
 

@@ -24,8 +24,9 @@ def metric(node: EnvoyNode, name: str) -> float:
     return float(line.split()[-1]) if line else 0.0
 
 
-def test_envoy_killed_the_kernel_serves_then_envoy_again(tmp_path: Path) -> None:
-    with envoy_node(tmp_path) as node:
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_envoy_killed_the_kernel_serves_then_envoy_again(tmp_path: Path, backend: str) -> None:
+    with envoy_node(tmp_path, agent_args=["--backend", backend]) as node:
         for pod in (0, 1):
             node.serve(pod, "http", 4, port=8080)
             node.serve(pod, "tcp", 4, port=5433)

@@ -134,6 +134,26 @@ def test_cleanup_removes_our_table_and_nothing_else() -> None:
         assert ns.run([str(BINARY), "cleanup"], check=False).returncode == 0  # idempotent
 
 
+@pytest.mark.root
+def test_cleanup_on_the_iptables_backend_removes_the_redirect_and_the_fallback_chains() -> None:
+    from redirector import iptables_rules as rules
+    from redirector.iptables import IptablesBackend
+    from redirector.iptables_fallback import IptablesFallback
+    from redirector.model import Key
+
+    with NetNS(f"lpr-{os.getpid()}-0-iptcleanup") as ns:
+        backend = IptablesBackend(netns=ns.name, variant="nft")
+        backend.ensure({Key(4, "10.96.0.10", 80)})
+        fallback = IptablesFallback(backend)
+        assert fallback.write(fallback.render({Key(4, "10.96.0.10", 80): (("10.244.0.10", 8080),)})) is None
+        done = ns.run([str(BINARY), "cleanup", "--backend", "iptables", "--iptables-variant", "nft"], check=False)
+        assert done.returncode == 0, done.stderr
+        for family in (4, 6):
+            saved = rules.parse_save(backend.save(family))
+            assert not [c for c in saved.chains if c.startswith("LIGHTPATH") or fallback.names.ours(c)], saved.chains
+        assert backend.read() == frozenset()
+
+
 def test_iptables_variant_reaches_the_backend() -> None:
     from redirector.backends import make_backend
 
