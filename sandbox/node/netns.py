@@ -222,18 +222,26 @@ class Topology:
     on the service device, the stand-in for the node's uplink.
     """
 
-    def __init__(self, pods: int = 2, *, ipv6: bool = True, prefix: str = "lp", addressless: bool = False) -> None:
+    def __init__(self, pods: int = 2, *, ipv6: bool = True, prefix: str = "lp", addressless: bool = False,
+                 subnet: int = 0) -> None:
+        """``subnet``: this node's pod range, 10.244.<subnet>.0/24 and fd00:10:244:<subnet>::/64 (several
+        nodes in one test, ``sandbox.node.multinode``); 0 is the single node every other test uses."""
         if pods < 0 or pods > 200:
             raise ValueError(f"pods must be in 0..200, got {pods}")
+        if not 0 <= subnet < 256:
+            raise ValueError(f"subnet must be in 0..255, got {subnet}")
         base = f"{prefix}-{os.getpid()}-{next(_counter)}"
         self.ipv6 = ipv6
         self.addressless = addressless
         self.node = NetNS(f"{base}-node")
         self.pods = [NetNS(f"{base}-pod{i}") for i in range(pods)]
-        self.pod_ips = [f"10.244.0.{10 + i}" for i in range(pods)]
-        self.pod_ips6 = [f"fd00:10:244::{10 + i}" for i in range(pods)] if ipv6 else []
-        self.node_ips = [NODE_IP, NODE_IP6] if ipv6 else [NODE_IP]
-        self.node_ip, self.node_ip6 = NODE_IP, (NODE_IP6 if ipv6 else None)
+        self.subnet = subnet
+        v6 = f"fd00:10:244:{subnet:x}:" if subnet else "fd00:10:244:"
+        self.pod_ips = [f"10.244.{subnet}.{10 + i}" for i in range(pods)]
+        self.pod_ips6 = [f"{v6}:{10 + i}" for i in range(pods)] if ipv6 else []
+        node_ip, node_ip6 = f"10.244.{subnet}.1", f"{v6}:1"
+        self.node_ips = [node_ip, node_ip6] if ipv6 else [node_ip]
+        self.node_ip, self.node_ip6 = node_ip, (node_ip6 if ipv6 else None)
 
     @property
     def all(self) -> list[NetNS]:
@@ -274,9 +282,9 @@ class Topology:
         if self.ipv6:
             node.append(f"route add {SERVICE_CIDR6} dev {SERVICE_DEVICE}")
         if self.addressless:
-            node.append(f"addr add {NODE_IP}/32 dev {SERVICE_DEVICE}")
+            node.append(f"addr add {self.node_ip}/32 dev {SERVICE_DEVICE}")
             if self.ipv6:
-                node.append(f"addr add {NODE_IP6}/128 dev {SERVICE_DEVICE} nodad")
+                node.append(f"addr add {self.node_ip6}/128 dev {SERVICE_DEVICE} nodad")
         for i, pod in enumerate(self.pods):
             veth = f"veth{i}"
             mac = f" address {HOST_VETH_MAC}" if self.addressless else ""
@@ -286,11 +294,11 @@ class Topology:
                 f"route add {self.pod_ips[i]}/32 dev {veth}",
             ]
             if not self.addressless:
-                node.append(f"addr add {NODE_IP}/32 dev {veth}")
+                node.append(f"addr add {self.node_ip}/32 dev {veth}")
             if self.ipv6:
                 node.append(f"route add {self.pod_ips6[i]}/128 dev {veth}")
                 if not self.addressless:
-                    node.append(f"addr add {NODE_IP6}/128 dev {veth} nodad")
+                    node.append(f"addr add {self.node_ip6}/128 dev {veth} nodad")
         _run(["ip", "-n", self.node.name, "-batch", "-"], input="\n".join(node) + "\n")
         for i, pod in enumerate(self.pods):
             _run(["ip", "-n", pod.name, "-batch", "-"], input="\n".join(self._pod_commands(i)) + "\n")
@@ -308,7 +316,7 @@ class Topology:
                     cmds.append(f"route add {gateway}/32 dev eth0 scope link")
                 cmds.append(f"neigh add {gateway} lladdr {HOST_VETH_MAC} dev eth0 nud permanent")
             else:
-                gateway = NODE_IP6 if ":" in gateway else NODE_IP
+                gateway = (self.node_ip6 or "") if ":" in gateway else self.node_ip
                 cmds.append(f"route add {gateway}/{plen} dev eth0")
             cmds.append(f"route add default via {gateway} dev eth0")
         return cmds

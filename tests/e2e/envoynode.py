@@ -30,13 +30,14 @@ CLUSTER_IPS = ("10.96.0.10", "fd00:10:96::10")
 
 
 class EnvoyNode:
-    def __init__(self, api: SandboxApiServer, topo: Topology, workdir: Path, agent_args: Sequence[str] = ()) -> None:
-        self.api, self.topo, self.workdir = api, topo, workdir
+    def __init__(self, api: SandboxApiServer, topo: Topology, workdir: Path, agent_args: Sequence[str] = (),
+                 name: str = NODE) -> None:
+        self.api, self.topo, self.workdir, self.name = api, topo, workdir, name
         self.socket = workdir / "run" / "xds.sock"
         self.agent = AgentProcess(topo.node, api, workdir, args=[
-            "--xds-socket", str(self.socket), "--node-name", NODE, "--debug-port", str(c.REDIRECTOR_DEBUG_PORT),
+            "--xds-socket", str(self.socket), "--node-name", name, "--debug-port", str(c.REDIRECTOR_DEBUG_PORT),
             "--batch-idle", "0.001", *agent_args])
-        self.envoy = EnvoyProcess(topo.node, workdir / "envoy", xds_socket=self.socket, node_id=NODE)
+        self.envoy = EnvoyProcess(topo.node, workdir / "envoy", xds_socket=self.socket, node_id=name)
         self.core = client.CoreV1Api(api.api_client())
         self.discovery = client.DiscoveryV1Api(api.api_client())
         args = list(agent_args)
@@ -73,7 +74,7 @@ class EnvoyNode:
         items = []
         for spec in endpoints:
             conditions = {k: spec[k] for k in ("ready", "serving", "terminating") if k in spec}
-            item: dict[str, Any] = {"addresses": [ips[spec["pod"]]], "nodeName": spec.get("node", NODE),
+            item: dict[str, Any] = {"addresses": [ips[spec["pod"]]], "nodeName": spec.get("node", self.name),
                                     "conditions": conditions or {"ready": True}}
             if "zone" in spec:
                 item["zone"] = spec["zone"]
@@ -99,7 +100,7 @@ class EnvoyNode:
     def another_envoy(self, name: str, **kw: Any) -> EnvoyProcess:
         """One more Envoy on the same xDS socket (a rollout's successor: its own workdir, base id and, with
         ``admin_port=0``, admin port), stopped with the node; not started."""
-        envoy = EnvoyProcess(self.topo.node, self.workdir / name, xds_socket=self.socket, node_id=NODE, **kw)
+        envoy = EnvoyProcess(self.topo.node, self.workdir / name, xds_socket=self.socket, node_id=self.name, **kw)
         self.more_envoys.append(envoy)
         return envoy
 
