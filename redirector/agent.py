@@ -117,7 +117,10 @@ class Agent:
         # kube-proxy's rules cannot be read, for ``handback_hold`` (>= 2 x kube-proxy's minSyncPeriod).
         self.kube_proxy = kube_proxy
         self.handback_hold, self.handback_timeout = handback_hold, handback_timeout
-        self._held: dict[Key, tuple[float, float]] = {}  # key -> (since, deadline), monotonic
+        # key -> (since, deadline, settled): monotonic. A kube-proxy rule counts only from ``settled`` on: until
+        # the label that took the Service from kube-proxy is handback_hold old, kube-proxy may still be about to
+        # apply it (rate-limited syncs) and remove the very rule we see (a rollback right after a migration).
+        self._held: dict[Key, tuple[float, float, float]] = {}
         self.on_synced: Callable[[], None] | None = None  # after each successful sync (the Lease reporter)
         self._reported = -1
         self._next_hold_check = 0.0
@@ -234,7 +237,7 @@ class Agent:
         now = time.monotonic()
         with self._lock:
             touched: set[Key] = set()
-            handed_back: set[Key] = set()
+            handed_back: dict[Key, float] = {}  # key -> when its Service's label was first seen
             if relist is not None:
                 delta = self.index.replace_entries(relist[0])
                 touched |= delta.add | delta.delete
@@ -243,16 +246,16 @@ class Agent:
                 delta = self.index.put(sid, change.entries)
                 touched |= delta.add | delta.delete
                 if change.handback and before is not None:
-                    handed_back |= delta.delete
+                    handed_back.update(dict.fromkeys(delta.delete, change.labelled_at or 0.0))
                 after = self.index.get(sid)
                 if after is not None and (after.unserved or after.errors) and after != before:
                     self._log_problems(sid, after)
             touched |= gate_pending
             for key in [k for k in self._held if self.index.has_key(k)]:
                 del self._held[key]  # wanted again (labelled again): simply stays
-            for key in handed_back & self._applied:
-                if not self.index.has_key(key):
-                    self._held.setdefault(key, (now, now + self.handback_timeout))
+            for key, labelled_at in handed_back.items():
+                if key in self._applied and not self.index.has_key(key):
+                    self._held.setdefault(key, (now, now + self.handback_timeout, labelled_at + self.handback_hold))
             wanted = {k for k in touched if self.index.has_key(k) and k not in self._applied}
             delete = frozenset(k for k in touched if k in self._applied and not self.index.has_key(k)
                                and k not in self._held)
@@ -282,8 +285,8 @@ class Agent:
             except Exception as exc:  # noqa: BLE001 - cannot tell: the bounded hold applies
                 log.warning("reading kube-proxy's rules failed", extra={"error": str(exc)[:300]})
         released: set[Key] = set()
-        for key, (since, deadline) in list(self._held.items()):
-            if serving is not None and key in serving:
+        for key, (since, deadline, settled) in list(self._held.items()):
+            if serving is not None and key in serving and now >= settled:
                 why = "kube-proxy"
             elif now >= (deadline if serving is not None else since + self.handback_hold):
                 why = "timeout" if serving is not None else "hold"
@@ -318,7 +321,7 @@ class Agent:
         """Keys held for a handback, with seconds held so far (debug endpoints)."""
         now = time.monotonic()
         with self._lock:
-            return {str(k): round(now - since, 3) for k, (since, _) in self._held.items()}
+            return {str(k): round(now - since, 3) for k, (since, _, _) in self._held.items()}
 
     # -- the two kinds of sync ------------------------------------------------------------------------
 

@@ -28,6 +28,10 @@ class Change:
     entries: ServiceEntries | None  # None: deleted (or no longer labelled)
     since: float  # monotonic time the first still-pending change of this Service arrived
     handback: bool = False  # entries None because the label went while the Service stays (not deleted)
+    # When this agent saw the handoff label arrive (monotonic; 0.0 = before this agent started), for a
+    # handback: kube-proxy may still be about to apply that label (its syncs are rate-limited), so a rule of
+    # its seen before then + a settle period may be one it is about to remove (``Agent``'s hold).
+    labelled_at: float | None = None
 
 
 class Batch(NamedTuple):
@@ -53,6 +57,7 @@ class ChangeTracker:
         # Services marked for a make-before-break migration (not yet labelled): redirected like ours so the
         # label can follow once every node is prepared (docs/migration.md, "Handover protocol").
         self.marked: set[ServiceId] = set()
+        self.labelled_at: dict[ServiceId, float] = {}  # labelled Services -> when the label was first seen
 
     # WatchSink
     def replace(self, services: Iterable[dict[str, Any]]) -> None:
@@ -60,14 +65,20 @@ class ChangeTracker:
         of it is published."""
         listed: list[tuple[ServiceId, ServiceEntries]] = []
         marked: set[ServiceId] = set()
+        labelled: list[ServiceId] = []
         for s in services:
             if self._ours(s):
                 listed.append((service_id(s), service_entries(s)))
                 if self._marked(s):
                     marked.add(service_id(s))
+                elif self._labelled(s):
+                    labelled.append(service_id(s))
         now = time.monotonic()
         with self._cond:
             self.marked = marked
+            # The first list: labelled before this agent started (0.0); a relist: new ones count from now.
+            first = 0.0 if not self.listed.is_set() else now
+            self.labelled_at = {sid: self.labelled_at.get(sid, first) for sid in labelled}
             self._relist = (listed, now)
             self._changes.clear()  # the list supersedes them
             self.last_event = now
@@ -77,16 +88,22 @@ class ChangeTracker:
     def upsert(self, service: dict[str, Any]) -> None:
         ours = self._ours(service)
         sid = service_id(service)
+        labelled_at: float | None = None
         with self._cond:
             if ours and self._marked(service):
                 self.marked.add(sid)
             else:
                 self.marked.discard(sid)
-        self._record(sid, service_entries(service) if ours else None, handback=not ours)
+            if self._labelled(service):
+                self.labelled_at.setdefault(sid, time.monotonic())
+            else:
+                labelled_at = self.labelled_at.pop(sid, None)
+        self._record(sid, service_entries(service) if ours else None, handback=not ours, labelled_at=labelled_at)
 
     def delete(self, service: dict[str, Any]) -> None:
         with self._cond:
             self.marked.discard(service_id(service))
+            self.labelled_at.pop(service_id(service), None)
         self._record(service_id(service), None)
 
     def restarted(self, reason: str) -> None:
@@ -109,18 +126,23 @@ class ChangeTracker:
         except Exception:  # noqa: BLE001 - the policy never raises; if it did, not marked
             return False
 
-    def _ours(self, service: dict[str, Any]) -> bool:
-        """Labelled for our proxy -- the one place the label filter is configured -- or marked for migration."""
+    def _labelled(self, service: dict[str, Any]) -> bool:
+        """Labelled for our proxy: the one place the label filter is configured."""
         labels = (service.get("metadata") or {}).get("labels") or {}
-        if isinstance(labels, dict) and labels.get(self._label_key) == self._label_value:
-            return True
-        return self._marked(service)
+        return isinstance(labels, dict) and labels.get(self._label_key) == self._label_value
 
-    def _record(self, sid: ServiceId, entries: ServiceEntries | None, *, handback: bool = False) -> None:
+    def _ours(self, service: dict[str, Any]) -> bool:
+        """Labelled for our proxy, or marked for migration."""
+        return self._labelled(service) or self._marked(service)
+
+    def _record(self, sid: ServiceId, entries: ServiceEntries | None, *, handback: bool = False,
+                labelled_at: float | None = None) -> None:
         now = time.monotonic()
         with self._cond:
             previous = self._changes.get(sid)
-            self._changes[sid] = Change(entries, previous.since if previous else now, handback)
+            if labelled_at is None and previous is not None:
+                labelled_at = previous.labelled_at
+            self._changes[sid] = Change(entries, previous.since if previous else now, handback, labelled_at)
             self.last_event = now
             self._cond.notify_all()
 

@@ -19,6 +19,7 @@ import pytest
 from cli.main import main
 from redirector.model import Key
 from sandbox.node.client_loop import ClientLoop, Record
+from sandbox.node.nftwatch import NftMonitor
 from sandbox.node.traffic import wait_until
 from shared import constants as c
 from tests.e2e.envoynode import NS
@@ -131,6 +132,7 @@ def test_uninstall_on_three_nodes_hands_back_and_leaves_no_rule_on_any_node(tmp_
         _workload(k)
         kubeconfig = tmp_path / "kubeconfig"
         loops = _loops(k, tmp_path)
+        monitors = [NftMonitor(node.topo.node) for node in k.nodes]  # diagnosis, should a request fail
         try:
             code, said = lightpath(kubeconfig, "migrate", f"{NS}/web", f"{NS}/db")
             assert code == 0, said
@@ -157,7 +159,17 @@ def test_uninstall_on_three_nodes_hands_back_and_leaves_no_rule_on_any_node(tmp_
             _advance(loops)
         finally:
             records = [loop.stop() for loop in loops]
+            for monitor in monitors:
+                monitor.stop()
         print(f"\nuninstall on {len(k.nodes)} nodes: {_summary(records)}")
         failed = [(i, r) for i, recs in enumerate(records) for r in recs if not r.ok]
-        assert not failed, (marks, failed[:6])
+        if failed:
+            start = marks["uninstall"] - 1
+            for i, m in enumerate(monitors):
+                print(f"node-{i}:", "; ".join(f"{ip}:{port} {m.coverage(ip, port, start).describe()}"
+                                            for ip, port in ((WEB, 80), (DB, 5432))))
+                for t, lines in m.generations:
+                    if t >= start:
+                        print(f"  {t:.3f}", " | ".join(x for x in lines if WEB in x or DB in x or "table" in x)[:400])
+        assert not failed, (marks, [(i, round(r.t0, 3), round(r.t1, 3), r.error) for i, r in failed])
         assert all(r.via == "direct" for r in records[0][-5:])

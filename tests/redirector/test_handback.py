@@ -61,6 +61,30 @@ def test_the_redirect_stays_until_kube_proxys_rule_is_visible() -> None:
                                                {"released_by": "kube-proxy"}) == 1
 
 
+def test_a_rollback_right_after_a_migration_ignores_the_rule_kube_proxy_is_about_to_remove() -> None:
+    """Labelled at T0, unlabelled at T1 < T0 + handback_hold: kube-proxy (rate-limited) may not have applied
+    the label yet, so the rule we see is the one its next sync removes. Found on three nodes (uninstall right
+    after a migrate: 1 s of SYN timeouts). Its rule counts only once the label is handback_hold old."""
+    kube = KubeProxy()
+    a, fake = agent(kube, handback_hold=0.3)  # listed labelled: labelled before this agent started
+    b = Key(4, "10.96.0.2", 80)
+    a.tracker.upsert(service("b", cluster_ips=[b.ip]))  # migrated now
+    a.sync_once()
+    assert set(fake.dump()) == {A, b}
+    kube.serving = frozenset({A, b})  # kube-proxy still shows b's rule from before the label
+    a.tracker.upsert(service("b", cluster_ips=[b.ip], labelled=False))
+    unlabel(a)
+    a.sync_once()
+    assert fake.dump() == [b], "A (labelled long ago) goes at once; b waits for the label to settle"
+    labelled_for = time.monotonic()
+    deadline = labelled_for + 5
+    while fake.dump() and time.monotonic() < deadline:
+        a._next_hold_check = 0
+        a.sync_once()
+        time.sleep(0.01)
+    assert fake.dump() == [] and time.monotonic() - labelled_for >= 0.2  # released once settled, not before
+
+
 def test_a_deleted_service_loses_its_redirect_at_once() -> None:
     kube = KubeProxy()
     a, fake = agent(kube)
