@@ -6,7 +6,7 @@ EndpointSlices list pods on every node."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +49,8 @@ class Cluster:
 
 @contextmanager
 def cluster(workdir: Path, *, nodes: int = 3, pods: int = 2, agent_args: Sequence[str] = (),
-            min_sync_period: float = 1.0) -> Iterator[Cluster]:
+            min_sync_period: float = 1.0, agent_env: Mapping[int, dict[str, str]] | None = None) -> Iterator[Cluster]:
+    """``agent_env``: node index -> extra environment for that node's agent (test hooks)."""
     with SandboxApiServer(bookmark_interval=1.0) as api, MultiNode(nodes, pods) as net, ExitStack() as stack:
         api.operations.create(NAMESPACES, None, {"metadata": {"name": NS}})
         api.operations.create(NAMESPACES, None, {"metadata": {"name": c.DEFAULT_AGENT_NAMESPACE}})
@@ -59,8 +60,8 @@ def cluster(workdir: Path, *, nodes: int = 3, pods: int = 2, agent_args: Sequenc
         made = Cluster(api, [EnvoyNode(api, topo, workdir / f"node{i}", agent_args, name=f"node-{i}")
                              for i, topo in enumerate(net.nodes)])
         try:
-            for node in made.nodes:
-                node.agent.start()
+            for i, node in enumerate(made.nodes):
+                node.agent.start(env=(agent_env or {}).get(i))
             for node in made.nodes:
                 node.agent.wait_synced()
                 node.envoy.start()

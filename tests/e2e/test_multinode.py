@@ -11,6 +11,7 @@ import io
 import os
 import signal
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -173,3 +174,52 @@ def test_uninstall_on_three_nodes_hands_back_and_leaves_no_rule_on_any_node(tmp_
                         print(f"  {t:.3f}", " | ".join(x for x in lines if WEB in x or DB in x or "table" in x)[:400])
         assert not failed, (marks, [(i, round(r.t0, 3), round(r.t1, 3), r.error) for i, r in failed])
         assert all(r.via == "direct" for r in records[0][-5:])
+
+
+def test_a_migration_one_node_cannot_serve_aborts_cleanly_and_a_killed_agent_does_not_stall_one(
+        tmp_path: Path) -> None:
+    """Issue 14's failure cases on three nodes under the client loops: Envoy on node-1 refuses one Service
+    (a real NACK, through the test hook) -> its migration aborts, naming node-1, and kube-proxy keeps it
+    everywhere; an agent SIGKILLed in the middle of a migration and restarted (as the kubelet does) -> the
+    migration completes. 0 failed requests throughout."""
+    from redirector.node import TEST_REFUSE_ENV
+
+    with cluster(tmp_path, agent_env={1: {TEST_REFUSE_ENV: f"{NS}/db"}}) as k:
+        _workload(k)
+        kubeconfig = tmp_path / "kubeconfig"
+        loops = _loops(k, tmp_path)
+        try:
+            code, said = lightpath(kubeconfig, "migrate", f"{NS}/db", "--handover-timeout", "4")
+            assert code != 0 and "node-1" in said and "not prepared" in said, said
+            svc = k.core.read_namespaced_service("db", NS)
+            assert c.HANDOVER_ANNOTATION not in (svc.metadata.annotations or {})
+            assert c.SERVICE_PROXY_NAME_LABEL not in (svc.metadata.labels or {})
+            for node, standin in zip(k.nodes, k.standins, strict=True):
+                assert f"{DB} . tcp . 5432 : goto" in (standin.applied or ""), node.name  # kube-proxy keeps it
+            wait_until(lambda: all(Key(4, DB, 5432) not in n.kernel_keys() for n in k.nodes), timeout=15,
+                       what="the prepared nodes let go of the aborted Service")
+            _advance(loops)
+            # An agent killed while a migration waits for it: restarted, it prepares the Service; done. Frozen
+            # first (SIGSTOP), so it is certainly killed before it could prepare.
+            victim = k.nodes[2]
+            assert victim.agent.proc is not None
+            os.kill(victim.agent.proc.pid, signal.SIGSTOP)
+            result: list[tuple[int, str]] = []
+            migrate = threading.Thread(target=lambda: result.append(
+                lightpath(kubeconfig, "migrate", f"{NS}/web", "--handover-timeout", "30")))
+            migrate.start()
+            wait_until(lambda: c.HANDOVER_ANNOTATION in (
+                k.core.read_namespaced_service("web", NS).metadata.annotations or {}), timeout=10, what="marked")
+            assert victim.agent.signal(signal.SIGKILL) == -signal.SIGKILL
+            assert not result, "the migration went on without node-2's agent"
+            victim.agent.start()
+            migrate.join(60)
+            assert result and result[0][0] == 0, result
+            for node in k.nodes:
+                assert Key(4, WEB, 80) in node.kernel_keys(), node.name
+            _advance(loops)
+            assert all(r.via == "envoy" for r in loops[2 * 2].records[-5:])  # node-2's HTTP loop on its Envoy
+        finally:
+            records = [loop.stop() for loop in loops]
+        print(f"\nabort + agent kill on {len(k.nodes)} nodes: {_summary(records)}")
+        assert not [r for recs in records for r in recs if not r.ok]
