@@ -124,6 +124,8 @@ class Agent:
         self.on_synced: Callable[[], None] | None = None  # after each successful sync (the Lease reporter)
         self._reported = -1
         self._next_hold_check = 0.0
+        self._prepared_seen: set[ServiceId] = set()  # marked Services already counted as prepared
+        self.tracker.on_handover = self._handover_ended
 
     # -- reading (debug server) -----------------------------------------------------------------------
 
@@ -310,7 +312,23 @@ class Agent:
                 entries = self.index.get(sid)
                 if entries is not None and entries.keys and all(k in self._applied for k in entries.keys):
                     out.append(sid)
+            for sid in out:
+                if sid not in self._prepared_seen:
+                    self._prepared_seen.add(sid)
+                    since = self.tracker.marked_at.get(sid)
+                    if since is not None:
+                        self.metrics.handover_prepare.observe(time.monotonic() - since)
             return out
+
+    def _handover_ended(self, sid: ServiceId, outcome: str, seconds: float) -> None:
+        """The tracker saw a Service's mark go (the watch thread)."""
+        self.metrics.handovers.labels(outcome).inc()
+        self.metrics.handover_duration.labels(outcome).observe(seconds)
+        with self._lock:
+            self._prepared_seen.discard(sid)
+        if outcome == "aborted":
+            log.warning("handover aborted: the mark went without the handoff label (the Service stays with "
+                        "kube-proxy)", extra={"service": sid, "marked_s": round(seconds, 3)})
 
     def applied_keys(self) -> frozenset[Key]:
         """What this agent has put in the kernel (its belief after the last successful sync)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -58,6 +58,9 @@ class ChangeTracker:
         # label can follow once every node is prepared (docs/migration.md, "Handover protocol").
         self.marked: set[ServiceId] = set()
         self.labelled_at: dict[ServiceId, float] = {}  # labelled Services -> when the label was first seen
+        self.marked_at: dict[ServiceId, float] = {}  # marked Services -> when this agent first saw the mark
+        # Called (outside the lock) when a mark goes: (sid, "migrated" | "aborted" | "deleted", seconds marked).
+        self.on_handover: Callable[[ServiceId, str, float], None] | None = None
 
     # WatchSink
     def replace(self, services: Iterable[dict[str, Any]]) -> None:
@@ -79,6 +82,7 @@ class ChangeTracker:
             # The first list: labelled before this agent started (0.0); a relist: new ones count from now.
             first = 0.0 if not self.listed.is_set() else now
             self.labelled_at = {sid: self.labelled_at.get(sid, first) for sid in labelled}
+            self.marked_at = {sid: self.marked_at.get(sid, now) for sid in marked}
             self._relist = (listed, now)
             self._changes.clear()  # the list supersedes them
             self.last_event = now
@@ -89,22 +93,33 @@ class ChangeTracker:
         ours = self._ours(service)
         sid = service_id(service)
         labelled_at: float | None = None
+        ended: tuple[str, float] | None = None
+        now = time.monotonic()
         with self._cond:
             if ours and self._marked(service):
                 self.marked.add(sid)
+                self.marked_at.setdefault(sid, now)
             else:
                 self.marked.discard(sid)
+                if sid in self.marked_at:
+                    ended = ("migrated" if self._labelled(service) else "aborted", now - self.marked_at.pop(sid))
             if self._labelled(service):
                 self.labelled_at.setdefault(sid, time.monotonic())
             else:
                 labelled_at = self.labelled_at.pop(sid, None)
         self._record(sid, service_entries(service) if ours else None, handback=not ours, labelled_at=labelled_at)
+        if ended is not None and self.on_handover is not None:
+            self.on_handover(sid, *ended)
 
     def delete(self, service: dict[str, Any]) -> None:
+        sid = service_id(service)
         with self._cond:
-            self.marked.discard(service_id(service))
-            self.labelled_at.pop(service_id(service), None)
-        self._record(service_id(service), None)
+            self.marked.discard(sid)
+            self.labelled_at.pop(sid, None)
+            since = self.marked_at.pop(sid, None)
+        self._record(sid, None)
+        if since is not None and self.on_handover is not None:
+            self.on_handover(sid, "deleted", time.monotonic() - since)
 
     def restarted(self, reason: str) -> None:
         with self._cond:

@@ -58,6 +58,18 @@ class Metrics:
             "How long a handed-back Service's redirect was kept after its label went, by what released it "
             "(kube-proxy: its rule became visible; timeout: it did not in time; hold: kube-proxy's rules unreadable).",
             ["released_by"], buckets=LATENCY_BUCKETS, registry=r)
+        self.handover_prepare = Histogram(
+            f"{PREFIX}_handover_prepare_seconds",
+            "From a Service's handover mark seen to its redirects in the kernel (Envoy ACKed them) on this node.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.handovers = Counter(
+            f"{PREFIX}_handovers",
+            "Migrations this node took part in, by how the mark went (migrated: the label came; aborted: the "
+            "mark went without it; deleted), with the seconds marked in handover_duration_seconds.",
+            ["outcome"], registry=r)
+        self.handover_duration = Histogram(
+            f"{PREFIX}_handover_duration_seconds", "How long Services stayed marked on this node, by outcome.",
+            ["outcome"], buckets=LATENCY_BUCKETS, registry=r)
         self.watch_restarts = Counter(
             f"{PREFIX}_watch_restarts", "Watch requests restarted, by reason (expired, gone, stalled, error).",
             ["reason"], registry=r)
@@ -68,3 +80,5 @@ class Metrics:
                 self.entries.labels(family, match).set(0)
         for reason in ("expired", "gone", "stalled", "error"):
             self.watch_restarts.labels(reason)
+        for outcome in ("migrated", "aborted", "deleted"):
+            self.handovers.labels(outcome)

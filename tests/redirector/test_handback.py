@@ -149,3 +149,32 @@ def test_parsers_read_kube_proxys_maps_and_iptables_rules() -> None:
     assert parse_iptables_save(4, save) == {Key(4, "10.96.0.20", 80), Key(4, None, 30080)}
     assert parse_iptables_save(6, "-A KUBE-SERVICES -d fd00:10:96::20/128 -p tcp -m tcp --dport 80 -j X\n") == {
         Key(6, "fd00:10:96::20", 80)}
+
+
+def _marked(name: str, ip: str) -> dict[str, Any]:
+    svc = service(name, cluster_ips=[ip], labelled=False)
+    svc["metadata"]["annotations"] = {c.HANDOVER_ANNOTATION: c.HANDOVER_MIGRATE}
+    return svc
+
+
+def test_handover_outcomes_and_prepare_time_are_counted_per_node() -> None:
+    """Issue 14 point 4: this node's part in each migration -- prepared after how long, and how the mark went."""
+    kube = KubeProxy()
+    a, fake = agent(kube)
+    b, d = Key(4, "10.96.0.2", 80), Key(4, "10.96.0.3", 80)
+    a.tracker.upsert(_marked("b", b.ip))
+    a.tracker.upsert(_marked("d", d.ip))
+    a.sync_once()
+    assert a.prepared() == ["shop/b", "shop/d"] and set(fake.dump()) == {A, b, d}
+    a.prepared()  # asked again (every Lease write): counted once
+    a.tracker.upsert(service("b", cluster_ips=[b.ip]))  # the label came: migrated
+    a.tracker.upsert(service("d", cluster_ips=[d.ip], labelled=False))  # the mark went alone: aborted
+    a.sync_once()
+
+    def value(name: str, **labels: str) -> float | None:
+        return a.metrics.registry.get_sample_value(f"lightpath_redirector_{name}", labels)
+
+    assert value("handover_prepare_seconds_count") == 2
+    assert value("handovers_total", outcome="migrated") == 1 and value("handovers_total", outcome="aborted") == 1
+    assert value("handover_duration_seconds_count", outcome="aborted") == 1
+    assert set(fake.dump()) >= {A, b}  # the migrated one stays; the aborted one is handed back (held)
