@@ -142,7 +142,7 @@ class Runner:
 
     def _prepare(self, verb: str, chunk: Sequence[Item], report: Report) -> tuple[list[Item], bool]:
         """Migration: every live node agent prepares the Services before their label (cli.handover)."""
-        movers = [i for i in chunk if verb == "migrate" and self.handover and i.expect == "lightpath"]
+        movers = [i for i in chunk if verb in ("migrate", "reconcile") and self.handover and i.expect == "lightpath"]
         if not movers:
             return list(chunk), False
         try:
@@ -180,10 +180,14 @@ class Runner:
         for item in chunk:
             assert item.patch is not None
             patch = item.patch
-            if verb == "migrate" and self.handover and item.expect == "lightpath":
+            if verb in ("migrate", "reconcile") and self.handover and item.expect == "lightpath":
+                # Prepared on every live node: the handoff label lands and the mark goes in one write, ours
+                # (the webhook leaves the label of a marked Service to its driver: docs/migration.md).
                 meta = dict(patch.get("metadata") or {})
+                meta["labels"] = {**(meta.get("labels") or {}), c.SERVICE_PROXY_NAME_LABEL: self.config.proxy_name}
                 meta["annotations"] = {**(meta.get("annotations") or {}), c.HANDOVER_ANNOTATION: None}
-                patch = {**patch, "metadata": meta}  # the label lands and the mark goes in one write
+                patch = {**patch, "metadata": meta}
+                report.paths[item.ref] = "handover"
             try:
                 self.cluster.patch_service(item.ref.namespace, item.ref.name, patch)
             except ClusterError as exc:
@@ -239,7 +243,7 @@ class Runner:
             if item.fallback is None:
                 continue
             if results[item.ref] is None:
-                report.paths[item.ref] = "webhook"
+                report.paths.setdefault(item.ref, "webhook")
                 continue
             try:
                 self.cluster.patch_service(item.ref.namespace, item.ref.name, item.fallback)

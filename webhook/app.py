@@ -86,8 +86,10 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
 class MutateHandler:
     """ASGI handler of ``POST /mutate``."""
 
-    def __init__(self, policy: PolicyConfig, namespaces: NamespaceSource, metrics: Metrics) -> None:
+    def __init__(self, policy: PolicyConfig, namespaces: NamespaceSource, metrics: Metrics, *,
+                 handover: bool = True) -> None:
         self.policy = policy
+        self.handover = handover
         self.namespaces = namespaces
         self.metrics = metrics
         self.dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -127,7 +129,7 @@ class MutateHandler:
                     except Exception:
                         self.metrics.errors.labels("namespace_lookup").inc()
                         raise
-                result: Admission = admit(req, labels, self.policy)
+                result: Admission = admit(req, labels, self.policy, handover=self.handover)
             else:
                 result = allow_untouched(req.uid, why_skip)
         except Exception as exc:
@@ -193,7 +195,7 @@ def create_app(settings: Settings, namespace_cache: NamespaceSource, cert_store:
     metrics = Metrics()
     metrics.registry.register(_StateCollector(cert_store, namespace_cache))
     app = WebhookApp(title="lightpath-webhook", docs_url=None, redoc_url=None, openapi_url=None)
-    app.mutate = MutateHandler(settings.policy(), namespace_cache, metrics)
+    app.mutate = MutateHandler(settings.policy(), namespace_cache, metrics, handover=settings.handover)
     app.state.metrics = metrics
 
     @app.get("/healthz")

@@ -27,6 +27,7 @@ def escape(token: str) -> str:
 
 LABEL_PATH = "/metadata/labels/" + escape(c.SERVICE_PROXY_NAME_LABEL)
 REASON_PATH = "/metadata/annotations/" + escape(c.REASON_ANNOTATION)
+MARK_PATH = "/metadata/annotations/" + escape(c.HANDOVER_ANNOTATION)
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,13 @@ def plan(
     decision: Decision,
     namespace_labels: Mapping[str, str],
     config: PolicyConfig,
+    *,
+    on_label: str = "label",
 ) -> Plan:
     """The ops that bring ``service`` to ``decision``; empty when it is already there.
+
+    ``on_label`` (``webhook.review.handover_step``) is what a decision to label becomes: "label"; "mark" --
+    the handover annotation instead, so the node agents prepare the Service before its label; "none".
 
     A Service owned by another proxy or in an excluded namespace is never touched (no label, no
     annotation). Otherwise the reason annotation is kept when the Service is "ours to explain": we act
@@ -69,7 +75,19 @@ def plan(
 
     ops: list[Op] = []
     steady = decision
-    if decision.action is not Action.LEAVE:
+    if decision.action is Action.LABEL and on_label != "label":
+        if on_label == "mark":
+            if isinstance(meta.get("annotations"), Mapping):
+                ops.append({"op": "add", "path": MARK_PATH, "value": c.HANDOVER_MIGRATE})
+            else:
+                ops.append({"op": "add", "path": "/metadata/annotations", "value": {c.HANDOVER_ANNOTATION: c.HANDOVER_MIGRATE}})
+                meta = {**meta, "annotations": {c.HANDOVER_ANNOTATION: c.HANDOVER_MIGRATE}}
+                annotations = meta["annotations"]
+        # The reason annotation below is the labelled Service's (it follows once the nodes are ready), so
+        # admitting the Service again after its label lands yields no patch.
+        labelled = {**labels, c.SERVICE_PROXY_NAME_LABEL: config.proxy_name}
+        steady = decide({**service, "metadata": {**meta, "labels": labelled}}, namespace_labels, config)
+    elif decision.action is not Action.LEAVE:
         new_labels = dict(labels)
         if decision.action is Action.LABEL:
             new_labels[c.SERVICE_PROXY_NAME_LABEL] = config.proxy_name
@@ -95,7 +113,10 @@ def plan(
         else:
             ops.append({"op": "add", "path": "/metadata/annotations", "value": {c.REASON_ANNOTATION: steady.reason}})
 
-    return Plan(tuple(ops), steady.reason, _warning(service, decision, asked))
+    warning = _warning(service, decision, asked)
+    if decision.action is Action.LABEL and on_label == "mark":
+        warning = _printable(f"{warning}: handover started (labelled once every node agent has prepared it)")
+    return Plan(tuple(ops), steady.reason, warning)
 
 
 def _annotation_fits(annotations: Mapping[str, Any], reason: str) -> bool:

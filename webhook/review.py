@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane.l7 import check_service
+from shared import constants as c
 from shared.errors import WebhookError
-from shared.policy import MAX_REASON, PolicyConfig, decide
+from shared.policy import MAX_REASON, Decision, PolicyConfig, decide
 from webhook.patch import Op, plan
 
 API_VERSION = "admission.k8s.io/v1"
@@ -43,6 +44,7 @@ class AdmissionRequest:
     sub_resource: str
     object: Any
     dry_run: bool = False
+    old_object: Any = None  # UPDATE: the stored Service (how a handover mark moved)
 
     @property
     def metric_operation(self) -> str:
@@ -88,6 +90,7 @@ def parse_review(doc: Any) -> AdmissionRequest:
         sub_resource=_text(req.get("subResource")),
         object=obj,
         dry_run=req.get("dryRun") is True,
+        old_object=req.get("oldObject"),
     )
 
 
@@ -111,8 +114,10 @@ def skip_reason(req: AdmissionRequest) -> str | None:
     return None
 
 
-def admit(req: AdmissionRequest, namespace_labels: Mapping[str, str], config: PolicyConfig) -> Admission:
-    """Decide and answer. ``namespace_labels`` are the labels of ``req.namespace``."""
+def admit(req: AdmissionRequest, namespace_labels: Mapping[str, str], config: PolicyConfig, *,
+          handover: bool = True) -> Admission:
+    """Decide and answer. ``namespace_labels`` are the labels of ``req.namespace``; ``handover``: an UPDATE
+    that makes a Service wanted marks it for a make-before-break migration instead of labelling it."""
     why_skip = skip_reason(req)
     if why_skip is not None:
         return allow_untouched(req.uid, why_skip)
@@ -122,8 +127,9 @@ def admit(req: AdmissionRequest, namespace_labels: Mapping[str, str], config: Po
         # On CREATE the namespace may come from the URL only; the policy reads it from metadata.
         service = {**service, "metadata": {**meta, "namespace": req.namespace}}
     decision = decide(service, namespace_labels, config)
-    p = plan(service, decision, namespace_labels, config)
-    warnings = ((p.warning,) if p.warning else ()) + option_warnings(service)
+    on_label = handover_step(req.operation, service, req.old_object) if handover else "label"
+    p = plan(service, decision, namespace_labels, config, on_label=on_label)
+    warnings = ((p.warning,) if p.warning else ()) + option_warnings(service) + mark_warnings(service, decision)
     audit = {"decision": decision.action.value, "reason": decision.reason}
     return Admission(
         review=review(req.uid, p.ops, warnings, audit),
@@ -132,6 +138,48 @@ def admit(req: AdmissionRequest, namespace_labels: Mapping[str, str], config: Po
         ops=p.ops,
         warnings=warnings,
     )
+
+
+def _mark(obj: Any) -> object:
+    """The handover annotation's value on a Service (None when absent or unreadable)."""
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+    return annotations.get(c.HANDOVER_ANNOTATION) if isinstance(annotations, Mapping) else None
+
+
+def handover_step(operation: str, service: Mapping[str, Any], old: Any) -> str:
+    """What a decision to label becomes (docs/migration.md, "Handover protocol"). Pure.
+
+    CREATE: "label" -- a new Service has no traffic to hand over. UPDATE (the Service becomes wanted while it
+    may carry traffic through kube-proxy): "none" while it is marked (its driver -- the CLI or the handover
+    controller -- sets the label once every live node agent prepared it) and when the update removes the
+    mark (the driver aborted; the Service's next change starts again); otherwise "mark": the handover starts.
+    """
+    if operation != "UPDATE":
+        return "label"
+    if _mark(service) == c.HANDOVER_MIGRATE:
+        return "none"
+    if _mark(old) == c.HANDOVER_MIGRATE:
+        return "none"
+    return "mark"
+
+
+def mark_warnings(service: Mapping[str, Any], decision: Decision) -> tuple[str, ...]:
+    """A handover annotation agents will ignore: a garbage value, an ineligible Service, another proxy's."""
+    value = _mark(service)
+    if value is None:
+        return ()
+    meta = service.get("metadata")
+    name = _short(str(meta.get("name") or "") if isinstance(meta, Mapping) else "")
+    if value != c.HANDOVER_MIGRATE:
+        why = f"value {_short(value)} is not {c.HANDOVER_MIGRATE!r}"
+    elif not decision.eligible:
+        why = f"the Service is not eligible ({decision.reason})"
+    elif decision.wants_proxy is None:
+        why = "the Service belongs to another proxy"
+    else:
+        return ()
+    return (_printable(f"lightpath: Service {name}: {c.HANDOVER_ANNOTATION} ignored: {why}"),)
 
 
 MAX_OPTION_WARNINGS = 5  # each one bounded by the L7 parser (well under 256 characters); the rest counted

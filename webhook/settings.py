@@ -36,6 +36,12 @@ class Settings:
     log_level: str = "INFO"
     kubeconfig: Path | None = None  # None: in-cluster configuration
     cert_reload_interval: float = 2.0
+    # Make-before-break migration of Services that become wanted on UPDATE (docs/migration.md): the webhook
+    # marks them and its leader-elected handover controller labels them once every live agent prepared them.
+    handover: bool = True
+    handover_timeout: float = 60.0
+    agent_namespace: str = c.DEFAULT_AGENT_NAMESPACE
+    pod_name: str = ""  # the leader-election identity (the Downward API's metadata.name); "" = the hostname
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(self.proxy_name, self.mode, self.excluded_namespaces)
@@ -68,6 +74,12 @@ def _level(text: str) -> str:
     return value
 
 
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ValueError("must be on or off")
+    return text == "on"
+
+
 def _namespaces(text: str) -> frozenset[str]:
     return frozenset(n.strip() for n in text.split(",") if n.strip())
 
@@ -87,6 +99,14 @@ _OPTIONS: tuple[tuple[str, str, str, object, str], ...] = (
     ("--kubeconfig", "KUBECONFIG", "kubeconfig", Path, "kubeconfig file"),
     ("--cert-reload-interval", "CERT_RELOAD_INTERVAL", "cert_reload_interval", _positive_float,
      "seconds between checks of the certificate files for a rotated pair"),
+    ("--handover", "HANDOVER", "handover", _on_off,
+     "on: a Service that becomes wanted on UPDATE is marked, and the leader-elected handover controller labels "
+     "it once every live node agent prepared it (make-before-break); off: labelled at once"),
+    ("--handover-timeout", "HANDOVER_TIMEOUT", "handover_timeout", _positive_float,
+     "seconds the controller waits for every live node agent before it aborts a handover (removes the mark)"),
+    ("--agent-namespace", "AGENT_NAMESPACE", "agent_namespace", str,
+     "where the node agents' Leases are, and the controller's leader-election Lease"),
+    ("--pod-name", "POD_NAME", "pod_name", str, "this replica's name, its leader-election identity"),
 )
 
 
@@ -99,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Settings()
     for flag, env, name, _conv, help_text in _OPTIONS:
         default = getattr(defaults, name)
-        if isinstance(default, frozenset):
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        elif default == "":  # pod name
+            default = "the hostname"
+        elif isinstance(default, frozenset):
             default = ",".join(sorted(default))
         elif default is None:  # kubeconfig: the lookup of webhook.__main__.kube_client
             default = "in-cluster, else $KUBECONFIG or ~/.kube/config"

@@ -156,7 +156,8 @@ def test_batch_verification_stops_when_the_webhook_is_down(cluster: Cluster) -> 
     assert first.code == 0
     cluster.stop_webhook()
 
-    result = cluster.run("migrate", "-n", "shop", "--batch", "2")
+    # Without the handover the CLI only opts in and the webhook labels; with it down nothing lands.
+    result = cluster.run("migrate", "-n", "shop", "--batch", "2", "--no-handover")
     assert result.code == 1
     # svc0, svc1 are already done; the first batch written while the webhook is down is svc2, svc3.
     assert (
@@ -175,7 +176,7 @@ def test_batch_verification_stops_when_the_webhook_is_down(cluster: Cluster) -> 
         and not status["shop/svc4"]["pending"]
     )
 
-    keep_going = cluster.run("migrate", "-n", "shop", "--continue-on-error", "-o", "json")
+    keep_going = cluster.run("migrate", "-n", "shop", "--continue-on-error", "-o", "json", "--no-handover")
     report = json.loads(keep_going.out)
     assert keep_going.code == 1 and {f["service"] for f in report["failed"]} == {
         f"shop/svc{i}" for i in range(2, 6)
@@ -222,8 +223,9 @@ def test_reconcile_fixes_services_created_while_the_webhook_was_down(cluster: Cl
     assert dry.code == 0 and "shop/late" in dry.out and "shop/pinned" in dry.out and "late-udp" not in dry.out
     assert cluster.handoff("shop", "late") is None
 
-    # Webhook still down: the touch does nothing, so reconcile writes the handoff label itself.
-    direct = cluster.run("reconcile", "-n", "shop")
+    # Webhook still down: reconcile hands the Service over itself (mark, every live agent, then the label),
+    # as migrate does; with --no-handover the touch does nothing and it writes the handoff label directly.
+    direct = cluster.run("reconcile", "-n", "shop", "--no-handover")
     assert direct.code == 0, direct.err
     assert "reconciled shop/late -> lightpath (direct)" in direct.out
     assert cluster.handoff("shop", "late") == OURS and cluster.handoff("shop", "late-udp") is None
@@ -232,8 +234,9 @@ def test_reconcile_fixes_services_created_while_the_webhook_was_down(cluster: Cl
     cluster.create([], [service("latest", "shop")])
     cluster.start_webhook()
     via_webhook = cluster.run("reconcile", "-A", "-o", "json")
-    report = json.loads(via_webhook.out)
-    assert via_webhook.code == 0 and report["paths"] == {"shop/latest": "webhook"}
+    report = json.loads(via_webhook.out)  # the CLI drives the handover (no agent reports: label at once)
+    assert via_webhook.code == 0 and report["paths"] == {"shop/latest": "handover"}
+    assert c.HANDOVER_ANNOTATION not in (cluster.core.read_namespaced_service("latest", "shop").metadata.annotations or {})
     assert cluster.handoff("shop", "latest") == OURS
     assert not any(r["pending"] for r in _rows(cluster.run("status", "-A", "-o", "json").out).values())
 

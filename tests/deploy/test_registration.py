@@ -166,7 +166,8 @@ def test_update_is_admitted_too(cluster: Cluster) -> None:
     ns = _namespace(cluster)
     _create(cluster, ns, "web", TCP)
     patched = cluster.core.patch_namespaced_service("web", ns, {"metadata": {"labels": ENABLED}})
-    assert (patched.metadata.labels or {}).get(HANDOFF) == c.DEFAULT_PROXY_NAME
+    # An UPDATE that makes it wanted marks it for the make-before-break handover (docs/migration.md).
+    assert (patched.metadata.annotations or {}).get(c.HANDOVER_ANNOTATION) == c.HANDOVER_MIGRATE
     assert [e["operation"] for e in _calls(cluster, ns)] == ["CREATE", "UPDATE"]
 
 

@@ -122,7 +122,8 @@ def test_plain_namespace_is_untouched_until_opt_in_then_migrates_on_next_update(
 
     set_namespace_opt(core, webhook, ns, c.OPT_ENABLED)
     assert label_of(stored(core, ns, "web")) is None  # nothing happens until the Service is written
-    assert label_of(touch(core, ns, "web")) == c.DEFAULT_PROXY_NAME
+    touched = touch(core, ns, "web")  # an UPDATE: it may carry traffic, so it is marked for a handover
+    assert label_of(touched) is None and touched["metadata"]["annotations"][c.HANDOVER_ANNOTATION] == c.HANDOVER_MIGRATE
 
     set_namespace_opt(core, webhook, ns, c.OPT_DISABLED)
     svc = touch(core, ns, "web")
@@ -178,7 +179,8 @@ def test_removing_our_label_by_hand_is_undone_while_opted_in(core: client.CoreV1
     svc = stored(core, ns, "web")
     del svc["metadata"]["labels"][HANDOFF]
     core.replace_namespaced_service("web", ns, svc)
-    assert label_of(stored(core, ns, "web")) == c.DEFAULT_PROXY_NAME
+    # Still wanted: marked for a make-before-break handover back (the controller labels it once prepared).
+    assert stored(core, ns, "web")["metadata"]["annotations"][c.HANDOVER_ANNOTATION] == c.HANDOVER_MIGRATE
 
 
 def test_dry_run_is_answered_like_a_real_create(core: client.CoreV1Api, webhook: Webhook) -> None:

@@ -135,7 +135,11 @@ def test_answer_valid_patch_applies_and_is_idempotent(
     if decision.wants_proxy is None:  # another proxy's, or an excluded namespace: untouched
         assert ops == []
     elif decision.wants_proxy and decision.eligible:
-        assert label == config.proxy_name
+        mark = (patched["metadata"].get("annotations") or {}).get(c.HANDOVER_ANNOTATION)
+        if operation == "UPDATE" and label is None:  # it may carry traffic: marked for the handover instead
+            assert mark == c.HANDOVER_MIGRATE
+        else:
+            assert label == config.proxy_name
     else:
         assert label is None
 

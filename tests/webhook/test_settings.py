@@ -59,12 +59,23 @@ def test_console_script_help_documents_every_flag_and_env() -> None:
     documented = [("--proxy-name", "PROXY_NAME"), ("--mode", "MODE"), ("--excluded-namespaces", "EXCLUDED_NAMESPACES"),
                   ("--tls-cert-file", "TLS_CERT_FILE"), ("--tls-key-file", "TLS_KEY_FILE"),
                   ("--bind-address", "BIND_ADDRESS"), ("--port", "PORT"), ("--log-level", "LOG_LEVEL"),
-                  ("--kubeconfig", "KUBECONFIG"), ("--cert-reload-interval", "CERT_RELOAD_INTERVAL")]
+                  ("--kubeconfig", "KUBECONFIG"), ("--cert-reload-interval", "CERT_RELOAD_INTERVAL"),
+                  ("--handover", "HANDOVER"), ("--handover-timeout", "HANDOVER_TIMEOUT"),
+                  ("--agent-namespace", "AGENT_NAMESPACE"), ("--pod-name", "POD_NAME")]
     for flag, env in documented:
         assert flag in out and f"LIGHTPATH_{env}" in out
     # No flag without its env variable: every flag the help shows is one of the pairs above.
     assert set(re.findall(r"--[a-z][a-z-]*", out)) - {"--help"} == {flag for flag, _ in documented}
     assert "in-cluster, else $KUBECONFIG or ~/.kube/config" in " ".join(out.split())
+
+
+def test_handover_flags_parse_and_refuse_bad_values() -> None:
+    from webhook.settings import parse_settings
+
+    assert parse_settings(["--handover", "off", "--handover-timeout", "5"], {}).handover is False
+    assert parse_settings([], {"LIGHTPATH_HANDOVER": "on"}).handover is True
+    proc = subprocess.run([sys.executable, "-m", "webhook", "--handover", "maybe"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--handover='maybe': must be on or off" in proc.stderr
 
 
 def test_bad_flag_exits_2_from_the_command_line() -> None:
