@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from cli.handover import live_agents
+from shared.agents import live_agents
 from cli.kube import Cluster, ClusterError
 from shared import constants as c
 
