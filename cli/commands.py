@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from cli import render
+from cli import events, render
 from cli.execute import Report, Runner, now_stamp, summary_lines
 from cli.kube import Cluster, connect
 from cli.plan import Direction, Plan, plan_namespaces, plan_reconcile, plan_services
@@ -136,6 +136,14 @@ def _execute(
             out.write(line + "\n")
             out.flush()
 
+    def warn(line: str) -> None:  # a JSON/YAML report stays parseable: warnings go to stderr there
+        if as_text:
+            say(line)
+        else:
+            sys.stderr.write(line + "\n")
+
+    recorder = events.Recorder(None if getattr(args, "no_events", False) else cluster, warn,
+                               action=the_plan.verb.capitalize())
     runner = Runner(
         cluster=cluster,
         config=policy_config(args),
@@ -149,6 +157,7 @@ def _execute(
         handover=not getattr(args, "no_handover", False),
         handover_timeout=getattr(args, "handover_timeout", 30.0),
         agent_namespace=getattr(args, "agent_namespace", c.DEFAULT_AGENT_NAMESPACE),
+        recorder=recorder,
     )
     report = runner.run(the_plan)
     _print_report(report, args, out)

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from cli import handover
+from cli import events, handover
 from cli.kube import Cluster, ClusterError
 from cli.plan import Item, Plan, Step, touch_patch, verify
 from cli.progress import Progress
-from cli.rows import Ref, display_handler
+from cli.rows import KUBE_PROXY, LIGHTPATH, Ref, display_handler
 from shared import constants as c
 from shared.policy import PolicyConfig
 
@@ -43,6 +43,9 @@ class Report:
     skipped: list[tuple[Ref, str]] = field(default_factory=list)
     paths: dict[Ref, str] = field(default_factory=dict)  # reconcile: "webhook" or "direct"
     interrupted: bool = False
+    durations: dict[Ref, float] = field(default_factory=dict)  # verified Service -> seconds from its batch's start
+    aborted: dict[Ref, list[str]] = field(default_factory=dict)  # handover aborted -> nodes that did not prepare it
+    seconds: float = 0.0  # the whole run
 
     @property
     def ok(self) -> bool:
@@ -61,6 +64,9 @@ class Report:
             "unchanged": [str(r) for r in self.unchanged],
             "skipped": [{"service": str(r), "reason": m} for r, m in self.skipped],
             "paths": {str(r): p for r, p in self.paths.items()},
+            "durationSeconds": round(self.seconds, 3),
+            "durations": {str(r): round(s, 3) for r, s in self.durations.items()},
+            "aborted": [{"service": str(r), "nodes": n} for r, n in self.aborted.items()],
         }
 
 
@@ -82,9 +88,17 @@ class Runner:
     handover: bool = True  # migrate make-before-break (cli.handover) when node agents report in Leases
     handover_timeout: float = 30.0
     agent_namespace: str = c.DEFAULT_AGENT_NAMESPACE
+    recorder: events.Recorder | None = None  # Events on the Services (cli.events); None: none written
 
     def run(self, plan: Plan) -> Report:
         report = Report(plan.verb)
+        begun = time.monotonic()
+        try:
+            return self._run(plan, report)
+        finally:
+            report.seconds = time.monotonic() - begun
+
+    def _run(self, plan: Plan, report: Report) -> Report:
         for item in plan.services:
             if item.step is Step.UNCHANGED:
                 report.unchanged.append(item.ref)
@@ -140,25 +154,28 @@ class Runner:
             self.say(f"labelled  namespace {item.ref.name} {c.OPT_LABEL}={value}")
         return True
 
-    def _prepare(self, verb: str, chunk: Sequence[Item], report: Report) -> tuple[list[Item], bool]:
-        """Migration: every live node agent prepares the Services before their label (cli.handover)."""
+    def _prepare(self, verb: str, chunk: Sequence[Item], report: Report) -> tuple[list[Item], bool, int | None]:
+        """Migration: every live node agent prepares the Services before their label (cli.handover).
+        The int: how many live agents prepared them (None: no handover in this batch)."""
         movers = [i for i in chunk if verb in ("migrate", "reconcile") and self.handover and i.expect == "lightpath"]
         if not movers:
-            return list(chunk), False
+            return list(chunk), False, None
         try:
             outcome = handover.prepare(self.cluster, [i.ref for i in movers], namespace=self.agent_namespace,
-                                       timeout=self.handover_timeout, sleep=self.sleep)
+                                       timeout=self.handover_timeout, sleep=self.sleep, recorder=self.recorder,
+                                       proxy=self.config.proxy_name)
         except ClusterError as exc:
             for item in movers:
                 report.failures.append((item.ref, f"{item.ref}: handover: {exc}"))
-            return [i for i in chunk if i not in movers], not self.continue_on_error
+            return [i for i in chunk if i not in movers], not self.continue_on_error, None
         if outcome.agents == 0:
             self.say(f"warning   no node agent reports in namespace {self.agent_namespace} (no live Lease): "
                      "migrating without make-before-break")
         elif outcome.prepared:
             self.say(f"prepared  {len(outcome.prepared)} Service(s) on all {outcome.agents} live node(s)")
         for ref, nodes in outcome.not_prepared.items():
-            shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+            shown = events.node_list(nodes)
+            report.aborted[ref] = nodes
             report.failures.append((ref, f"{ref}: not prepared within {self.handover_timeout:g}s on node(s) {shown} "
                                          "(aborted: the mark is removed, the Service stays with kube-proxy; see "
                                          "`lightpath-redirector debug proxy` on those nodes)"))
@@ -170,13 +187,15 @@ class Runner:
         dropped = {*outcome.not_prepared, *outcome.failed}
         keep = [i for i in chunk if i not in movers or i.ref not in dropped]
         if stop:  # the rest of the batch is still written (prepared), the run ends after it
-            return keep, True
-        return keep, False
+            return keep, True, outcome.agents
+        return keep, False, outcome.agents
 
     def _batch(self, verb: str, chunk: Sequence[Item], report: Report) -> bool:
         """Write a batch, read it back, verify. Returns True when the run must stop."""
         written: list[Item] = []
-        chunk, stop = self._prepare(verb, chunk, report)
+        started = time.monotonic()
+        chunk, stop, agents = self._prepare(verb, chunk, report)
+        uids: dict[Ref, str | None] = {}
         for item in chunk:
             assert item.patch is not None
             patch = item.patch
@@ -189,7 +208,7 @@ class Runner:
                 patch = {**patch, "metadata": meta}
                 report.paths[item.ref] = "handover"
             try:
-                self.cluster.patch_service(item.ref.namespace, item.ref.name, patch)
+                uids[item.ref] = events.uid_of(self.cluster.patch_service(item.ref.namespace, item.ref.name, patch))
             except ClusterError as exc:
                 report.failures.append((item.ref, f"{item.ref}: {exc}"))
                 self.say(f"FAILED    {item.ref} (see the error below)")
@@ -205,13 +224,28 @@ class Runner:
         for item, problem in self._verify(written, report):
             if problem is None:
                 report.verified.append(item.ref)
+                seconds = report.durations[item.ref] = time.monotonic() - started
                 how = f" ({report.paths[item.ref]})" if item.ref in report.paths else ""
-                self.say(f"{PAST.get(verb, verb):<9} {item.ref} -> {display_handler(item.expect)}{how}")
+                self.say(f"{PAST.get(verb, verb):<9} {item.ref} -> {display_handler(item.expect)}{how} "
+                         f"in {seconds:.2f}s")
+                self._done(verb, item, uids.get(item.ref), seconds, agents)
             else:
                 report.failures.append((item.ref, problem))
                 self.say(f"FAILED    {item.ref} (see the error below)")
                 stop = stop or not self.continue_on_error
         return stop
+
+    def _done(self, verb: str, item: Item, uid: str | None, seconds: float, agents: int | None) -> None:
+        """The closing Event on a Service that moved: Migrated (with the handover's duration) or RolledBack."""
+        if self.recorder is None:
+            return
+        if item.expect == LIGHTPATH:
+            message = events.migrated_message(self.config.proxy_name, seconds, verb,
+                                              agents if self.handover else None, handover=self.handover)
+            self.recorder.emit(item.ref, uid, c.EVENT_MIGRATED, c.EVENT_NORMAL, message)
+        elif item.expect == KUBE_PROXY:
+            self.recorder.emit(item.ref, uid, c.EVENT_ROLLED_BACK, c.EVENT_NORMAL,
+                               events.rolled_back_message(seconds, verb))
 
     def _read(self, item: Item) -> str | None:
         """Read the Service back and verify it: None when it is where the plan said, else the problem."""
@@ -257,9 +291,11 @@ class Runner:
 
 def summary_lines(report: Report) -> list[str]:
     """The closing lines: counts, and on failure exactly which Services were changed."""
+    aborted = f", {len(report.aborted)} handover(s) aborted" if report.aborted else ""
     lines = [
         f"{report.verb}: {len(report.verified)} done, {len(report.unchanged)} unchanged, "
         f"{len(report.skipped)} skipped, {len(report.failures)} failed, {len(report.not_attempted)} not attempted"
+        f"{aborted} in {report.seconds:.2f}s"
     ]
     if report.namespaces_changed:
         lines.append("Namespaces labelled: " + ", ".join(r.name for r in report.namespaces_changed))

@@ -23,6 +23,7 @@ from shared.kube import Gone
 PAGE_SIZE = 500
 CONFLICT_RETRIES = 5
 MERGE_PATCH = "application/merge-patch+json"
+EVENT_TIMEOUT = 2.0  # seconds for one Event write (connect and read)
 
 T = TypeVar("T")
 
@@ -59,7 +60,7 @@ def _message(exc: ApiException) -> str:
 
 
 class Cluster:
-    """Lists and minimal patches of Services and Namespaces."""
+    """Lists and minimal patches of Services and Namespaces; the Events the CLI reports on them."""
 
     def __init__(self, api: client.ApiClient, page_size: int = PAGE_SIZE) -> None:
         self.api = api
@@ -143,6 +144,15 @@ class Cluster:
                     name, namespace, patch, _content_type=MERGE_PATCH, _preload_content=False
                 ),
             )
+        )
+
+    def create_event(self, namespace: str, body: dict[str, Any]) -> None:
+        """Write one core/v1 Event. A short timeout: an Event is a report, it must not hold up a migration."""
+        self._call(
+            f"create Event in {namespace}",
+            # a JSON dict is serialised as is (the client's typed model is only a hint)
+            lambda: self.core.create_namespaced_event(namespace, body,  # type: ignore[arg-type]
+                                                      _preload_content=False, _request_timeout=EVENT_TIMEOUT),
         )
 
     def list_webhook_configurations(self, label_selector: str) -> list[dict[str, Any]]:

@@ -114,6 +114,8 @@ def _batching(p: argparse.ArgumentParser) -> None:
                    help="migrate: set the label at once, without waiting for the node agents")
     p.add_argument("--agent-namespace", default=c.DEFAULT_AGENT_NAMESPACE, metavar="NAMESPACE",
                    help=f"where the node agents' Leases are (default: {c.DEFAULT_AGENT_NAMESPACE})")
+    p.add_argument("--no-events", action="store_true",
+                   help="write no Kubernetes Events on the Services (HandoverStarted, Migrated, ...)")
     _output(p, "text", "report")
 
 

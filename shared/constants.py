@@ -89,3 +89,17 @@ PREPARED_ANNOTATION: Final = "lightpath.cloud/prepared"
 REDIRECTS_ANNOTATION: Final = "lightpath.cloud/redirects"
 DEFAULT_AGENT_NAMESPACE: Final = "lightpath-node"
 AGENT_LEASE_SECONDS: Final = 15
+
+# Kubernetes Events (core/v1, on the Service: `kubectl describe service` lists them) that tell the operator
+# how a handover went (docs/migration.md, "Events"). Reasons are CamelCase, as Kubernetes' own.
+EVENT_HANDOVER_STARTED: Final = "HandoverStarted"
+EVENT_HANDOVER_PREPARED: Final = "HandoverPrepared"
+EVENT_HANDOVER_ABORTED: Final = "HandoverAborted"
+EVENT_MIGRATED: Final = "Migrated"
+EVENT_ROLLED_BACK: Final = "RolledBack"
+EVENT_NORMAL: Final = "Normal"
+EVENT_WARNING: Final = "Warning"
+# The source component / reportingComponent of the Events the CLI writes.
+CLI_COMPONENT: Final = "lightpath-cli"
+# Kubernetes caps an Event's message (events.k8s.io note) at 1 KiB: ours never exceed it.
+EVENT_MESSAGE_MAX_BYTES: Final = 1024

@@ -11,11 +11,12 @@ allocation (IPv4, IPv6, dual-stack), minimal validation, and mutating admission 
 
 It does NOT implement: authentication/authorization, other resources, protobuf/CBOR/YAML, server-side
 apply, managedFields, finalizers and graceful deletion (deletes are immediate; a Namespace delete
-removes its Services and EndpointSlices at once), validating webhooks, webhook reinvocation,
+removes everything in it at once), validating webhooks, webhook reinvocation,
 deleteCollection, or any controller (no EndpointSlice controller, no load balancers, no Service
 networking). docs/sandbox.md has the full list.
 
-Fault injection for tests: `compact()`, `stall_watches(on)`, `stop()` then `start()` on the same port.
+Fault injection for tests: `compact()`, `stall_watches(on)`, `forbid(resource, verb)` (a 403 as RBAC would
+answer), `stop()` then `start()` on the same port.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import kubernetes.client
 import yaml
 
 from sandbox.api.allocation import ServiceAllocator
+from sandbox.api.errors import ApiError
 from sandbox.api.handler import SandboxHTTPServer
 from sandbox.api.operations import Operations
+from sandbox.api.resources import ResourceType
 from sandbox.api.store import Store
 
 
@@ -66,6 +69,7 @@ class SandboxApiServer:
         self.stalled = threading.Event()
         self._gate = threading.Condition()  # stall_watches(True) waits for in-flight sends to finish
         self._sending = 0
+        self._forbidden: set[tuple[ResourceType, str]] = set()
         self._httpd: SandboxHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -181,6 +185,22 @@ class SandboxApiServer:
             self._sending -= 1
             if not self._sending:
                 self._gate.notify_all()
+
+    def forbid(self, rt: ResourceType, verb: str, on: bool = True) -> None:
+        """While on, every ``verb`` (create, get, list, watch, update, patch, delete) on ``rt`` is refused with
+        403 Forbidden, worded as kube-apiserver's RBAC refusal: a client without that permission."""
+        if on:
+            self._forbidden.add((rt, verb))
+        else:
+            self._forbidden.discard((rt, verb))
+
+    def authorize(self, rt: ResourceType, verb: str, namespace: str | None) -> None:
+        """Raise the 403 a forbidden request gets (called by the handler before anything else)."""
+        if (rt, verb) in self._forbidden:
+            where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+            raise ApiError(403, f'{rt.qualified} is forbidden: User "system:anonymous" cannot {verb} resource '
+                                f'"{rt.plural}" in API group "{rt.group}"{where}',
+                           details={"kind": rt.plural, "group": rt.group})
 
     @property
     def resource_version(self) -> str:

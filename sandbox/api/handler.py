@@ -64,6 +64,13 @@ def _one(query: dict[str, list[str]], name: str) -> str | None:
     return values[-1] if values else None
 
 
+def _verb(method: str, name: str | None, query: dict[str, list[str]]) -> str:
+    """The RBAC verb of a request, as kube-apiserver's RequestInfo names it."""
+    if method == "GET":
+        return "get" if name is not None else ("watch" if _flag(query, "watch") else "list")
+    return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method.lower())
+
+
 def _int(query: dict[str, list[str]], name: str) -> int | None:
     value = _one(query, name)
     if value in (None, ""):
@@ -180,6 +187,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(200, route.body)
             return
         rt, ns, name, sub = route.rt, route.namespace, route.name, route.subresource
+        sandbox.authorize(rt, _verb(method, name, query), ns)
         ops = sandbox.operations
         dry_run_values = query.get("dryRun") or []
         if any(v != "All" for v in dry_run_values):

@@ -153,7 +153,13 @@ EXTRA_FIELDS: dict[str, tuple[str, ...]] = {
     "Service": ("spec.clusterIP", "spec.type"),
     "Namespace": ("status.phase",),
     "EndpointSlice": ("addressType",),
+    # kube-apiserver's event fields (kubectl describe selects on involvedObject.*)
+    "Event": ("involvedObject.kind", "involvedObject.namespace", "involvedObject.name", "involvedObject.uid",
+              "involvedObject.apiVersion", "involvedObject.resourceVersion", "involvedObject.fieldPath",
+              "reason", "reportingComponent", "source", "type"),
 }
+# field selector name -> where the value is, when they differ
+FIELD_PATHS: dict[str, str] = {"source": "source.component"}
 
 
 def parse_field_selector(text: str | None, kind: str) -> FieldSelector:
@@ -174,7 +180,7 @@ def parse_field_selector(text: str | None, kind: str) -> FieldSelector:
 
 def _field(obj: Mapping[str, Any], path: str) -> str:
     cur: Any = obj
-    for part in path.split("."):
+    for part in FIELD_PATHS.get(path, path).split("."):
         cur = cur.get(part) if isinstance(cur, Mapping) else None
     return "" if cur is None else str(cur)
 

@@ -42,11 +42,14 @@ ENDPOINTSLICES = ResourceType("discovery.k8s.io", "v1", "endpointslices", "Endpo
 NODES = ResourceType("", "v1", "nodes", "Node", False, ("no",))
 LEASES = ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True)
 DAEMONSETS = ResourceType("apps", "v1", "daemonsets", "DaemonSet", True, ("ds",))
+EVENTS = ResourceType("", "v1", "events", "Event", True, ("ev",))  # core/v1: what `kubectl describe` lists
 MUTATING_WEBHOOKS = ResourceType(
     "admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False
 )
 
-ALL: tuple[ResourceType, ...] = (NAMESPACES, SERVICES, ENDPOINTSLICES, NODES, LEASES, DAEMONSETS, MUTATING_WEBHOOKS)
+ALL: tuple[ResourceType, ...] = (
+    NAMESPACES, SERVICES, ENDPOINTSLICES, NODES, LEASES, DAEMONSETS, EVENTS, MUTATING_WEBHOOKS
+)
 
 
 def lookup(group: str, version: str, plural: str) -> ResourceType | None:

@@ -18,7 +18,7 @@ from typing import Any
 from sandbox.api import strategy
 from sandbox.api.allocation import ServiceAllocator, carry_over
 from sandbox.api.errors import ApiError, already_exists, conflict, invalid, not_found
-from sandbox.api.resources import ALL, ENDPOINTSLICES, MUTATING_WEBHOOKS, NAMESPACES, SERVICES, ResourceType
+from sandbox.api.resources import ALL, MUTATING_WEBHOOKS, NAMESPACES, SERVICES, ResourceType
 from sandbox.api.validation import validate
 from sandbox.api.watch import ADDED, DELETED, MODIFIED, Event, History, Watcher
 from shared.errors import SandboxError
@@ -275,7 +275,7 @@ class Store:
             if dry_run:
                 return old
             if rt is NAMESPACES:
-                for inner in (SERVICES, ENDPOINTSLICES):
+                for inner in (t for t in ALL if t.namespaced):
                     for inner_key in [k for k in self.objects[inner] if k[0] == name]:
                         self._remove(inner, inner_key)
             return self._remove(rt, key)

@@ -184,11 +184,40 @@ def validate_mutating_webhooks(obj: dict[str, Any]) -> Causes:
     return causes
 
 
+EVENT_NOTE_MAX = 1024  # kube-apiserver's NoteLengthLimit
+EVENT_FIELD_MAX = 128  # ReportingInstance/Action/Reason length limits
+
+
+def validate_event(obj: dict[str, Any]) -> Causes:
+    """core/v1 Event, as kube-apiserver's legacyValidateEvent: the involved object's namespace is the Event's;
+    an Event with eventTime (the newer form) also needs reportingComponent, reportingInstance, action and
+    reason, and a message of at most 1 KiB."""
+    meta = obj.get("metadata") or {}
+    causes = _name(meta, DNS1123_SUBDOMAIN, 253, "lowercase RFC 1123 subdomain") + _labels(meta)
+    involved = obj.get("involvedObject")
+    if not isinstance(involved, dict):
+        return causes + [("involvedObject", "Required value")]
+    namespace, theirs = meta.get("namespace") or "", involved.get("namespace") or ""
+    if (theirs and theirs != namespace) or (not theirs and namespace not in ("", "default", "kube-system")):
+        causes.append(("involvedObject.namespace", f"Invalid value: {theirs!r}: does not match event.namespace"))
+    if obj.get("eventTime"):
+        for field in ("reportingComponent", "reportingInstance", "action", "reason"):
+            value = obj.get(field) or ""
+            if not value:
+                causes.append((field, "Required value"))
+            elif len(str(value)) > EVENT_FIELD_MAX:
+                causes.append((field, f"Too long: may not be longer than {EVENT_FIELD_MAX}"))
+        if len(str(obj.get("message") or "")) > EVENT_NOTE_MAX:
+            causes.append(("message", f"Too long: may not be longer than {EVENT_NOTE_MAX}"))
+    return causes
+
+
 VALIDATORS = {
     "Service": validate_service,
     "Namespace": validate_namespace,
     "EndpointSlice": validate_endpointslice,
     "MutatingWebhookConfiguration": validate_mutating_webhooks,
+    "Event": validate_event,
 }
 
 

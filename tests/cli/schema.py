@@ -69,3 +69,36 @@ STATUS_SCHEMA: dict[str, Any] = {
         },
     },
 }
+
+SERVICE_REF = {"type": "string", "pattern": "^[^/]+/[^/]+$"}
+REPORT_SCHEMA: dict[str, Any] = {
+    "$comment": "`lightpath migrate|rollback|reconcile -o json`",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["verb", "ok", "interrupted", "namespacesChanged", "changed", "verified", "failed", "notAttempted",
+                 "unchanged", "skipped", "paths", "durationSeconds", "durations", "aborted"],
+    "properties": {
+        "verb": {"enum": ["migrate", "rollback", "reconcile"]},
+        "ok": {"type": "boolean"},
+        "interrupted": {"type": "boolean"},
+        "namespacesChanged": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "changed": {"type": "array", "items": SERVICE_REF},
+        "verified": {"type": "array", "items": SERVICE_REF},
+        "failed": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["service", "message"],
+            "properties": {"service": {"type": "string"}, "message": {"type": "string", "minLength": 1}}}},
+        "notAttempted": {"type": "array", "items": SERVICE_REF},
+        "unchanged": {"type": "array", "items": SERVICE_REF},
+        "skipped": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["service", "reason"],
+            "properties": {"service": SERVICE_REF, "reason": {"type": "string", "minLength": 1}}}},
+        "paths": {"type": "object", "additionalProperties": {"enum": ["webhook", "direct", "handover"]}},
+        # seconds: the whole run, and each verified Service from the start of its batch (handover included)
+        "durationSeconds": {"type": "number", "minimum": 0},
+        "durations": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
+        "aborted": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["service", "nodes"],
+            "properties": {"service": SERVICE_REF, "nodes": {"type": "array", "minItems": 1,
+                                                             "items": {"type": "string", "minLength": 1}}}}},
+    },
+}
