@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.agents import live_agents
 from cli.kube import Cluster, ClusterError
 from shared import constants as c
+from shared.agents import live_agents
 
 PART_OF = "app.kubernetes.io/part-of=lightpath"
 
