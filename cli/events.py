@@ -20,22 +20,8 @@ from typing import Any
 from cli.kube import Cluster, ClusterError
 from cli.rows import Ref
 from shared import constants as c
-
-SHOWN_NODES = 5  # nodes named in a message; the rest are counted ("and 7 more")
-
-
-def node_list(nodes: Sequence[str], shown: int = SHOWN_NODES) -> str:
-    """``a, b, c and 4 more`` (pure): a bounded list however many nodes there are."""
-    head = ", ".join(nodes[:shown])
-    return head + (f" and {len(nodes) - shown} more" if len(nodes) > shown else "")
-
-
-def bounded(message: str, limit: int = c.EVENT_MESSAGE_MAX_BYTES) -> str:
-    """At most ``limit`` bytes of UTF-8, cut on a character boundary and marked with an ellipsis (pure)."""
-    data = message.encode()
-    if len(data) <= limit:
-        return message
-    return data[: limit - len("…".encode())].decode(errors="ignore") + "…"
+from shared import events as shared_events
+from shared.events import bounded, node_list
 
 
 def _agents(n: int) -> str:
@@ -77,29 +63,9 @@ def rolled_back_message(seconds: float, verb: str) -> str:
 
 def event_body(ref: Ref, uid: str | None, reason: str, type_: str, message: str, *, action: str, now: datetime,
                instance: str) -> dict[str, Any]:
-    """The core/v1 Event (pure). Named ``<service>.<hex nanoseconds>`` as client-go's recorder names them."""
-    stamp = now.astimezone(UTC)
-    nanos = int(stamp.timestamp()) * 1_000_000_000 + stamp.microsecond * 1000
-    when = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
-    involved: dict[str, Any] = {"apiVersion": "v1", "kind": "Service", "namespace": ref.namespace, "name": ref.name}
-    if uid:
-        involved["uid"] = uid
-    return {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"name": f"{ref.name}.{nanos:x}", "namespace": ref.namespace},
-        "involvedObject": involved,
-        "reason": reason,
-        "message": bounded(message),
-        "type": type_,
-        "action": action,
-        "source": {"component": c.CLI_COMPONENT},
-        "reportingComponent": c.CLI_COMPONENT,
-        "reportingInstance": instance[:128],
-        "firstTimestamp": when,
-        "lastTimestamp": when,
-        "count": 1,
-    }
+    """The core/v1 Event the CLI writes (``shared.events.event_body``, component ``lightpath-cli``)."""
+    return shared_events.event_body(ref.namespace, ref.name, uid, reason, type_, message, action=action, now=now,
+                                    component=c.CLI_COMPONENT, instance=instance)
 
 
 def uid_of(service: dict[str, Any] | None) -> str | None:

@@ -19,6 +19,7 @@ from cli.plan import Item, Plan, Step, touch_patch, verify
 from cli.progress import Progress
 from cli.rows import KUBE_PROXY, LIGHTPATH, Ref, display_handler
 from shared import constants as c
+from shared.events import node_list
 from shared.policy import PolicyConfig
 
 PAST = {"migrate": "migrated", "rollback": "rolled back", "reconcile": "reconciled"}
@@ -174,7 +175,7 @@ class Runner:
         elif outcome.prepared:
             self.say(f"prepared  {len(outcome.prepared)} Service(s) on all {outcome.agents} live node(s)")
         for ref, nodes in outcome.not_prepared.items():
-            shown = events.node_list(nodes)
+            shown = node_list(nodes)
             report.aborted[ref] = nodes
             report.failures.append((ref, f"{ref}: not prepared within {self.handover_timeout:g}s on node(s) {shown} "
                                          "(aborted: the mark is removed, the Service stays with kube-proxy; see "
@@ -199,14 +200,16 @@ class Runner:
         for item in chunk:
             assert item.patch is not None
             patch = item.patch
-            if verb in ("migrate", "reconcile") and self.handover and item.expect == "lightpath":
-                # Prepared on every live node: the handoff label lands and the mark goes in one write, ours
-                # (the webhook leaves the label of a marked Service to its driver: docs/migration.md).
+            if verb in ("migrate", "reconcile") and item.expect == "lightpath":
+                # Prepared on every live node (or --no-handover: at once): the handoff label lands -- and the
+                # mark goes -- in one write, ours: the webhook would mark a Service that becomes wanted on an
+                # UPDATE and leaves the label of a marked one to its driver (docs/migration.md).
                 meta = dict(patch.get("metadata") or {})
                 meta["labels"] = {**(meta.get("labels") or {}), c.SERVICE_PROXY_NAME_LABEL: self.config.proxy_name}
-                meta["annotations"] = {**(meta.get("annotations") or {}), c.HANDOVER_ANNOTATION: None}
+                if self.handover:
+                    meta["annotations"] = {**(meta.get("annotations") or {}), c.HANDOVER_ANNOTATION: None}
                 patch = {**patch, "metadata": meta}
-                report.paths[item.ref] = "handover"
+                report.paths[item.ref] = "handover" if self.handover else "direct"
             try:
                 uids[item.ref] = events.uid_of(self.cluster.patch_service(item.ref.namespace, item.ref.name, patch))
             except ClusterError as exc:

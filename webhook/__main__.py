@@ -5,8 +5,10 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import socket
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kubernetes import client, config
@@ -51,6 +53,28 @@ def kube_client(settings: Settings) -> client.ApiClient | None:
     return client.ApiClient(configuration)
 
 
+def start_handover(settings: Settings, api: client.ApiClient | None, namespaces: NamespaceSource) -> Callable[[], None]:
+    """The leader-elected handover controller (``webhook.handover``), unless --handover off or no API."""
+    if not settings.handover or api is None:
+        return lambda: None
+    from webhook.handover import LEADER_LEASE, HandoverController, event_recorder
+    from webhook.leader import LeaderElector
+
+    identity = settings.pod_name or socket.gethostname()
+    elector = LeaderElector(api, settings.agent_namespace, LEADER_LEASE, identity)
+    controller = HandoverController(api, settings.policy(), namespaces.labels, agent_namespace=settings.agent_namespace,
+                                    timeout=settings.handover_timeout, leading=lambda: elector.leading,
+                                    emit=event_recorder(api, identity))
+    threading.Thread(target=elector.run, name="leader-election", daemon=True).start()
+    controller.start()
+
+    def stop() -> None:
+        controller.stop()
+        elector.stop()
+
+    return stop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     # uvicorn's loggers come with their own handlers: adopt them. One line per admission is ours; uvicorn's
@@ -78,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache.start()
         namespaces = cache
     certs.start()
+    stop_handover = start_handover(settings, api, namespaces)
     app = create_app(settings, namespaces, certs)
     log.info(
         "lightpath-webhook starting",
@@ -93,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.run()
     finally:
+        stop_handover()
         certs.stop()
         if isinstance(namespaces, NamespaceCache):
             namespaces.stop()

@@ -151,41 +151,39 @@ def test_migrate_with_namespace_label(cluster: Cluster) -> None:
 
 
 def test_batch_verification_stops_when_the_webhook_is_down(cluster: Cluster) -> None:
+    """A migration writes the handoff label itself (after the handover), so it needs no webhook; a rollback
+    only opts out and the webhook takes the label away: with the webhook down that is verified and stops."""
     cluster.create([namespace("shop")], [service(f"svc{i}", "shop") for i in range(6)])
-    first = cluster.run("migrate", "shop/svc0", "shop/svc1")
-    assert first.code == 0
+    first = cluster.run("migrate", "-n", "shop")
+    assert first.code == 0 and all(cluster.handoff("shop", f"svc{i}") == OURS for i in range(6))
+    back = cluster.run("rollback", "shop/svc0", "shop/svc1")
+    assert back.code == 0
     cluster.stop_webhook()
+    direct = cluster.run("migrate", "shop/svc0", "--no-handover")  # labelled at once, by the CLI
+    assert direct.code == 0 and cluster.handoff("shop", "svc0") == OURS, direct.err
 
-    # Without the handover the CLI only opts in and the webhook labels; with it down nothing lands.
-    result = cluster.run("migrate", "-n", "shop", "--batch", "2", "--no-handover")
+    result = cluster.run("rollback", "-n", "shop", "--batch", "2")
     assert result.code == 1
-    # svc0, svc1 are already done; the first batch written while the webhook is down is svc2, svc3.
-    assert (
-        "shop/svc2: expected lightpath, but the handoff label service.kubernetes.io/service-proxy-name"
-        in result.err
-    )
-    assert "Services changed (written) before stopping: shop/svc2, shop/svc3" in result.out
-    assert "Not attempted: 2" in result.out
-    assert cluster.labels("shop", "svc4").get(c.OPT_LABEL) is None  # the run stopped before svc4
-    assert cluster.handoff("shop", "svc2") is None
+    # svc1 is already back; the first batch written while the webhook is down is svc0, svc2.
+    assert "shop/svc0: expected kube-proxy" in result.err, result.err
+    assert "Services changed (written) before stopping: shop/svc0, shop/svc2" in result.out, result.out
+    assert "Not attempted: 3" in result.out
+    assert cluster.labels("shop", "svc3").get(c.OPT_LABEL) == c.OPT_ENABLED  # the run stopped before svc3
+    assert cluster.handoff("shop", "svc0") == OURS
 
     status = _rows(cluster.run("status", "-n", "shop", "-o", "json").out)
-    assert (
-        status["shop/svc2"]["pending"]
-        and status["shop/svc3"]["pending"]
-        and not status["shop/svc4"]["pending"]
-    )
+    assert status["shop/svc0"]["pending"] and status["shop/svc2"]["pending"] and not status["shop/svc3"]["pending"]
 
-    keep_going = cluster.run("migrate", "-n", "shop", "--continue-on-error", "-o", "json", "--no-handover")
+    keep_going = cluster.run("rollback", "-n", "shop", "--continue-on-error", "-o", "json")
     report = json.loads(keep_going.out)
     assert keep_going.code == 1 and {f["service"] for f in report["failed"]} == {
-        f"shop/svc{i}" for i in range(2, 6)
+        f"shop/svc{i}" for i in (0, 2, 3, 4, 5)
     }
 
     cluster.start_webhook()
-    healed = cluster.run("migrate", "-n", "shop")  # re-run: pending Services are touched, the rest unchanged
+    healed = cluster.run("rollback", "-n", "shop")  # re-run: pending Services are touched, the rest unchanged
     assert healed.code == 0, healed.err
-    assert all(cluster.handoff("shop", f"svc{i}") == OURS for i in range(6))
+    assert all(cluster.handoff("shop", f"svc{i}") is None for i in range(6))
 
 
 def test_write_failure_mid_batch_reports_the_rest_of_the_batch_as_not_attempted(cluster: Cluster) -> None:

@@ -18,6 +18,7 @@ from cli.rows import Ref
 from redirector.lease import lease_body, lease_name
 from sandbox.api.resources import EVENTS
 from shared import constants as c
+from shared import events as shared_events
 from tests.cli.cluster import OURS, namespace, service
 from tests.cli.conftest import Cluster
 from tests.cli.schema import REPORT_SCHEMA
@@ -28,8 +29,8 @@ REF = Ref("shop", "web")
 
 # ---- pure ---------------------------------------------------------------------------------------------
 def test_node_lists_and_messages_are_bounded() -> None:
-    assert events.node_list(["a", "b"]) == "a, b"
-    assert events.node_list([f"n{i}" for i in range(8)]) == "n0, n1, n2, n3, n4 and 3 more"
+    assert shared_events.node_list(["a", "b"]) == "a, b"
+    assert shared_events.node_list([f"n{i}" for i in range(8)]) == "n0, n1, n2, n3, n4 and 3 more"
     nodes = [f"node-{i:03d}-" + "x" * 240 for i in range(300)]  # 300 nodes with 250-character names
     message = events.aborted_message(30, nodes, 310)
     assert len(message.encode()) <= c.EVENT_MESSAGE_MAX_BYTES
@@ -46,9 +47,9 @@ def test_node_lists_and_messages_are_bounded() -> None:
 
 def test_bounded_cuts_on_a_character_boundary() -> None:
     text = "é" * 600  # 1,200 bytes
-    cut = events.bounded(text)
+    cut = shared_events.bounded(text)
     assert len(cut.encode()) <= 1024 and cut.endswith("…") and set(cut[:-1]) == {"é"}
-    assert events.bounded("short") == "short"
+    assert shared_events.bounded("short") == "short"
 
 
 def test_event_body_is_a_core_v1_event_on_the_service() -> None:

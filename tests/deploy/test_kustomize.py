@@ -34,7 +34,7 @@ def test_each_component_builds_on_its_own(component: str) -> None:
 def test_default_has_every_piece(default_objs: list[Obj]) -> None:
     kinds = Counter(o["kind"] for o in default_objs)
     assert kinds == {
-        "Namespace": 2, "ServiceAccount": 2, "ClusterRole": 2, "ClusterRoleBinding": 2, "Role": 1, "RoleBinding": 1, "ConfigMap": 1, "ResourceQuota": 1,
+        "Namespace": 2, "ServiceAccount": 2, "ClusterRole": 2, "ClusterRoleBinding": 2, "Role": 2, "RoleBinding": 2, "ConfigMap": 1, "ResourceQuota": 1,
         "Service": 1, "Deployment": 1, "PodDisruptionBudget": 1, "DaemonSet": 2, "Issuer": 2, "Certificate": 2,
         "MutatingWebhookConfiguration": 1, "ValidatingAdmissionPolicy": 1, "ValidatingAdmissionPolicyBinding": 1,
     }
@@ -51,7 +51,9 @@ def test_namespaced_objects_live_in_their_components_namespace(default_objs: lis
             assert ns is None, f"{o['kind']} {o['metadata']['name']} is cluster-scoped but has namespace {ns}"
             continue
         component = (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component")
-        want = NODE_NAMESPACE if component in node_components else WEBHOOK_NAMESPACE
+        # The webhook's Role on the agents' Leases (its handover controller) lives where those Leases are.
+        leases_role = o["kind"] in ("Role", "RoleBinding") and o["metadata"]["name"] == "lightpath-webhook"
+        want = NODE_NAMESPACE if component in node_components or leases_role else WEBHOOK_NAMESPACE
         assert ns == want, f"{o['kind']} {o['metadata']['name']} ({component}) is in {ns!r}, not {want}"
     assert {o["metadata"]["name"] for o in default_objs if o["kind"] == "Namespace"} == {WEBHOOK_NAMESPACE, NODE_NAMESPACE}
     for binding in (o for o in default_objs if o["kind"] == "ClusterRoleBinding"):

@@ -161,6 +161,7 @@ def test_env_is_what_the_program_understands(default_objs: list[Obj]) -> None:
     env = env_of(container(one(default_objs, "Deployment", "lightpath-webhook")))
     documented = set(re.findall(r"env\s+(LIGHTPATH_[A-Z_]+)", build_parser().format_help()))
     assert set(env) <= documented, f"unknown variables: {set(env) - documented}"
+    assert env.pop("LIGHTPATH_POD_NAME") == "<from>"  # the Downward API: each replica's own name
     assert parse_settings([], environ=env) == Settings(), "the manifest spells out the defaults; keep them in step"
 
 

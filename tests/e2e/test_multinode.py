@@ -223,3 +223,30 @@ def test_a_migration_one_node_cannot_serve_aborts_cleanly_and_a_killed_agent_doe
             records = [loop.stop() for loop in loops]
         print(f"\nabort + agent kill on {len(k.nodes)} nodes: {_summary(records)}")
         assert not [r for recs in records for r in recs if not r.ok]
+
+
+def test_a_namespace_opt_in_is_finished_by_the_webhooks_handover_controller(tmp_path: Path) -> None:
+    """No CLI drives it: the Namespace is opted in and a Service is then written (an UPDATE). The webhook
+    marks it instead of labelling it; every node's agent prepares it; the webhook's leader-elected handover
+    controller sets the label. 0 failed requests from every node while it moves."""
+    with cluster(tmp_path) as k:
+        _workload(k)
+        loops = _loops(k, tmp_path)
+        try:
+            k.core.patch_namespace(NS, {"metadata": {"labels": {c.OPT_LABEL: c.OPT_ENABLED}}})
+            touched = k.core.patch_namespaced_service("web", NS, {"metadata": {"annotations": {"touched": "1"}}})
+            assert (touched.metadata.annotations or {}).get(c.HANDOVER_ANNOTATION) == c.HANDOVER_MIGRATE
+            assert c.SERVICE_PROXY_NAME_LABEL not in (touched.metadata.labels or {})  # marked, not labelled
+            wait_until(lambda: (k.core.read_namespaced_service("web", NS).metadata.labels or {}).get(
+                c.SERVICE_PROXY_NAME_LABEL) == c.DEFAULT_PROXY_NAME, timeout=30, what="labelled by the controller")
+            assert c.HANDOVER_ANNOTATION not in (k.core.read_namespaced_service("web", NS).metadata.annotations or {})
+            for node in k.nodes:
+                assert Key(4, WEB, 80) in node.kernel_keys(), node.name
+            for standin in k.standins:
+                standin.wait_for(lambda rs: WEB not in rs, timeout=10)
+            _advance(loops)
+            assert all(r.via == "envoy" for loop in loops[::2] for r in loop.records[-5:])
+        finally:
+            records = [loop.stop() for loop in loops]
+        print(f"\ncontroller-driven handover on {len(k.nodes)} nodes: {_summary(records)}")
+        assert not [r for recs in records for r in recs if not r.ok]
