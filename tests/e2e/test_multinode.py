@@ -242,6 +242,9 @@ def test_a_namespace_opt_in_is_finished_by_the_webhooks_handover_controller(tmp_
             assert c.HANDOVER_ANNOTATION not in (k.core.read_namespaced_service("web", NS).metadata.annotations or {})
             for node in k.nodes:
                 assert Key(4, WEB, 80) in node.kernel_keys(), node.name
+            told = k.core.list_namespaced_event(NS, field_selector="involvedObject.name=web").items
+            reasons = {e.reason for e in told if e.source and e.source.component == "lightpath-handover-controller"}
+            assert {c.EVENT_HANDOVER_STARTED, c.EVENT_MIGRATED} <= reasons, reasons  # kubectl describe shows them
             for standin in k.standins:
                 standin.wait_for(lambda rs: WEB not in rs, timeout=10)
             _advance(loops)
