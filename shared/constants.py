@@ -95,6 +95,7 @@ AGENT_LEASE_SECONDS: Final = 15
 EVENT_HANDOVER_STARTED: Final = "HandoverStarted"
 EVENT_HANDOVER_PREPARED: Final = "HandoverPrepared"
 EVENT_HANDOVER_ABORTED: Final = "HandoverAborted"
+EVENT_HANDOVER_IGNORED: Final = "HandoverIgnored"  # a handover annotation agents ignore (the controller)
 EVENT_MIGRATED: Final = "Migrated"
 EVENT_ROLLED_BACK: Final = "RolledBack"
 EVENT_NORMAL: Final = "Normal"

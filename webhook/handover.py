@@ -99,8 +99,9 @@ class _MarkedCache:
 
     @staticmethod
     def _marked(obj: Mapping[str, Any]) -> bool:
+        """Carries the handover annotation, whatever its value (the round tells a mark from garbage)."""
         annotations = (obj.get("metadata") or {}).get("annotations") or {}
-        return isinstance(annotations, dict) and annotations.get(c.HANDOVER_ANNOTATION) == c.HANDOVER_MIGRATE
+        return isinstance(annotations, dict) and c.HANDOVER_ANNOTATION in annotations
 
     def replace(self, items: Iterable[dict[str, Any]]) -> None:
         marked = {self._sid(o): o for o in items if self._marked(o)}
@@ -171,6 +172,7 @@ class HandoverController:
         with self.cache.lock:
             services = dict(self.cache.services)
             seen = dict(self.cache.seen)
+        self._announced &= set(services)  # forget Services whose annotation went
         if not services:
             return []
         leases = self.coordination.list_namespaced_lease(self.agent_namespace)
@@ -179,7 +181,13 @@ class HandoverController:
         marked = []
         for sid, svc in services.items():
             labels = self.namespace_labels(sid.partition("/")[0])
-            wanted = labels is not None and decide(svc, labels, self.policy).action is Action.LABEL
+            decision = decide(svc, labels or {}, self.policy)
+            value = ((svc.get("metadata") or {}).get("annotations") or {}).get(c.HANDOVER_ANNOTATION)
+            if value != c.HANDOVER_MIGRATE or not decision.eligible or decision.wants_proxy is None:
+                self._ignored(sid, svc, value, decision.reason)
+                if value != c.HANDOVER_MIGRATE:
+                    continue  # not a mark: nobody acts on it (the agents ignore it too)
+            wanted = labels is not None and decision.action is Action.LABEL
             marked.append(Marked(sid, wanted, seen.get(sid, now)))
             if sid not in self._announced and wanted:
                 self._announced.add(sid)
@@ -189,6 +197,16 @@ class HandoverController:
         for step in steps:
             self._apply(step, services[step.sid], now - seen.get(step.sid, now))
         return steps
+
+    def _ignored(self, sid: str, svc: Mapping[str, Any], value: object, reason: str) -> None:
+        """A handover annotation the agents ignore (never a half-migrated Service): say so once, as a Warning."""
+        if sid in self._announced:
+            return
+        self._announced.add(sid)
+        why = (f"value {str(value)[:64]!r} is not {c.HANDOVER_MIGRATE!r}" if value != c.HANDOVER_MIGRATE
+               else f"the Service cannot be handed over ({reason})")
+        log.warning("handover annotation ignored", extra={"service": sid, "why": why})
+        self._event(svc, c.EVENT_WARNING, c.EVENT_HANDOVER_IGNORED, f"{c.HANDOVER_ANNOTATION} ignored: {why}")
 
     def _apply(self, step: Step, svc: Mapping[str, Any], waited: float) -> None:
         namespace, _, name = step.sid.partition("/")

@@ -56,10 +56,10 @@ def agent_lease(api: SandboxApiServer, node: str, prepared: list[str], *, age: f
         leases.create_namespaced_lease(c.DEFAULT_AGENT_NAMESPACE, body)
 
 
-def marked(api: SandboxApiServer, name: str) -> None:
+def marked(api: SandboxApiServer, name: str, value: str = c.HANDOVER_MIGRATE, protocol: str = "TCP") -> None:
     client.CoreV1Api(api.api_client()).create_namespaced_service("shop", {
-        "metadata": {"name": name, "annotations": {c.HANDOVER_ANNOTATION: c.HANDOVER_MIGRATE}},
-        "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}})
+        "metadata": {"name": name, "annotations": {c.HANDOVER_ANNOTATION: value}},
+        "spec": {"ports": [{"name": "http", "port": 80, "protocol": protocol}]}})
 
 
 def controller(api: SandboxApiServer, events: list[tuple[str, str, str]], **kw: Any) -> HandoverController:
@@ -127,5 +127,21 @@ def test_a_follower_does_nothing(api: SandboxApiServer) -> None:
         wait(lambda: ctl.reflector.lists >= 1)
         wait(lambda: ctl.rounds >= 5)  # rounds pass: a follower never writes
         assert c.HANDOVER_ANNOTATION in (service(api, "web").annotations or {}) and not events
+    finally:
+        ctl.stop()
+
+
+def test_an_annotation_agents_ignore_gets_one_warning_event_and_no_write(api: SandboxApiServer) -> None:
+    events: list[tuple[str, str, str]] = []
+    marked(api, "odd", value="yes please")
+    marked(api, "dns", protocol="UDP")
+    versions = {n: service(api, n).resource_version for n in ("odd", "dns")}
+    ctl = controller(api, events)
+    try:
+        wait(lambda: ctl.rounds >= 5)
+        ignored = sorted(m for kind, reason, m in events if reason == c.EVENT_HANDOVER_IGNORED and kind == c.EVENT_WARNING)
+        assert len(ignored) == 2, events  # once each, not once per round
+        assert "value 'yes please' is not 'migrate'" in ignored[1] and "cannot be handed over" in ignored[0]
+        assert {n: service(api, n).resource_version for n in ("odd", "dns")} == versions  # nothing written
     finally:
         ctl.stop()
