@@ -90,6 +90,7 @@ class Runner:
     handover_timeout: float = 30.0
     agent_namespace: str = c.DEFAULT_AGENT_NAMESPACE
     recorder: events.Recorder | None = None  # Events on the Services (cli.events); None: none written
+    versions: dict[Ref, str] = field(default_factory=dict)  # marked Services -> resourceVersion of the mark
 
     def run(self, plan: Plan) -> Report:
         report = Report(plan.verb)
@@ -165,6 +166,7 @@ class Runner:
             outcome = handover.prepare(self.cluster, [i.ref for i in movers], namespace=self.agent_namespace,
                                        timeout=self.handover_timeout, sleep=self.sleep, recorder=self.recorder,
                                        proxy=self.config.proxy_name)
+            self.versions.update(outcome.versions)
         except ClusterError as exc:
             for item in movers:
                 report.failures.append((item.ref, f"{item.ref}: handover: {exc}"))
@@ -208,12 +210,17 @@ class Runner:
                 meta["labels"] = {**(meta.get("labels") or {}), c.SERVICE_PROXY_NAME_LABEL: self.config.proxy_name}
                 if self.handover:
                     meta["annotations"] = {**(meta.get("annotations") or {}), c.HANDOVER_ANNOTATION: None}
+                    if item.ref in self.versions:  # unchanged since our mark, or a later intent wins
+                        meta["resourceVersion"] = self.versions.pop(item.ref)
                 patch = {**patch, "metadata": meta}
                 report.paths[item.ref] = "handover" if self.handover else "direct"
             try:
                 uids[item.ref] = events.uid_of(self.cluster.patch_service(item.ref.namespace, item.ref.name, patch))
             except ClusterError as exc:
-                report.failures.append((item.ref, f"{item.ref}: {exc}"))
+                guarded = "resourceVersion" in (patch.get("metadata") or {}) and "409" in str(exc)
+                why = ("changed by someone else since it was marked (a rollback at the same time?): not labelled, "
+                       f"the later change wins ({exc})") if guarded else str(exc)
+                report.failures.append((item.ref, f"{item.ref}: {why}"))
                 self.say(f"FAILED    {item.ref} (see the error below)")
                 if not self.continue_on_error:
                     stop = True

@@ -33,6 +33,9 @@ class Outcome:
     failed: dict[Ref, str] = field(default_factory=dict)  # the mark could not be written
     agents: int = 0
     uids: dict[Ref, str] = field(default_factory=dict)  # from the mark's answer: the Events' involvedObject.uid
+    # The mark's answer's resourceVersion: the final write is guarded by it, so a Service someone changed
+    # meanwhile (a concurrent rollback removing the mark) is not labelled -- the later intent wins.
+    versions: dict[Ref, str] = field(default_factory=dict)
 
 
 def prepare(cluster: Cluster, refs: list[Ref], *, namespace: str, timeout: float,
@@ -61,6 +64,8 @@ def prepare(cluster: Cluster, refs: list[Ref], *, namespace: str, timeout: float
             continue
         if uid := events.uid_of(stored):
             outcome.uids[ref] = uid
+        if version := ((stored or {}).get("metadata") or {}).get("resourceVersion"):
+            outcome.versions[ref] = str(version)
         emit(ref, c.EVENT_HANDOVER_STARTED, c.EVENT_NORMAL,
              events.started_message(proxy, len(agents), timeout))
     refs = marked

@@ -106,6 +106,15 @@ def plan_service(
         return Item(ref, Step.SKIP, after.reason, current.handled_by)
     opt_now = labels_of(service).get(c.OPT_LABEL)
     already = f"already on {display_handler(direction.target)}"
+    meta = service.get("metadata") or {}
+    annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+    if direction is Direction.ROLLBACK and isinstance(annotations, Mapping) and c.HANDOVER_ANNOTATION in annotations:
+        # A migration under way (someone else's): the later intent wins. Opting out AND removing the mark
+        # changes the Service, so that migration's final write (guarded by resourceVersion) fails cleanly.
+        patch = label_patch(c.OPT_LABEL, direction.opt_value)
+        patch["metadata"]["annotations"] = {c.HANDOVER_ANNOTATION: None}
+        return Item(ref, Step.LABEL, f"migration in progress stopped: {after.reason}", expect, patch,
+                    direction.opt_value)
     if (
         direction is Direction.ROLLBACK
         and current.handled_by == KUBE_PROXY

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -215,3 +216,48 @@ def test_events_refused_do_not_fail_or_stop_the_migration(shop: Cluster) -> None
 def test_no_events_writes_none(shop: Cluster) -> None:
     assert shop.run("migrate", "shop/web", "--no-events").code == 0
     assert shop.core.list_namespaced_event("shop").items == []
+
+
+def test_a_rollback_during_a_migration_wins_cleanly(shop: Cluster) -> None:
+    """Two operators at once (issue 14, bad input): a migration waits for its nodes, a rollback of the same
+    Service arrives. The rollback opts out and removes the mark; the migration's final write is guarded by
+    the mark's resourceVersion, so it fails cleanly instead of labelling: the later intent wins."""
+    gate = threading.Event()
+    agents = Agents(shop, {"node-a": True})
+    with agents:
+        def slow_sleep(seconds: float) -> None:  # the migration's wait for its nodes, held until the rollback
+            gate.wait(10)
+
+        from cli.execute import Runner, now_stamp
+        from cli.kube import Cluster as KubeCluster
+        from cli.plan import Direction, plan_services
+        from shared.policy import PolicyConfig
+
+        kube = KubeCluster(shop.api.api_client())
+        plan = plan_services(Direction.MIGRATE, [s for s in kube.list_services("shop") if s["metadata"]["name"] == "web"],
+                             {"shop": {}}, PolicyConfig(), now_stamp())
+        said: list[str] = []
+        runner = Runner(cluster=kube, config=PolicyConfig(), ns_labels={"shop": {}}, say=said.append,
+                        sleep=slow_sleep, handover_timeout=10)
+        result: list[Any] = []
+        migration = threading.Thread(target=lambda: result.append(runner.run(plan)))
+        migration.start()
+        deadline = time.monotonic() + 10
+        lease = lease_name("node-a")
+        while "shop/web" not in (client.CoordinationV1Api(
+                shop.api.api_client()).read_namespaced_lease(lease, c.DEFAULT_AGENT_NAMESPACE).metadata.annotations
+                .get(c.PREPARED_ANNOTATION, "")):
+            assert time.monotonic() < deadline, "never prepared"
+            time.sleep(0.02)
+        agents.done.set()  # the node's last word stands (its Lease stays live): prepared, just before...
+        agents.thread.join(5)
+        back = shop.run("rollback", "shop/web")  # ...the second operator's rollback
+        assert back.code == 0, back.err
+        gate.set()
+        migration.join(20)
+    (report,) = result
+    assert not report.ok and any("409" in message or "Conflict" in message for _, message in report.failures), \
+        report.failures
+    svc = shop.core.read_namespaced_service("web", "shop").metadata
+    assert shop.handoff("shop", "web") is None and (svc.labels or {}).get(c.OPT_LABEL) == c.OPT_DISABLED
+    assert c.HANDOVER_ANNOTATION not in (svc.annotations or {})
