@@ -305,10 +305,14 @@ class StandinSync:
 
     def __init__(
         self, api_client: client.ApiClient, netns_name: str, *, watch_timeout: int = 5, backoff: float = 0.5,
-        min_sync_period: float = DEFAULT_MIN_SYNC_PERIOD,
+        min_sync_period: float = DEFAULT_MIN_SYNC_PERIOD, mode: str = "nftables",
     ) -> None:
+        """``mode``: "nftables" (this module's tables) or "iptables" (``sandbox.kubeproxy_iptables``)."""
+        if mode not in ("nftables", "iptables"):
+            raise ValueError(f"mode must be nftables or iptables, not {mode!r}")
         core, discovery = client.CoreV1Api(api_client), client.DiscoveryV1Api(api_client)
         self.netns_name = netns_name
+        self.mode = mode
         self.min_sync_period = min_sync_period
         self._backoff = backoff
         self._cache: dict[str, dict[Key, Mapping[str, Any]]] = {"services": {}, "endpointslices": {}}
@@ -400,11 +404,20 @@ class StandinSync:
                 self._dirty = False
                 services = list(self._cache["services"].values())
                 slices = list(self._cache["endpointslices"].values())
-            ruleset = standin_ruleset(services, slices)
+            if self.mode == "iptables":
+                from sandbox import kubeproxy_iptables
+
+                ports = service_ports(services, slices)
+                ruleset = kubeproxy_iptables.render(ports)
+            else:
+                ruleset = standin_ruleset(services, slices)
             if ruleset == self.applied:
                 continue
             try:
-                apply(self.netns_name, ruleset)
+                if self.mode == "iptables":
+                    kubeproxy_iptables.apply(self.netns_name, ports)
+                else:
+                    apply(self.netns_name, ruleset)
             except Exception as exc:  # noqa: BLE001 - retry on the next round
                 self.errors += 1
                 log.warning("kube-proxy stand-in: apply failed", extra={"error": repr(exc)})

@@ -28,9 +28,18 @@ def test_rollback_and_migration_under_load_lose_no_request(tmp_path: Path) -> No
     run_cycles(tmp_path, agent_args=())
 
 
-def run_cycles(tmp_path: Path, agent_args: tuple[str, ...]) -> None:
-    with envoy_node(tmp_path, agent_args=agent_args) as node, StandinSync(node.api.api_client(), node.topo.node.name, watch_timeout=5,
-                                                   min_sync_period=1.0) as standin:
+def test_the_same_against_kube_proxy_in_iptables_mode(tmp_path: Path) -> None:
+    """The stand-in in kube-proxy's iptables layout (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-*): the agent reads
+    its rules from iptables-save and hands back only once the Service's rule is there."""
+    run_cycles(tmp_path, agent_args=(), mode="iptables")
+
+
+def run_cycles(tmp_path: Path, agent_args: tuple[str, ...], mode: str = "nftables") -> None:
+    def serving(rs: str) -> bool:
+        return (f"-d {IP}/32 -p tcp" in rs) if mode == "iptables" else (f"{IP} . tcp . 80 : goto service-" in rs)
+
+    with envoy_node(tmp_path, agent_args=agent_args) as node, StandinSync(
+            node.api.api_client(), node.topo.node.name, watch_timeout=5, min_sync_period=1.0, mode=mode) as standin:
         node.serve(0, "http", 4, port=8080)
         node.service("web", [{"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"}])
         node.endpoints("web", {"http": 8080}, [0])
@@ -42,7 +51,7 @@ def run_cycles(tmp_path: Path, agent_args: tuple[str, ...]) -> None:
             for cycle in range(2):
                 start = len(loop.records)
                 node.core.patch_namespaced_service("web", NS, UNLABEL)  # rollback: kube-proxy takes over
-                standin.wait_for(lambda rs: f"{IP} . tcp . 80 : goto service-" in rs, timeout=10)
+                standin.wait_for(serving, timeout=10)
                 wait_until(lambda: Key(4, IP, 80) not in node.kernel_keys(), timeout=15, what="redirect released")
                 loop.wait_for(40)
                 assert any(r.ok and r.via == "direct" for r in loop.records[start:]), "never served by kube-proxy"

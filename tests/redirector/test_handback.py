@@ -178,3 +178,25 @@ def test_handover_outcomes_and_prepare_time_are_counted_per_node() -> None:
     assert value("handovers_total", outcome="migrated") == 1 and value("handovers_total", outcome="aborted") == 1
     assert value("handover_duration_seconds_count", outcome="aborted") == 1
     assert set(fake.dump()) >= {A, b}  # the migrated one stays; the aborted one is handed back (held)
+
+
+def test_the_agent_reads_the_iptables_mode_stand_ins_rules() -> None:
+    """The iptables-mode stand-in (kube-proxy v1.33's KUBE-SERVICES layout) and the agent's reader agree:
+    served ports are found (NodePorts too), a port without endpoints (a REJECT in filter) is not."""
+    from sandbox import kubeproxy_iptables
+
+    served = {"metadata": {"name": "web", "namespace": "shop"},
+              "spec": {"clusterIPs": ["10.96.0.20", "fd00:10:96::20"],
+                       "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]}}
+    empty = {"metadata": {"name": "idle", "namespace": "shop"},
+             "spec": {"clusterIPs": ["10.96.0.21"], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}
+    slices = [{"metadata": {"namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": f"IPv{f}", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+               "endpoints": [{"addresses": [ip]}]} for f, ip in ((4, "10.244.0.10"), (6, "fd00:10:244::10"))]
+    ports = kubeproxy.service_ports([served, empty], slices)
+    nat4 = kubeproxy_iptables.nat_rules(4, ports)
+    save4 = "\n".join(f"-A {chain} {spec}" for chain, specs in nat4.items() for spec in specs)
+    assert parse_iptables_save(4, save4) == {Key(4, "10.96.0.20", 80), Key(4, None, 30080)}
+    save6 = "\n".join(f"-A {c} {s}" for c, specs in kubeproxy_iptables.nat_rules(6, ports).items() for s in specs)
+    assert parse_iptables_save(6, save6) == {Key(6, "fd00:10:96::20", 80), Key(6, None, 30080)}
+    assert any("10.96.0.21/32" in r and "REJECT" in r for r in kubeproxy_iptables.filter_rules(4, ports))
