@@ -22,7 +22,8 @@ class EmbeddedControlPlane:
                  *, proxy_port: int = c.DEFAULT_PROXY_PORT, ipv6: bool = True) -> None:
         self.plane = ControlPlane(NodeInfo(node, ipv6=ipv6), proxy_port=proxy_port)
         self.server = AdsServer(self.plane.store, expected_node=node, on_ack=self.plane.acked,
-                                on_nack=self.plane.nacked, on_push=self.plane.pushed)
+                                on_nack=self.plane.nacked, on_push=self.plane.pushed,
+                                ready=self.plane.first_push_done)
         self.plane.attach(self.server)
         self.plane.services.replace(list(services))
         self.plane.slices.replace(list(slices))

@@ -46,8 +46,14 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     def __init__(self, store: Store, *, expected_node: str | None = None, on_ack: Callable[[Stream, str, dict[str, str | None]], None] | None = None,
                  on_nack: Callable[[Stream, str, list[str], str], None] | None = None,
-                 on_stream: Callable[[Stream, bool], None] | None = None, on_push: Callable[[str, int, int], None] | None = None) -> None:
+                 on_stream: Callable[[Stream, bool], None] | None = None, on_push: Callable[[str, int, int], None] | None = None,
+                 ready: threading.Event | None = None) -> None:
+        """``ready``: set once the store holds the first full translation. Until then a stream is not opened:
+        a restarted agent with a half-built store would otherwise tell a running Envoy to remove what it
+        serves (Envoy keeps its configuration while it waits for our first answer)."""
         self.store = store
+        self.ready = ready
+        self.waiting = 0  # streams held until ``ready`` (debug, tests)
         self.expected_node = expected_node
         self.on_ack = on_ack
         self.on_nack = on_nack
@@ -75,6 +81,16 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     def DeltaAggregatedResources(self, request_iterator: Iterator[discovery_pb2.DeltaDiscoveryRequest],  # noqa: N802
                                  context: grpc.ServicerContext) -> Iterator[discovery_pb2.DeltaDiscoveryResponse]:
+        if self.ready is not None and not self.ready.is_set():
+            with self.cond:
+                self.waiting += 1
+            try:
+                while not self.ready.wait(0.2):
+                    if not context.is_active():
+                        return
+            finally:
+                with self.cond:
+                    self.waiting -= 1
         stream = self._open(context.peer())
         failure: list[str] = []
         reader = threading.Thread(target=self._read, args=(stream, request_iterator, failure),

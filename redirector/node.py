@@ -168,6 +168,7 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
 
         plane.on_blocked = KernelBlocks(f"{settings.nft_table}-block").apply
     server = AdsServer(plane.store, expected_node=settings.node, on_ack=plane.acked, on_nack=plane.nacked,
+                       ready=plane.first_push_done,
                        on_push=plane.pushed)
     plane.attach(server)
     services = ServiceWatcher(core, FanOut(tracker, plane.services), labelled_only=False, **watch)
