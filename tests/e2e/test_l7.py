@@ -86,9 +86,10 @@ def test_outlier_detection_ejects_a_failing_backend(tmp_path: Path) -> None:
             return node.envoy.counter(ejected) == 1
 
         wait_until(ejected_after_one_more, timeout=30, what="the failing backend ejected")
-        # The ejection reaches Envoy's worker threads a moment after the counter moves: wait for that, then
-        # every request of a long run goes to the healthy pod.
-        wait_until(lambda: all(get(node, "10.96.0.42")["status"] == 200 for _ in range(5)), timeout=10,
+        # The ejection reaches Envoy's worker threads a moment after the counter moves: wait for that (20 in a
+        # row: with two hosts, 5 good answers in a row before the ejection applied happen by chance 1 in 32,
+        # which CI once hit), then every request of a long run goes to the healthy pod.
+        wait_until(lambda: all(get(node, "10.96.0.42")["status"] == 200 for _ in range(20)), timeout=15,
                    what="the ejection applied on the workers")
         replies = [get(node, "10.96.0.42") for _ in range(20)]
         assert {(r["status"], r["json"]["server"]) for r in replies} == {(200, "pod1")}, replies  # type: ignore[index]
