@@ -41,10 +41,11 @@ def _apply(state: tuple[bool, bool], lines: Sequence[str], ip: str, port: int, r
     redirect, standin = state
     element = f"{ip} . {port}"
     standin_family, served = ("ip6" if ":" in ip else "ip"), f"{ip} . tcp . {port} :"
+    ours = f"inet {redirect_table} "  # the table itself, not lightpath-block or lightpath-fallback
     for line in lines:
-        if line.startswith(f"delete table inet {redirect_table}"):
+        if f"{line} ".startswith(f"delete table {ours}"):
             redirect = False
-        elif redirect_table in line and element in line and ("add element" in line or "elements =" in line):
+        elif ours in f"{line} " and element in line and ("add element" in line or "elements =" in line):
             redirect = True
         elif line.startswith(f"delete element inet {redirect_table} ") and element in line:
             redirect = False

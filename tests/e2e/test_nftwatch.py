@@ -42,6 +42,17 @@ def test_redirect_table_created_with_elements_counts() -> None:
     assert coverage(gens, IP, PORT, start=0.5).redirect_changed == pytest.approx(0.5)
 
 
+def test_our_other_tables_are_not_the_redirect() -> None:
+    """The block and fallback tables are rewritten by "delete table inet lightpath-block" etc.: not the redirect
+    going (the demo once showed a 10 ms "window" that was the block table's rewrite)."""
+    others = ("add table inet lightpath-block", "delete table inet lightpath-block",
+              f"add element inet lightpath-block exposed4 {{ {IP} . tcp . {PORT} }}",
+              "delete table inet lightpath-fallback")
+    gens = [(0.0, ADD_REDIRECT), (0.5, STANDIN_WITHOUT), (10.0, others), (10.02, STANDIN_WITH), (10.03, DEL_REDIRECT)]
+    cov = coverage(gens, IP, PORT, start=9.0)
+    assert cov.uncovered == 0.0 and cov.redirect_changed == pytest.approx(1.03)
+
+
 def _wait(cond: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + 10
     while not cond():
