@@ -256,17 +256,17 @@ def static_bootstrap(snapshot: Snapshot, admin_port: int) -> dict[str, Any]:
     def as_dict(message: Any) -> dict[str, Any]:
         return MessageToDict(message, preserving_proto_field_name=True)
 
-    routes = {name: as_dict(route_pb2.RouteConfiguration.FromString(r.body.value)) for name, r in snapshot[res.ROUTE].items()}
+    routes = {name: as_dict(route_pb2.RouteConfiguration.FromString(r.data)) for name, r in snapshot[res.ROUTE].items()}
     clusters = []
     for name, r in sorted(snapshot[res.CLUSTER].items()):
-        cluster = as_dict(cluster_pb2.Cluster.FromString(r.body.value))
+        cluster = as_dict(cluster_pb2.Cluster.FromString(r.data))
         cluster["type"] = "STATIC"
         cluster.pop("eds_cluster_config", None)
-        cluster["load_assignment"] = as_dict(endpoint_pb2.ClusterLoadAssignment.FromString(snapshot[res.ENDPOINT][name].body.value))
+        cluster["load_assignment"] = as_dict(endpoint_pb2.ClusterLoadAssignment.FromString(snapshot[res.ENDPOINT][name].data))
         clusters.append(cluster)
     listeners = []
     for _, r in sorted(snapshot[res.LISTENER].items()):
-        listener = as_dict(listener_pb2.Listener.FromString(r.body.value))
+        listener = as_dict(listener_pb2.Listener.FromString(r.data))
         for chain in listener["filter_chains"]:
             for f in chain["filters"]:
                 hcm = f["typed_config"]
@@ -432,7 +432,7 @@ def worker(n: int, variant: str, adds: int, changes: int, runs: int, concurrency
         out["memory_envoy_a"] = a.memory()
         out["rss_cp_initial_mib"] = rss_mib()
         out["resources"] = {res.SHORT[t]: store.count(t) for t in res.TYPES}
-        out["store_bytes"] = {res.SHORT[t]: sum(len(store.get(t, name).body.value) for name in store.names(t))  # type: ignore[union-attr]
+        out["store_bytes"] = {res.SHORT[t]: sum(len(store.get(t, name).data) for name in store.names(t))  # type: ignore[union-attr]
                               for t in res.TYPES}
 
         # -- 1b. Envoy B started against the warm control plane (A stopped) ------------------------------

@@ -46,6 +46,7 @@ from redirector.model import Key
 from sandbox.node.netns import NetNS, Topology, run_in_netns
 from sandbox.node.traffic import wait_until
 from shared import constants as c
+from shared.kubeapi import Api
 
 PROXY_PORT = 1666
 LABELS = {c.SERVICE_PROXY_NAME_LABEL: c.DEFAULT_PROXY_NAME}
@@ -427,7 +428,6 @@ def create_services(api: Any, start: int, stop: int) -> None:
 def event_to_rule(api: Any, n: int, changes: int = 100) -> tuple[list[float], list[float], int]:
     """(API write -> element in the kernel, agent's event arrival -> rule live, transactions) for ``changes``
     port flips of random Services, with the in-process agent (nft) watching ``api``."""
-    from kubernetes import client
 
     from redirector.agent import Agent
     from redirector.watch import ServiceWatcher
@@ -436,7 +436,7 @@ def event_to_rule(api: Any, n: int, changes: int = 100) -> tuple[list[float], li
     with NetNS(f"lpr-{os.getpid()}-{n}-e2r") as ns:
         backend = nft_backend(ns.name)
         agent = Agent(backend, proxy_label=(c.SERVICE_PROXY_NAME_LABEL, c.DEFAULT_PROXY_NAME), resync_period=3600)
-        watcher = ServiceWatcher(client.CoreV1Api(api.api_client()), agent.tracker, read_timeout=30)
+        watcher = ServiceWatcher(Api(api.api_client()), agent.tracker, read_timeout=30)
         threads = [threading.Thread(target=watcher.run, daemon=True), threading.Thread(target=agent.run, daemon=True)]
         for t in threads:
             t.start()

@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from cli import events, render
 from cli.execute import Report, Runner, now_stamp, summary_lines
-from cli.kube import Cluster, connect
+from cli.kube import Cluster, ClusterError, connect
 from cli.plan import Direction, Plan, plan_namespaces, plan_reconcile, plan_services
 from cli.rows import build_rows, namespace_labels, summarize
 from cli.selection import Selection, check_namespaces, select_namespaces, select_services
 from shared import constants as c
+from shared.agents import Traffic, traffic
 from shared.policy import PolicyConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -83,11 +85,24 @@ def status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     services, ns_labels, _ = _load(cluster, selection)
     rows = build_rows(services, ns_labels, config)
     summary = summarize(rows)
+    seen, why = _traffic(cluster, getattr(args, "agent_namespace", c.DEFAULT_AGENT_NAMESPACE))
     if args.output == "table":
-        out.write(render.status_table(rows, summary, _colour(args, out)))
+        out.write(render.status_table(rows, summary, _colour(args, out), seen))
+        if why:
+            out.write(f"(no traffic figures: {why})\n")
     else:
-        out.write(render.dump(render.status_document(rows, summary), args.output))
+        out.write(render.dump(render.status_document(rows, summary, seen), args.output))
     return EXIT_OK
+
+
+def _traffic(cluster: Cluster, namespace: str) -> tuple[dict[str, Traffic], str]:
+    """What the node Envoys saw per Service, from the agents' Leases; ({}, why) when they cannot be read
+    (status still shows everything else)."""
+    try:
+        leases = cluster.list_leases(namespace)
+    except ClusterError as exc:
+        return {}, f"cannot read the node agents' Leases in {namespace}: {exc}"
+    return traffic(leases, datetime.now(UTC)), ""
 
 
 def _plan(args: argparse.Namespace, direction: Direction) -> tuple[Plan, Cluster, dict[str, dict[str, str]]]:

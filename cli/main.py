@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         commands.status,
     )
     _selector(p, names=False)
+    p.add_argument("--agent-namespace", default=c.DEFAULT_AGENT_NAMESPACE, metavar="NAMESPACE",
+                   help="where the node agents' Leases (with the traffic each node's Envoy saw) are "
+                        f"(default: {c.DEFAULT_AGENT_NAMESPACE})")
     _output(p, "table", "output")
 
     p = command(

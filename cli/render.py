@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
 import yaml
 
 from cli.plan import Item, Plan, Step
 from cli.rows import KUBE_PROXY, LIGHTPATH, OTHER_PREFIX, Row, Summary, display_handler, ports_text
+from shared.agents import Traffic
 
 RESET = "\033[0m"
 STYLES = {
@@ -80,8 +81,23 @@ def handler_style(handled_by: str) -> str | None:
 STATUS_HEADERS = ("NAMESPACE", "NAME", "TYPE", "PORTS", "HANDLED-BY", "WANTS", "PENDING", "REASON")
 
 
-def status_table(rows: Sequence[Row], summary: Summary, colour: bool) -> str:
-    """The `status` table plus its summary line."""
+def traffic_text(t: Traffic | None) -> str:
+    if t is None:
+        return "-"
+    parts = [f"{t.requests:g} req/s", f"{100 * t.error_ratio:.1f}% 5xx"]
+    if t.retries:
+        parts.append(f"{t.retries:g} retries/s")
+    if t.p99_ms is not None:
+        parts.append(f"p99 {t.p99_ms:g} ms")
+    return ", ".join(parts)
+
+
+def status_table(rows: Sequence[Row], summary: Summary, colour: bool,
+                 traffic: Mapping[str, Traffic] | None = None) -> str:
+    """The `status` table plus its summary line; a TRAFFIC column (what the node Envoys saw, from the agents'
+    Leases) when any shown Service has traffic."""
+    traffic = traffic or {}
+    shown = any(str(r.ref) in traffic for r in rows)
     cells = [
         [
             (r.ref.namespace, None),
@@ -93,11 +109,13 @@ def status_table(rows: Sequence[Row], summary: Summary, colour: bool) -> str:
             # a handover mark is the more specific state: a migration under way (or stuck half-way)
             ("HANDOVER" if r.handover else ("PENDING" if r.pending else "-"),
              "pending" if r.pending or r.handover else "dim"),
+            *([(traffic_text(traffic.get(str(r.ref))), None)] if shown else []),
             (r.reason, None),
         ]
         for r in rows
     ]
-    text = table(STATUS_HEADERS, cells, colour) if rows else "No Services found.\n"
+    headers = (*STATUS_HEADERS[:-1], "TRAFFIC", STATUS_HEADERS[-1]) if shown else STATUS_HEADERS
+    text = table(headers, cells, colour) if rows else "No Services found.\n"
     line = summary.text()
     if summary.pending:
         line = line.replace(
@@ -106,12 +124,20 @@ def status_table(rows: Sequence[Row], summary: Summary, colour: bool) -> str:
     return text + "\n" + line + "\n"
 
 
-def status_document(rows: Sequence[Row], summary: Summary) -> dict[str, Any]:
-    """The machine-checkable document for ``-o json|yaml``."""
+def status_document(rows: Sequence[Row], summary: Summary,
+                    traffic: Mapping[str, Traffic] | None = None) -> dict[str, Any]:
+    """The machine-checkable document for ``-o json|yaml`` (``traffic``: per item, null when none seen)."""
+    traffic = traffic or {}
+    items = []
+    for r in rows:
+        item = r.to_dict()
+        seen = traffic.get(str(r.ref))
+        item["traffic"] = seen.to_dict() if seen is not None else None
+        items.append(item)
     return {
         "apiVersion": "lightpath.cloud/v1",
         "kind": "ServiceStatusList",
-        "items": [r.to_dict() for r in rows],
+        "items": items,
         "summary": summary.to_dict(),
     }
 

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,8 @@ from controlplane.translate import (
     project_service,
     translate_service,
 )
-from redirector.desired import service_id
+from redirector import memory
+from redirector.desired import parse_ip, service_id
 from redirector.model import Family, Key
 from shared import constants as c
 
@@ -50,9 +51,11 @@ log = logging.getLogger(__name__)
 Mangle = Callable[[str, Message], None]  # test hook: (type_url, message) -> corrupt it in place
 GateListener = Callable[[set[Key]], None]
 LISTENER_VERSIONS_KEPT = 8
+UNBLOCK_HOLD = 2.0  # seconds a key with new endpoints stays blocked at most, waiting for Envoy's ACK
+BIG_BATCH = 1000  # Services translated in one batch, after which the freed heap is handed back (redirector.memory)
 
 
-def _winner(claimants: set[str]) -> str:
+def _winner(claimants: Iterable[str]) -> str:
     """The Service that gets a contested key: the smallest (namespace, name), as ``redirector.desired``'s index
     decides for the kernel (plain "namespace/name" order differs: "a-b/x" < "a/x")."""
     return min(claimants, key=lambda sid: sid.partition("/")[::2])
@@ -76,15 +79,19 @@ class ControlPlane:
     def __init__(self, node: NodeInfo, *, proxy_port: int = c.DEFAULT_PROXY_PORT,
                  proxy_name: str = c.DEFAULT_PROXY_NAME, metrics: ControlPlaneMetrics | None = None,
                  mangle: Mangle | None = None, batch_idle: float = 0.002, batch_max: float = 0.02,
-                 envoy_admin: tuple[str, int] | envoystats.Admins | None = ("127.0.0.1", c.ENVOY_ADMIN_PORT)) -> None:
+                 envoy_admin: tuple[str, int] | envoystats.Admins | None = ("127.0.0.1", c.ENVOY_ADMIN_PORT),
+                 on_demand: bool = False) -> None:
+        """``on_demand``: Envoy fetches a key's cluster when a connection first needs it instead of holding
+        every cluster (``--envoy-clusters on-demand``; the AdsServer must be built with the same flag)."""
         self.node = node
+        self.on_demand = on_demand
         self.proxy_name = proxy_name
         self.store = Store()
         self.metrics = metrics or ControlPlaneMetrics()
         self.mangle = mangle
         self.batch_idle, self.batch_max = batch_idle, batch_max
         self.families: tuple[Family, ...] = (4, 6) if node.ipv6 else (4,)
-        self.listeners = {f: res.ListenerBuilder(f, proxy_port) for f in self.families}
+        self.listeners = {f: res.ListenerBuilder(f, proxy_port, on_demand=on_demand) for f in self.families}
         self.routes = {f: res.RouteBuilder(f) for f in self.families}
         self.envoy_stats = envoystats.EnvoyStats(envoy_admin) if envoy_admin is not None else None
         self._listener_keys: dict[Family, OrderedDict[str, frozenset[Key]]] = {f: OrderedDict() for f in self.families}
@@ -102,6 +109,14 @@ class ControlPlane:
         # and the labelled load balancers' source ranges (``ServiceResources.firewall``).
         self.firewall: dict[Key, tuple[str, ...]] = {}
         self.on_blocked: Callable[[dict[Key, str], frozenset[Key], dict[Key, tuple[str, ...]]], None] | None = None
+        # Keys that just got their first usable endpoint stay blocked (key -> (verdict, deadline)) until the
+        # connected Envoy ACKs the endpoints that serve them: unblocked earlier, a new connection would
+        # reach an Envoy with no endpoint and be closed after it was accepted (docs/conformance.md row 3).
+        # At most ``unblock_hold`` seconds (no ACK, a refusal, Envoy gone: never hold a key for good).
+        self._unblocking: dict[Key, tuple[str, float]] = {}
+        self._unblock_lock = threading.Lock()  # a leaf: nothing else is taken under it
+        self._blocks_due = False  # an ACK released held keys: the worker delivers the blocks again
+        self.unblock_hold = UNBLOCK_HOLD
         # healthCheckNodePort -> (Service, local endpoints), for the node's health-check server.
         self.health: dict[int, tuple[str, int]] = {}
         self.on_health: Callable[[dict[int, tuple[str, int]]], None] | None = None
@@ -117,7 +132,8 @@ class ControlPlane:
         self._slices: dict[str, dict[str, eps.SliceView]] = {}  # service -> slice id -> view
         self._slice_owner: dict[str, str] = {}  # slice id -> service
         self._published: dict[str, ServiceResources] = {}
-        self._claimants: dict[str, set[str]] = {}  # cluster name -> Services claiming it
+        # cluster name -> Services claiming it: a tuple (one Service nearly always; a 1-set costs 4x as much)
+        self._claimants: dict[str, tuple[str, ...]] = {}
         self._keys: dict[str, Key] = {}  # cluster name -> key
         self._retake: set[str] = set()  # claimants of a key whose owner left: republished in full, not diffed
         self.push_latencies: deque[float] = deque(maxlen=4096)  # change arrival -> pushed to the store
@@ -150,15 +166,24 @@ class ControlPlane:
         while not (self.services_listed.is_set() and self.slices_listed.is_set()):
             if self._stop.wait(0.05):
                 return
+        listed = time.monotonic()
         self.mark(())  # the first push happens even for an empty cluster (readiness waits for it)
         with self._cond:
             self._pending.dirty.add("")
         while not self._stop.is_set():
             with self._cond:
                 while not self._stop.is_set() and not self._pending.dirty:
-                    self._cond.wait(1.0)
+                    if self._blocks_due or self._expire_holds():
+                        break
+                    self._cond.wait(min(1.0, self.unblock_hold) if self._unblocking else 1.0)
                 if self._stop.is_set():
                     return
+                redeliver = not self._pending.dirty
+            if redeliver:  # only held keys were released: no translation to do
+                self._blocks_due = False
+                self._deliver_blocks()
+                continue
+            with self._cond:
                 start = time.monotonic()
                 while time.monotonic() - self._last_last_event < self.batch_idle and time.monotonic() - start < self.batch_max:
                     self._cond.wait(self.batch_idle)
@@ -175,7 +200,15 @@ class ControlPlane:
             for since in batch.since.values():
                 self.push_latencies.append(done - since)
                 self.metrics.change_to_store.observe(done - since)
+            if not self.first_push_done.is_set():
+                log.info("first translation in the store: Envoy is answered from now on",
+                         extra={"services": len(self._views), "translated": len(self._published),
+                                "seconds_after_lists": round(done - listed, 3)})
             self.first_push_done.set()
+            if "" in batch.dirty or len(batch.dirty) >= BIG_BATCH:  # after readiness: a heap walk takes ms
+                # Its garbage is tens of MiB at 10,000 Services. Not memory.settle: its full collection here
+                # held the GIL ~150 ms just as Envoy's first answer was due (measured: 7.16 -> 7.31 s).
+                memory.release_freed("translation")
 
     def _publish_static(self) -> None:
         """The route configurations exist from the start (Envoy's HTTP chains wait for them)."""
@@ -198,6 +231,8 @@ class ControlPlane:
         routed: set[Family] = set()
         again: set[str] = set()
         blocks_changed = False
+        server = self.server
+        hold = not self.on_demand and server is not None and server.newest() is not None  # an ACK can come
         health_changed = False
         with self._lock:
             for sid in sids:
@@ -216,6 +251,10 @@ class ControlPlane:
                     health_changed = True
                 if old.blocked != new.blocked:
                     _swap(self.blocked, old.blocked, new.blocked)
+                    # Only a labelled Service's keys that Envoy still serves wait (not a Service handed back
+                    # to kube-proxy, whose keys must be left to it at once).
+                    self._hold_unblocked(old.blocked, new.blocked, hold and view is not None and view.labelled,
+                                         {key for key, _chain in new.chains})
                     blocks_changed = True
                 if old.exposed != new.exposed:
                     self.exposed.difference_update(old.exposed)
@@ -247,8 +286,11 @@ class ControlPlane:
         # Removals last (the streams also hold a cluster removal until the listener no longer names it).
         self.store.update(res.ENDPOINT, removes=load_removes)
         self.store.update(res.CLUSTER, removes=cluster_removes)
-        if blocks_changed and self.on_blocked is not None:
-            self.on_blocked(dict(self.blocked), frozenset(self.exposed), dict(self.firewall))
+        if self.on_demand and self.on_gate is not None and (clusters or loads):
+            # No ACK will come for a cluster Envoy has not asked for: the store having it is what changed.
+            self.on_gate({k for k in (self._keys.get(n) for n in (*clusters, *loads)) if k is not None})
+        if blocks_changed:
+            self._deliver_blocks()
         if health_changed and self.on_health is not None:
             self.on_health(dict(self.health))
         self.metrics.sync_duration.observe(time.perf_counter() - started)
@@ -270,10 +312,15 @@ class ControlPlane:
             name = cluster_name(key)
             if key in new_chains:
                 continue
-            claimants = self._claimants.get(name, set())
+            claimants = self._claimants.get(name, ())
             was_owner = bool(claimants) and _winner(claimants) == sid
-            claimants.discard(sid)
-            if not claimants:
+            claimants = tuple(c for c in claimants if c != sid)
+            if claimants:
+                self._claimants[name] = claimants
+                if was_owner:
+                    again.update(claimants)  # the next claimant takes the key over
+                    self._retake.update(claimants)
+            else:
                 self._claimants.pop(name, None)
                 self._keys.pop(name, None)
                 self.listeners[key.family].remove(key)
@@ -282,13 +329,11 @@ class ControlPlane:
                     routed.add(key.family)
                 cluster_removes.add(name)
                 load_removes.add(name)
-            elif was_owner:
-                again |= claimants  # the next claimant takes the key over
-                self._retake |= claimants
         for key, chain in new.chains:
             name = cluster_name(key)
-            claimants = self._claimants.setdefault(name, set())
-            claimants.add(sid)
+            claimants = self._claimants.get(name, ())
+            if sid not in claimants:
+                claimants = self._claimants[name] = (*claimants, sid)
             if _winner(claimants) != sid:
                 continue  # another Service claims this key and wins (the kernel index decides the same way)
             self._keys[name] = key
@@ -306,6 +351,63 @@ class ControlPlane:
                 loads[name] = self._bytes(res.ENDPOINT, res.load_assignment(lspec))
             cluster_removes.discard(name)
             load_removes.discard(name)
+
+    def _hold_unblocked(self, old: Iterable[tuple[Key, str]], new: Iterable[tuple[Key, str]], hold: bool,
+                        served: set[Key]) -> None:
+        """Under ``_lock``: keys leaving the blocked map that Envoy now ``served`` wait for its ACK of their
+        endpoints (``hold``: eager clusters, a connected Envoy, a labelled Service; on demand, Envoy fetches
+        the endpoints on the first connection, so there is nothing to wait for)."""
+        still = {key for key, _ in new}
+        deadline = time.monotonic() + self.unblock_hold
+        with self._unblock_lock:
+            for key in still:
+                self._unblocking.pop(key, None)
+            if hold:
+                for key, verdict in old:
+                    if key not in still and key in served:
+                        self._unblocking[key] = (verdict, deadline)
+
+    def _deliver_blocks(self) -> None:
+        """The kernel's answers as they stand, held keys included (``on_blocked`` hears the whole map)."""
+        if self.on_blocked is None:
+            return
+        with self._lock:
+            blocked, exposed, firewall = dict(self.blocked), frozenset(self.exposed), dict(self.firewall)
+            with self._unblock_lock:
+                for key, (verdict, _deadline) in self._unblocking.items():
+                    blocked.setdefault(key, verdict)
+        self.on_blocked(blocked, exposed, firewall)
+
+    def _expire_holds(self) -> bool:
+        """Release the held keys whose wait is over; True when some were (the blocks are delivered again)."""
+        if not self._unblocking:
+            return False
+        now = time.monotonic()
+        with self._unblock_lock:
+            over = [key for key, (_verdict, deadline) in self._unblocking.items() if deadline <= now]
+            for key in over:
+                del self._unblocking[key]
+        if over:
+            log.warning("Envoy did not confirm the endpoints of a Service's keys in time: unblocked anyway",
+                        extra={"keys": [str(k) for k in over[:10]], "seconds": self.unblock_hold})
+        return bool(over)
+
+    def _release_acked(self, versions: Mapping[str, str | None]) -> None:
+        """From an EDS ACK of the newest Envoy: held keys whose endpoints it now holds are released."""
+        released = False
+        with self._unblock_lock:
+            for name, version in versions.items():
+                key = self._keys.get(name)
+                if key is None or key not in self._unblocking or version is None:
+                    continue
+                current = self.store.get(res.ENDPOINT, name)
+                if current is not None and current.version == version:
+                    del self._unblocking[key]
+                    released = True
+        if released:
+            self._blocks_due = True
+            with self._cond:
+                self._cond.notify_all()
 
     def _bytes(self, type_url: str, message: Message) -> bytes:
         if self.mangle is not None:
@@ -337,7 +439,13 @@ class ControlPlane:
             if key not in held.get(key.family, ()):
                 continue
             name = cluster_name(key)
-            if name not in cds or name not in eds:
+            if self.on_demand:  # Envoy fetches the cluster on first use: it must exist and not be refused
+                cluster = self.store.get(res.CLUSTER, name)
+                if cluster is None or self.store.get(res.ENDPOINT, name) is None:
+                    continue
+                if stream.types[res.CLUSTER].nacked.get(name, ("",))[0] == cluster.version:
+                    continue
+            elif name not in cds or name not in eds:
                 continue
             if self.listeners[key.family].keys.get(key) == "http" and res.route_name(key.family) not in rds:
                 continue
@@ -347,7 +455,11 @@ class ControlPlane:
     def acked(self, stream: Stream, type_url: str, versions: dict[str, str | None]) -> None:
         """From the xDS server (under its lock): tell the agent which keys may have become servable."""
         self.metrics.acks.labels(res.SHORT[type_url]).inc()
-        if self.on_gate is None or self.server is None or stream is not self.server.newest():
+        if self.server is None or stream is not self.server.newest():
+            return
+        if type_url == res.ENDPOINT and self._unblocking:
+            self._release_acked(versions)
+        if self.on_gate is None:
             return
         candidates: set[Key] = set()
         if type_url in (res.CLUSTER, res.ENDPOINT):
@@ -398,13 +510,16 @@ class ControlPlane:
             stream = server.newest()
             return stream is not None and stream.in_sync()
 
-    def traffic_source(self) -> tuple[dict[str, int] | None, list[tuple[str, list[str]]]]:
-        """For the per-Service metrics (controlplane.servicemetrics): Envoy's counters and, per served
-        Service in name order, its clusters' stat names."""
-        counters = self.envoy_stats.snapshot()[0] if self.envoy_stats is not None else None
+    def traffic_source(self, cached: bool = True) -> tuple[dict[str, int] | None, list[tuple[str, list[str]]]]:
+        """For the per-Service metrics (controlplane.servicemetrics): Envoy's counters and, in name order,
+        the served Services Envoy counted traffic for, with those clusters' stat names (never a walk over
+        every Service: ``servicemetrics.used_services`` says why)."""
+        counters = self.envoy_stats.snapshot(cached)[0] if self.envoy_stats is not None else None
+        if counters is None:
+            return None, []
+        used = envoystats.used_services(counters)  # outside the lock: parsing Envoy's answer
         with self._lock:
-            services = [(sid, [spec.stat_name for spec in found.clusters]) for sid, found in sorted(self._published.items())]
-        return counters, services
+            return counters, [(sid, names) for sid, names in used if sid in self._published]
 
     def report(self, limit: int = 200, service: str | None = None) -> dict[str, Any]:
         """Per Service what Envoy holds (/debug/proxy), with Envoy's traffic counters per key."""
@@ -425,7 +540,8 @@ class ControlPlane:
                 rows.append(self._row(sid, found, stream, counters))
             streams = server.summaries() if server is not None else []
             closed = list(server.closed) if server is not None else []
-        return {"node": self.node.name, "services_known": views, "services_served": len(published),
+        return {"node": self.node.name, "envoy_clusters": "on-demand" if self.on_demand else "eager",
+                "services_known": views, "services_served": len(published),
                 "listed": self.services_listed.is_set() and self.slices_listed.is_set(),
                 "in_sync": self.in_sync(), "revision": self.store.revision,
                 "streams": streams, "ended_streams": closed, "services": rows,
@@ -492,6 +608,21 @@ class ServiceSink:
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
+def node_ips(obj: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """kube-proxy's node IPs from a Node: per family, the first InternalIP, else the first ExternalIP (pure;
+    anything unparsable is skipped)."""
+    found: dict[int, dict[str, str]] = {4: {}, 6: {}}
+    addresses = ((obj or {}).get("status") or {}).get("addresses")
+    for item in addresses if isinstance(addresses, list) else []:
+        kind, value = (item.get("type"), item.get("address")) if isinstance(item, Mapping) else (None, None)
+        if kind not in ("InternalIP", "ExternalIP") or not isinstance(value, str):
+            continue
+        parsed = parse_ip(value)
+        if parsed is not None:
+            found[parsed[0]].setdefault(kind, parsed[1])
+    return tuple(ip for f in (found[4], found[6]) if (ip := f.get("InternalIP") or f.get("ExternalIP")))
+
+
 class NodeSink:
     """``shared.kube.WatchSink`` for this node's Node object: its zone decides topology-hint routing, so a
     zone change re-translates every Service (rare: a node's zone label is set when it joins)."""
@@ -500,16 +631,19 @@ class NodeSink:
         self.plane = plane
 
     def _zone(self, obj: dict[str, Any] | None) -> None:
+        """The zone label and the primary address per family of this node's Node object."""
         labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
         zone = labels.get(ZONE_LABEL) if isinstance(labels, dict) else None
         zone = zone if isinstance(zone, str) and zone else None
+        ips = node_ips(obj)
         plane = self.plane
         with plane._lock:
-            if plane.node.zone == zone:
+            if plane.node.zone == zone and plane.node.ips == ips:
                 return
-            plane.node = NodeInfo(plane.node.name, ipv6=plane.node.ipv6, zone=zone)
+            plane.node = NodeInfo(plane.node.name, ipv6=plane.node.ipv6, zone=zone, ips=ips)
             everyone = set(plane._views)
-        log.info("node zone changed: re-translating every Service", extra={"zone": zone, "services": len(everyone)})
+        log.info("node zone or addresses changed: re-translating every Service",
+                 extra={"zone": zone, "ips": list(ips), "services": len(everyone)})
         plane.mark(everyone)
 
     def replace(self, items: Iterable[dict[str, Any]]) -> None:

@@ -19,11 +19,11 @@ class EmbeddedControlPlane:
     """``start(socket)`` -> serve ``services``/``slices`` to whichever Envoy connects as ``node``."""
 
     def __init__(self, node: str, services: Iterable[dict[str, Any]] = (), slices: Iterable[dict[str, Any]] = (),
-                 *, proxy_port: int = c.DEFAULT_PROXY_PORT, ipv6: bool = True) -> None:
-        self.plane = ControlPlane(NodeInfo(node, ipv6=ipv6), proxy_port=proxy_port)
+                 *, proxy_port: int = c.DEFAULT_PROXY_PORT, ipv6: bool = True, on_demand: bool = False) -> None:
+        self.plane = ControlPlane(NodeInfo(node, ipv6=ipv6), proxy_port=proxy_port, on_demand=on_demand)
         self.server = AdsServer(self.plane.store, expected_node=node, on_ack=self.plane.acked,
                                 on_nack=self.plane.nacked, on_push=self.plane.pushed,
-                                ready=self.plane.first_push_done)
+                                ready=self.plane.first_push_done, on_demand=on_demand)
         self.plane.attach(self.server)
         self.plane.services.replace(list(services))
         self.plane.slices.replace(list(slices))

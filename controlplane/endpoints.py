@@ -11,10 +11,12 @@ carries hints and at least one names this node (zone) -- else all endpoints, exa
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from redirector.desired import shared_value
 from redirector.model import Family
 from redirector.service_fields import parse_ip
 
@@ -81,10 +83,21 @@ def project_slice(obj: Mapping[str, Any]) -> SliceView | None:
         zone = ep.get("zone")
         hints = _mapping(ep.get("hints"))
         endpoints.append(EndpointView(addresses, ready, serving, terminating,
-                                      node if isinstance(node, str) else None, zone if isinstance(zone, str) else None,
+                                      sys.intern(node) if isinstance(node, str) else None,
+                                      sys.intern(zone) if isinstance(zone, str) else None,
                                       _names(hints.get("forZones")), _names(hints.get("forNodes"))))
     namespace = str(meta.get("namespace") or "default")
-    return SliceView(slice_id(obj), f"{namespace}/{service}", family, tuple(ports), tuple(endpoints))
+    return SliceView(slice_id(obj), sys.intern(f"{namespace}/{service}"), family, _shared(tuple(ports)),
+                     tuple(endpoints))
+
+
+def _shared(ports: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
+    """One object per distinct port list: 20,000 slices hold a handful (~100 bytes each otherwise)."""
+    return shared_value(_PORTS, ports, _PORTS_MAX)
+
+
+_PORTS: dict[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]] = {}
+_PORTS_MAX = 10_000
 
 
 def select(slices: Iterable[SliceView], port_name: str, family: Family, *, node: str | None = None,
@@ -133,8 +146,15 @@ def topology_mode(endpoints: Iterable[EndpointView], node: str | None, zone: str
     return None
 
 
+_NO_NAMES: frozenset[str] = frozenset()
+
+
 def _names(value: object) -> frozenset[str]:
-    return frozenset(str(h.get("name")) for h in (_mapping(x) for x in _list(value)) if isinstance(h.get("name"), str))
+    """Hint names, interned (one zone or node name is shared by thousands of endpoints); most endpoints have
+    none: one shared empty set instead of 200 bytes each (16 MiB at 80,000 endpoints)."""
+    names = frozenset(sys.intern(str(h.get("name"))) for h in (_mapping(x) for x in _list(value))
+                      if isinstance(h.get("name"), str))
+    return names or _NO_NAMES
 
 
 def _address(value: object, family: Family) -> str | None:

@@ -98,7 +98,7 @@ class PortOptions:
     route: RouteOptions | None  # None: a TCP port
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Parsed:
     ports: tuple[tuple[str, PortOptions], ...] = ()  # (port name, options) in the Service's port order
     problems: tuple[str, ...] = field(default=())
@@ -297,6 +297,8 @@ def parse(annotations: object, ports: Iterable[tuple[str, bool]]) -> Parsed:
                 problems.append(f"{label}: applies to HTTP ports only: ignored")
             continue
         per_port.setdefault(port, {})[option] = value
+    if not wide and not per_port and not problems:
+        return _defaults(tuple(ports))
     out: list[tuple[str, PortOptions]] = []
     for name, http in ports:
         chosen = {**wide, **per_port.get(name, {})}
@@ -304,6 +306,21 @@ def parse(annotations: object, ports: Iterable[tuple[str, bool]]) -> Parsed:
         problems.extend(more)
         out.append((name, opts))
     return Parsed(tuple(out), tuple(dict.fromkeys(problems)))
+
+
+def _defaults(ports: tuple[tuple[str, bool], ...]) -> Parsed:
+    """The options of a Service without (valid) annotations, one shared object per port layout: nearly every
+    Service has one of a few layouts, and 10,000 copies of the defaults cost ~2 MiB (issue 11)."""
+    found = _DEFAULTS.get(ports)
+    if found is None:
+        if len(_DEFAULTS) > _DEFAULTS_MAX:
+            _DEFAULTS.clear()
+        found = _DEFAULTS[ports] = Parsed(tuple((name, _build({}, http, "")[0]) for name, http in ports))
+    return found
+
+
+_DEFAULTS: dict[tuple[tuple[str, bool], ...], Parsed] = {}
+_DEFAULTS_MAX = 10_000
 
 
 def check_service(service: object) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
+from envoy.extensions.filters.http.on_demand.v3 import on_demand_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
@@ -214,7 +215,13 @@ def _access_log(fields: dict[str, str]) -> accesslog_pb2.AccessLog:
     return log
 
 
-def _tcp_chain(family: Family, nodeport: bool) -> listener_components_pb2.FilterChain:
+# How long a connection or request waits for its cluster when Envoy fetches it on first use (on-demand
+# clusters): long enough to ride out an agent restart (Envoy reconnects within ~1-2 s), short of a client's
+# own connect timeout.
+ON_DEMAND_TIMEOUT_S = 10
+
+
+def _tcp_chain(family: Family, nodeport: bool, on_demand: bool = False) -> listener_components_pb2.FilterChain:
     state = set_filter_state_pb2.Config()
     value = state.on_new_connection.add()
     value.object_key = "envoy.tcp_proxy.cluster"
@@ -222,13 +229,16 @@ def _tcp_chain(family: Family, nodeport: bool) -> listener_components_pb2.Filter
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix="lightpath_tcp", cluster="lightpath_no_cluster")
     proxy.hash_policy.add().source_ip.SetInParent()  # used by ring-hash (session affinity) clusters only
     proxy.access_log.append(_access_log(TCP_LOG_FIELDS))
+    if on_demand:  # a cluster Envoy does not hold yet is asked for over ADS (on-demand CDS)
+        proxy.on_demand.odcds_config.CopyFrom(_ads())
+        proxy.on_demand.timeout.FromSeconds(ON_DEMAND_TIMEOUT_S)
     chain = listener_components_pb2.FilterChain(name="tcp-nodeport" if nodeport else "tcp")
     chain.filters.add(name="envoy.filters.network.set_filter_state", typed_config=pack(state))
     chain.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(proxy))
     return chain
 
 
-def _http_chain(family: Family, nodeport: bool) -> listener_components_pb2.FilterChain:
+def _http_chain(family: Family, nodeport: bool, on_demand: bool = False) -> listener_components_pb2.FilterChain:
     mutation = header_mutation_pb2.HeaderMutation()
     append = mutation.mutations.add().append
     append.header.key = CLUSTER_HEADER
@@ -244,6 +254,11 @@ def _http_chain(family: Family, nodeport: bool) -> listener_components_pb2.Filte
         name="envoy.http.early_header_mutation.header_mutation", typed_config=pack(mutation)))
     manager.upgrade_configs.add(upgrade_type="websocket")
     manager.access_log.append(_access_log(HTTP_LOG_FIELDS))
+    if on_demand:  # before the router: the route's cluster (by the cluster header) is fetched if missing
+        fetch = on_demand_pb2.OnDemand()
+        fetch.odcds.source.CopyFrom(_ads())
+        fetch.odcds.timeout.FromSeconds(ON_DEMAND_TIMEOUT_S)
+        manager.http_filters.add(name="envoy.filters.http.on_demand", typed_config=pack(fetch))
     manager.http_filters.add(name="envoy.filters.http.router",
                              typed_config=pack(router_pb2.Router(suppress_envoy_headers=True)))
     chain = listener_components_pb2.FilterChain(name="http-nodeport" if nodeport else "http")
@@ -279,7 +294,8 @@ class ListenerBuilder:
     or the port's entry built again when its fallback changed (a batch of changes never rebuilds a port
     more than once)."""
 
-    def __init__(self, family: Family, port: int = c.DEFAULT_PROXY_PORT) -> None:
+    def __init__(self, family: Family, port: int = c.DEFAULT_PROXY_PORT, *, on_demand: bool = False) -> None:
+        """``on_demand``: the chains ask Envoy to fetch a missing cluster on first use (``--envoy-clusters``)."""
         self.family = family
         self._listener = listener = listener_pb2.Listener(name=listener_name(family))
         address = listener.address.socket_address
@@ -287,8 +303,8 @@ class ListenerBuilder:
         listener.listener_filters.add(name="envoy.filters.listener.original_dst",
                                       typed_config=pack(original_dst_pb2.OriginalDst()))
         for nodeport in (False, True):
-            listener.filter_chains.append(_tcp_chain(family, nodeport))
-            listener.filter_chains.append(_http_chain(family, nodeport))
+            listener.filter_chains.append(_tcp_chain(family, nodeport, on_demand))
+            listener.filter_chains.append(_http_chain(family, nodeport, on_demand))
         tree = listener.filter_chain_matcher.matcher_tree
         tree.input.CopyFrom(_DESTINATION_PORT)
         self._ports = tree.exact_match_map.map
@@ -475,18 +491,18 @@ def serialize(message: Message) -> bytes:
     return message.SerializeToString(deterministic=True)
 
 
-def resource(type_url: str, data: bytes) -> any_pb2.Any:
-    return any_pb2.Any(type_url=type_url, value=data)
-
-
 # -- bootstrap -----------------------------------------------------------------------------------------
 
-STAT_PATTERNS = (
-    # Per Service port: traffic, errors and health, no per-cluster internals (those dominate Envoy's memory).
-    r"^cluster\.[^.]+\.(upstream_cx_(total|active|connect_fail|connect_timeout|destroy_remote_with_active_rq)"
-    r"|upstream_rq_(total|active|[1-5]xx|timeout|retry|retry_success|pending_overflow)|membership_(total|healthy)"
-    r"|outlier_detection\.ejections_active)$",
-)
+# Per Service port: traffic, errors and health, no per-cluster internals (those dominate Envoy's memory). Matched
+# by suffix, not by one regex: Envoy tests every stat name of every cluster against the list, and at 10,000
+# clusters a regex cost ~0.5 s of start-up (docs/performance.md, "Envoy's cost per cluster").
+CLUSTER_STATS = ("upstream_cx_total", "upstream_cx_active", "upstream_cx_connect_fail", "upstream_cx_connect_timeout",
+                 "upstream_cx_destroy_remote_with_active_rq", "upstream_rq_total", "upstream_rq_active", "upstream_rq_1xx",
+                 "upstream_rq_2xx", "upstream_rq_3xx", "upstream_rq_4xx", "upstream_rq_5xx", "upstream_rq_timeout",
+                 "upstream_rq_retry", "upstream_rq_retry_success", "upstream_rq_pending_overflow", "membership_total",
+                 "membership_healthy", "outlier_detection.ejections_active",
+                 # request latency (a histogram): deferred like the counters, so only clusters with traffic
+                 "upstream_rq_time")
 STAT_PREFIXES = ("server.", "listener_manager.", "cluster_manager.", "control_plane.", "listener.", "http.lightpath_http.",
                  "tcp.lightpath_tcp.", "runtime.")
 
@@ -525,7 +541,10 @@ def bootstrap(*, node_id: str, xds_socket: str | None = None, xds_address: tuple
                 {"lb_endpoints": [{"endpoint": {"address": target}}]}]},
         }]},
         "stats_config": {"stats_matcher": {"inclusion_list": {"patterns": [
-            *({"safe_regex": {"regex": p}} for p in STAT_PATTERNS), *({"prefix": p} for p in STAT_PREFIXES)]}}},
+            *({"suffix": "." + name} for name in CLUSTER_STATS), *({"prefix": p} for p in STAT_PREFIXES)]}}},
+        # A cluster's traffic stats are created on its first connection: most of a node's 10,000 Services never
+        # see one there (-35 % start-up time, -6 KiB per cluster; docs/performance.md).
+        "deferred_stat_options": {"enable_deferred_creation_stats": True},
         # A safety net against running out of file descriptors, not a limit kube-proxy would have.
         "overload_manager": {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
@@ -534,7 +553,6 @@ def bootstrap(*, node_id: str, xds_socket: str | None = None, xds_address: tuple
                              "max_active_downstream_connections": max_connections}}]},
     }
     # Give memory freed by configuration updates (old listener versions, replaced clusters) back to the OS.
-    # (Deferred cluster and stat creation were measured too: no gain at 10,000 Services, docs/performance.md.)
     boot["memory_allocator_manager"] = {"bytes_to_release": 64 << 20, "memory_release_interval": "5s"}
     if mark is not None:
         boot["cluster_manager"] = {"upstream_bind_config": {"socket_options": [

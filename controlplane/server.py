@@ -47,12 +47,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     def __init__(self, store: Store, *, expected_node: str | None = None, on_ack: Callable[[Stream, str, dict[str, str | None]], None] | None = None,
                  on_nack: Callable[[Stream, str, list[str], str], None] | None = None,
                  on_stream: Callable[[Stream, bool], None] | None = None, on_push: Callable[[str, int, int], None] | None = None,
-                 ready: threading.Event | None = None) -> None:
+                 ready: threading.Event | None = None, on_demand: bool = False) -> None:
         """``ready``: set once the store holds the first full translation. Until then a stream is not opened:
         a restarted agent with a half-built store would otherwise tell a running Envoy to remove what it
         serves (Envoy keeps its configuration while it waits for our first answer)."""
         self.store = store
         self.ready = ready
+        self.on_demand = on_demand  # clusters on Envoy's request only (ControlPlane's flag of the same name)
         self.waiting = 0  # streams held until ``ready`` (debug, tests)
         self.expected_node = expected_node
         self.on_ack = on_ack
@@ -147,7 +148,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             if self.on_nack is not None:
                 self.on_nack(stream, type_url, names, message)
 
-        stream = Stream(self.store, peer=peer, expected_node=self.expected_node, on_ack=acked, on_nack=nacked)
+        stream = Stream(self.store, peer=peer, expected_node=self.expected_node, on_ack=acked, on_nack=nacked,
+                        on_demand=self.on_demand)
         with self.cond:
             self.streams.append(stream)
         log.info("Envoy connected", extra={"peer": peer})

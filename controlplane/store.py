@@ -11,16 +11,18 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from google.protobuf import any_pb2
-
-from controlplane.resources import TYPES, resource, version_of
+from controlplane.resources import TYPES, version_of
 
 
 @dataclass(frozen=True, slots=True)
 class Resource:
+    """``data``: the serialized message. Kept as bytes, wrapped in an ``Any`` only when sent: a protobuf
+    message per resource costs its own arena in the C heap (~1 KiB each, 40 MiB at 10,000 dual-stack
+    Services), bytes cost their length."""
+
     name: str
     version: str
-    body: any_pb2.Any
+    data: bytes
 
 
 Listener = Callable[[str, frozenset[str]], None]  # (type_url, changed names)
@@ -64,7 +66,7 @@ class Store:
                 old = table.get(name)
                 if old is not None and old.version == version:
                     continue
-                table[name] = Resource(name, version, resource(type_url, data))
+                table[name] = Resource(name, version, data)
                 changed.add(name)
             for name in removes:
                 if table.pop(name, None) is not None:

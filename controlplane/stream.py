@@ -5,7 +5,9 @@ The protocol (Envoy's xDS docs, "incremental xDS"), per resource type:
 - at most one response in flight; a request whose ``response_nonce`` matches it is its ACK, or its NACK
   when it carries ``error_detail``. Subscription changes are honoured whatever nonce they carry.
 - CDS and LDS are wildcard subscriptions; EDS and RDS name what Envoy wants (clusters it warms, route
-  configurations its listeners use).
+  configurations its listeners use). With on-demand clusters CDS is named too: Envoy asks for a cluster when
+  a connection first needs it, the wildcard request gets none, and a name we do not have is answered with
+  its removal at once (Envoy fails that connection now instead of at its timeout).
 - warming order: clusters, then endpoints, then listeners and routes -- a listener is sent only while no
   cluster update is in flight; removals go the other way: a cluster is removed only once the listener no
   longer names its key (no listener update pending or in flight).
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.resources import CLUSTER, LISTENER, ROUTE, SHORT, TYPES
-from controlplane.store import Store
+from controlplane.store import Resource, Store
 from shared.errors import ControlPlaneError
 
 WILDCARD = frozenset({CLUSTER, LISTENER})
@@ -75,12 +77,14 @@ class Stream:
 
     def __init__(self, store: Store, *, peer: str = "", expected_node: str | None = None,
                  on_ack: Acked | None = None, on_nack: Callable[[str, list[str], str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, on_demand: bool = False) -> None:
         self.store = store
         self.peer = peer
         self.expected_node = expected_node
         self.node_id: str | None = None
-        self.types = {t: TypeState(t, subscribed=None if t in WILDCARD else set()) for t in TYPES}
+        wildcard = WILDCARD - {CLUSTER} if on_demand else WILDCARD
+        self.types = {t: TypeState(t, subscribed=None if t in wildcard else set()) for t in TYPES}
+        self.on_demand = on_demand
         self.on_ack = on_ack
         self.on_nack = on_nack
         self.clock = clock
@@ -221,7 +225,7 @@ class Stream:
                 name = state.probe.popleft()
                 current = store.get(state.type_url, name)
                 if current is not None and self._wants(state, name) and state.sent.get(name) != current.version:
-                    response.resources.add(name=name, version=current.version, resource=current.body)
+                    _add(response, state.type_url, current)
                     versions[name] = current.version
                     probe = True
             if not probe:
@@ -231,6 +235,12 @@ class Stream:
                         break
                     current = store.get(state.type_url, name) if self._wants(state, name) else None
                     if current is None:
+                        if (self.on_demand and state.type_url == CLUSTER and name not in state.sent
+                                and self._wants(state, name) and name not in state.acked):
+                            response.removed_resources.append(name)  # asked for, does not exist: say so now
+                            versions[name] = None
+                            state.pending.discard(name)
+                            continue
                         if name in state.sent and not hold_removals:
                             response.removed_resources.append(name)
                             versions[name] = None
@@ -243,7 +253,7 @@ class Stream:
                         continue
                     if name in state.probe:
                         continue  # being isolated one by one
-                    response.resources.add(name=name, version=current.version, resource=current.body)
+                    _add(response, state.type_url, current)
                     versions[name] = current.version
         if not versions and not state.answer_due:
             return None
@@ -290,3 +300,10 @@ class Stream:
                       for t, s in self.types.items()},
             "warnings": list(self.warnings),
         }
+
+
+def _add(response: discovery_pb2.DeltaDiscoveryResponse, type_url: str, current: Resource) -> None:
+    """One resource into a response, its ``Any`` built in the response's own arena (freed with it)."""
+    added = response.resources.add(name=current.name, version=current.version)
+    added.resource.type_url = type_url
+    added.resource.value = current.data

@@ -20,6 +20,7 @@ externalTrafficPolicy, as kube-proxy does.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,15 +47,16 @@ class NodeInfo:
     name: str
     ipv6: bool = True  # the node can bind an IPv6 listener
     zone: str | None = None  # the Node's topology.kubernetes.io/zone label (topology hints)
+    # The node's primary address per family (its Node's first InternalIP, else ExternalIP), as kube-proxy's
+    # nodeIPs: a loadBalancerSourceRanges entry holding it also admits the LB IP as a source.
+    ips: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceView:
     """What the translation keeps of one Service (the API dict is dropped as soon as it is projected)."""
 
-    sid: str
-    namespace: str
-    name: str
+    sid: str  # "namespace/name" (interned: shared with the kernel index and the slices)
     served: bool  # Envoy should know it: ours (labelled), or eligible and not another proxy's
     labelled: bool  # carries OUR handoff label (the kernel redirects it)
     entries: ServiceEntries = EMPTY
@@ -68,6 +70,14 @@ class ServiceView:
     # loadBalancerSourceRanges, canonical networks (kube-proxy trims and parses them sloppily: host bits
     # allowed, invalid entries skipped)
     source_ranges: tuple[str, ...] = ()
+
+    @property
+    def namespace(self) -> str:
+        return self.sid.partition("/")[0]
+
+    @property
+    def name(self) -> str:
+        return self.sid.partition("/")[2]
 
 
 def project_service(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROXY_NAME) -> ServiceView:
@@ -85,9 +95,8 @@ def project_service(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROX
     if labelled and reason is not None:
         problems.append(f"labelled but not eligible ({reason}): only its TCP ports are served")
     sid = service_id(service)
-    namespace, _, name = sid.partition("/")
     if not served:
-        return ServiceView(sid, namespace, name, False, labelled)
+        return ServiceView(sid, False, labelled)
     entries = service_entries(service)
     protocols: list[tuple[str, Protocol]] = []
     for raw in _list(spec.get("ports")):
@@ -114,8 +123,20 @@ def project_service(service: Mapping[str, Any], proxy_name: str = c.DEFAULT_PROX
     hc = spec.get("healthCheckNodePort")
     hc_port = hc if (labelled and spec.get("type") == "LoadBalancer" and etp == "Local" and type(hc) is int
                      and 0 < hc < 65536) else None
-    return ServiceView(sid, namespace, name, True, labelled, entries, tuple(protocols), itp == "Local", etp == "Local",
+    return ServiceView(sid, True, labelled, entries, tuple(protocols), itp == "Local", etp == "Local",
                        affinity == "ClientIP", tuple(problems), options, hc_port, ranges)
+
+
+def _with_node_sources(ranges: tuple[str, ...], key: Key, node_ips: tuple[str, ...]) -> tuple[str, ...]:
+    """kube-proxy's exception: when a range holds this node's IP, traffic from the load balancer's own IP is
+    allowed too (a cloud's local routing can SNAT node-originated traffic to the LB IP)."""
+    nets = [ipaddress.ip_network(r, strict=False) for r in ranges]
+    for ip in node_ips:
+        address = ipaddress.ip_address(ip)
+        if address.version == key.family and any(address in net for net in nets):
+            own = f"{key.ip}/{32 if key.family == 4 else 128}"
+            return ranges if own in ranges else (*ranges, own)
+    return ranges
 
 
 def _source_ranges(value: Any, problems: list[str]) -> tuple[str, ...]:
@@ -155,7 +176,7 @@ class LoadSpec:
     endpoints: tuple[eps.Endpoint, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceResources:
     """Everything one Service contributes to Envoy's configuration."""
 
@@ -186,10 +207,11 @@ NOTHING = ServiceResources()
 
 def cluster_name(key: Key) -> str:
     """The cluster a key's connections go to: exactly what Envoy's formatter prints for the connection's
-    original destination (``%DOWNSTREAM_LOCAL_ADDRESS%``), or ``nodeport<family>:<port>`` for NodePorts."""
+    original destination (``%DOWNSTREAM_LOCAL_ADDRESS%``), or ``nodeport<family>:<port>`` for NodePorts.
+    Interned: the translation, the controller's indexes, the store and every stream share one string."""
     if key.ip is None:
-        return f"nodeport{key.family}:{key.port}"
-    return f"[{key.ip}]:{key.port}" if key.family == 6 else f"{key.ip}:{key.port}"
+        return sys.intern(f"nodeport{key.family}:{key.port}")
+    return sys.intern(f"[{key.ip}]:{key.port}" if key.family == 6 else f"{key.ip}:{key.port}")
 
 
 _STAT_SUFFIX: dict[Kind, str] = {"clusterIP": "", "externalIP": "_ext", "loadBalancer": "_lb", "nodePort": "_np"}
@@ -238,7 +260,7 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
         if view.labelled and kind == "loadBalancer" and view.source_ranges:
             ranges = tuple(r for r in view.source_ranges if (":" in r) == (key.family == 6))
             if ranges:
-                firewall.append((key, ranges))
+                firewall.append((key, _with_node_sources(ranges, key, node.ips)))
         if view.labelled and not selected[pick]:
             anywhere = local and bool(eps.select(slices, port_name, key.family, node=node.name, zone=node.zone))
             blocked.append((key, "drop" if anywhere else "reject"))

@@ -19,7 +19,7 @@ from importlib import metadata
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from redirector import config
+from redirector import config, memory
 from redirector.debug import cli as debug_cli
 from shared import constants as c
 from shared import logs
@@ -110,10 +110,13 @@ def cleanup(settings: config.Settings) -> int:
     try:
         backend = make_backend(settings)
         backend.cleanup()
-        if settings.backend == "nftables":
+        try:
             from redirector.blocks import KernelBlocks
 
-            KernelBlocks(f"{settings.nft_table}-block").cleanup()
+            KernelBlocks(f"{settings.nft_table}-block").cleanup()  # both backends write it
+        except ImportError:  # no libnftables on this node: the agent never wrote that table (node._kernel_blocks)
+            log.info("no libnftables: no kernel answers table to remove", extra={"backend": settings.backend})
+        if settings.backend == "nftables":
             import nftables  # type: ignore[import-untyped,unused-ignore]
 
             from redirector.fallback import fallback_script
@@ -139,6 +142,7 @@ def run(settings: config.Settings) -> int:
     # Fewer, later collections: the agent holds ~100k small long-lived objects at 10,000 Services, and the
     # default thresholds would walk them all many times during a full sync.
     gc.set_threshold(50_000, 20, 20)
+    memory.limit_malloc_arenas()
     if settings.proc_sys is not None and (settings.xds_socket is not None or settings.xds_address is not None):
         from redirector.sysctls import ensure
 

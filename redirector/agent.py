@@ -17,8 +17,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import threading
 import time
@@ -27,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redirector import memory
 from redirector.changes import ChangeTracker
 from redirector.desired import DesiredIndex, ServiceEntries, ServiceId
 from redirector.metrics import Metrics
@@ -335,6 +334,11 @@ class Agent:
         with self._lock:
             return frozenset(self._applied)
 
+    def applied_count(self) -> int:
+        """How many keys ``applied_keys`` holds, without copying them (the Lease reads it on every wake)."""
+        with self._lock:
+            return len(self._applied)
+
     def held(self) -> dict[str, float]:
         """Keys held for a handback, with seconds held so far (debug endpoints)."""
         now = time.monotonic()
@@ -398,7 +402,7 @@ class Agent:
         self.status.full_sync_pending = False
         self._next_full = time.monotonic() + self.resync_period
         self._succeeded("full", started, arrivals, True)
-        _settle_memory()
+        memory.settle("full sync")
 
     def _succeeded(self, kind: str, started: float, arrivals: list[float], wrote: bool) -> None:
         done = time.monotonic()
@@ -462,23 +466,3 @@ class Agent:
                         extra={"service": sid, "errors": list(found.errors)})
 
 
-def _settle_memory() -> None:
-    """After a full sync: move the surviving objects (the index: ~100k objects at 10,000 Services, free of
-    reference cycles) out of the GC's view, so a later collection does not rescan them in the middle of an
-    incremental sync; and give the heap the sync freed back to the OS (glibc ``malloc_trim``, ~2 ms): a full
-    sync allocates tens of MB transiently, which would otherwise stay in the DaemonSet's RSS. Garbage is
-    collected first (cheap: frozen objects are not scanned again), so no cycle is frozen in for good."""
-    gc.collect()
-    gc.freeze()
-    global _libc
-    if _libc is False:
-        return
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL("libc.so.6")
-        _libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        _libc = False
-
-
-_libc: Any = None

@@ -7,7 +7,8 @@ close; so the agent keeps a small table of its own, ``inet <table>-block``, whos
 every NAT (priority -120: before our redirect at -110 and kube-proxy's DNAT at -100) and answer those keys
 in the kernel: ``reject with tcp reset`` or ``drop``, for new connections only. The control plane decides
 which keys (``ServiceResources.blocked``, labelled Services only); this module only writes the kernel, in
-one atomic transaction per change. The table is absent whenever nothing is blocked. nftables backend only.
+one atomic transaction per change. The table is absent whenever nothing is blocked. Both backends: with the
+iptables backend the same table hooks before iptables' NAT (legacy or nft) and after it where it must.
 
 The same table does kube-proxy's ``cluster-ips-check`` for the ClusterIPs of labelled Services, which
 kube-proxy no longer knows (it would DROP their traffic as "unallocated"): a new connection still addressed

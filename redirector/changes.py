@@ -112,6 +112,8 @@ class ChangeTracker:
             self.on_handover(sid, *ended)
 
     def delete(self, service: dict[str, Any]) -> None:
+        # Never project a deleted object: a selector-filtered watch sends DELETED with the OLD content under
+        # the NEW resourceVersion, which service_entries' shared memo would then hand to the other consumer.
         sid = service_id(service)
         with self._cond:
             self.marked.discard(sid)

@@ -58,6 +58,9 @@ class Settings:
     # The control plane (Envoy over Delta ADS). Both None: no control plane, redirects are not gated (a
     # kernel-only agent for a proxy configured some other way).
     xds_socket: Path | None = Path(c.DEFAULT_XDS_SOCKET)
+    # eager: Envoy holds every migrated key's cluster (validated before its redirect); on-demand: Envoy fetches
+    # a cluster when a connection first needs it (memory and start-up scale with what the node uses).
+    envoy_clusters: str = "eager"
     xds_address: str | None = None  # optional loopback TCP listener, e.g. 127.0.0.1:18000
     # Handback: keep a handed-back Service's redirect until kube-proxy's rule is visible (at most
     # handback_timeout), or for handback_hold when kube-proxy's rules cannot be read (>= 2 x its minSyncPeriod).
@@ -172,6 +175,7 @@ def _name(text: str) -> str:
 
 
 # (flag, env suffix, field, converter, help)
+ENVOY_CLUSTER_MODES = ("eager", "on-demand")
 OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("--backend", "BACKEND", "backend", _choice(BACKENDS), "kernel backend: nftables (default) or iptables"),
     ("--proxy-port", "PROXY_PORT", "proxy_port", _int_range(1, 65535, "port"), "local port the proxy listens on"),
@@ -213,6 +217,10 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "no control plane, redirects not gated on Envoy"),
     ("--xds-address", "XDS_ADDRESS", "xds_address", _optional(_loopback),
      "optional loopback TCP address for xDS as well, e.g. 127.0.0.1:18000 (never a routable address)"),
+    ("--envoy-clusters", "ENVOY_CLUSTERS", "envoy_clusters", _choice(ENVOY_CLUSTER_MODES),
+     "eager: Envoy holds every migrated Service port's cluster, each ACKed before its redirect; on-demand: "
+     "Envoy asks for a cluster when a connection first needs it (for many Services: Envoy's memory and "
+     "start-up follow what this node uses; docs/controlplane.md)"),
     ("--handback-hold", "HANDBACK_HOLD", "handback_hold", _seconds(0.0),
      "seconds a handed-back Service keeps its redirect when kube-proxy's rules cannot be read "
      "(at least 2 x kube-proxy's minSyncPeriod)"),

@@ -9,10 +9,13 @@ every loser gets an error, so nothing is silently dropped.
 
 from __future__ import annotations
 
+import sys
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 from redirector.model import Delta, DesiredState, Entry, Key, Kind, Owner, UnservedPort
 from redirector.service_fields import addresses, describe, families, mapping, ports
@@ -20,6 +23,7 @@ from redirector.service_fields import parse_ip as parse_ip  # re-exported: the d
 from shared import policy
 
 ServiceId = str  # "namespace/name"
+_V = TypeVar("_V")
 NODE_PORT_TYPES = frozenset({"NodePort", "LoadBalancer"})
 
 
@@ -56,12 +60,41 @@ EMPTY = ServiceEntries()
 
 
 def service_id(service: Mapping[str, Any]) -> ServiceId:
+    """"namespace/name", interned: the kernel index, the control plane and every EndpointSlice view of the
+    Service hold one string, not one each."""
     meta = mapping(service.get("metadata"))
-    return f"{meta.get('namespace') or 'default'}/{meta.get('name') or ''}"
+    return sys.intern(f"{meta.get('namespace') or 'default'}/{meta.get('name') or ''}")
 
 
 def service_entries(service: Mapping[str, Any]) -> ServiceEntries:
-    """The redirect entries of one (labelled) Service.
+    """The redirect entries of one (labelled) Service: ``project_entries``, shared while someone holds it.
+
+    The kernel side and the control plane both project every Service the watch delivers; an object's uid
+    and resourceVersion name its content, so the second projection of the same object is the first one's
+    result (one copy of 10,000 Services' keys instead of two). Objects without both are projected afresh.
+    """
+    meta = mapping(service.get("metadata"))
+    uid, version = meta.get("uid"), meta.get("resourceVersion")
+    if not (isinstance(uid, str) and uid and isinstance(version, str) and version):
+        return project_entries(service)
+    memo = (uid, version)
+    with _SHARED_LOCK:
+        found = _SHARED.get(memo)
+    if found is not None:
+        return found
+    found = project_entries(service)
+    if found is not EMPTY:
+        with _SHARED_LOCK:
+            found = _SHARED.setdefault(memo, found)
+    return found
+
+
+_SHARED: weakref.WeakValueDictionary[tuple[str, str], ServiceEntries] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def project_entries(service: Mapping[str, Any]) -> ServiceEntries:
+    """The redirect entries of one (labelled) Service, computed.
 
     ClusterIPs, externalIPs and load-balancer ingress IPs x every TCP port; NodePorts as
     ``Key(family, None, nodePort)`` for each of the Service's IP families. Headless and ExternalName
@@ -111,10 +144,15 @@ def service_entries(service: Mapping[str, Any]) -> ServiceEntries:
 def _claim(kind: Kind, port_name: str) -> tuple[Kind, str]:
     """The one shared (kind, port name) tuple of its value: 10,000 Services hold a few dozen, not 20,000 (a
     full sync allocates fewer objects for the GC to scan, and the index is smaller)."""
-    claim = (kind, port_name)
-    if len(_CLAIMS) > _CLAIMS_MAX:
-        _CLAIMS.clear()
-    return _CLAIMS.setdefault(claim, claim)
+    return shared_value(_CLAIMS, (kind, port_name), _CLAIMS_MAX)
+
+
+def shared_value(table: dict[_V, _V], value: _V, limit: int) -> _V:
+    """The one object equal to ``value`` in ``table`` (added if new; the table is emptied past ``limit``
+    entries, so odd input cannot grow it without bound): many equal small tuples become one."""
+    if len(table) > limit:
+        table.clear()
+    return table.setdefault(value, value)
 
 
 _CLAIMS: dict[tuple[Kind, str], tuple[Kind, str]] = {}

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from shared import constants as c
+from shared.kubeapi import LEASES, MERGE_PATCH, Api
 
 log = logging.getLogger(__name__)
 MAX_PREPARED = 1000
@@ -32,12 +32,14 @@ def lease_name(node: str) -> str:
 
 
 def lease_body(node: str, prepared: list[str], now: datetime, duration: int = c.AGENT_LEASE_SECONDS,
-               redirects: int | None = None) -> dict[str, Any]:
-    """The Lease as the agent writes it (pure)."""
+               redirects: int | None = None, traffic: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Lease as the agent writes it (pure). ``traffic``: controlplane.servicemetrics.summary's figures;
+    None writes an empty one (a merge patch: the previous figures must not linger)."""
     shown = sorted(prepared)[:MAX_PREPARED]
     annotations = {c.PREPARED_ANNOTATION: json.dumps(shown, separators=(",", ":"))}
     if redirects is not None:
         annotations[c.REDIRECTS_ANNOTATION] = str(redirects)
+    annotations[c.TRAFFIC_ANNOTATION] = json.dumps(traffic or {}, separators=(",", ":"))
     stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return {
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -50,10 +52,12 @@ def lease_body(node: str, prepared: list[str], now: datetime, duration: int = c.
 class LeaseReporter:
     """Renews the Lease every ``period`` seconds, and soon after ``changed()`` (prepared Services moved)."""
 
-    def __init__(self, api: client.ApiClient, namespace: str, node: str, prepared: Callable[[], list[str]], *,
+    def __init__(self, api: Api, namespace: str, node: str, prepared: Callable[[], list[str]], *,
                  period: float = 5.0, duration: int = c.AGENT_LEASE_SECONDS,
-                 redirects: Callable[[], int] | None = None) -> None:
-        self.api = client.CoordinationV1Api(api)
+                 redirects: Callable[[], int] | None = None,
+                 traffic: Callable[[], dict[str, Any] | None] | None = None) -> None:
+        self.api = api
+        self.traffic = traffic
         self.namespace, self.node, self.prepared, self.redirects = namespace, node, prepared, redirects
         self.last_redirects: int | None = None
         self.period, self.duration = period, duration
@@ -90,19 +94,28 @@ class LeaseReporter:
             if self._stop.wait(0.02):  # coalesce a burst of changes
                 return
 
+    def _traffic(self) -> dict[str, Any] | None:
+        if self.traffic is None:
+            return None
+        try:
+            return self.traffic()
+        except Exception as exc:  # noqa: BLE001 - traffic figures are a nicety; the Lease must be written
+            log.debug("no traffic figures for the Lease", extra={"error": str(exc)[:200]})
+            return None
+
     def _redirects(self) -> int | None:
         return self.redirects() if self.redirects is not None else None
 
     def write(self) -> None:
         prepared, redirects = self.prepared(), self._redirects()
-        body = lease_body(self.node, prepared, datetime.now(UTC), self.duration, redirects)
+        figures = self._traffic()
+        body = lease_body(self.node, prepared, datetime.now(UTC), self.duration, redirects, figures)
         name = body["metadata"]["name"]
         try:  # a merge patch: no resourceVersion to track, and another writer's fields are left alone
-            self.api.patch_namespaced_lease(name, self.namespace, body, _request_timeout=5,
-                                            _content_type="application/merge-patch+json")
+            self.api.patch(LEASES, self.namespace, name, body, content_type=MERGE_PATCH, timeout=5)
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            self.api.create_namespaced_lease(self.namespace, body, _request_timeout=5)  # type: ignore[arg-type]
+            self.api.create(LEASES, self.namespace, body, timeout=5)
         self.last, self.last_redirects = prepared, redirects
         self.writes += 1

@@ -75,8 +75,8 @@ class NftBackend:
                 self._run(self.layout.create(want, replace=False))
                 return True
             shape_ok, actual = self.layout.inspect(listing)
-            if shape_ok:
-                self.last_seen = frozenset(actual)
+            if shape_ok:  # no drift (the usual case): the caller's own set, not a second copy of 20,000 keys
+                self.last_seen = want if actual == want else frozenset(actual)
             if not shape_ok:
                 log.warning("nftables table has an unexpected shape: replacing it atomically",
                             extra={"table": self.layout.table, "entries": len(want)})
@@ -171,12 +171,24 @@ class NftBackend:
     def _list(self) -> list[dict[str, Any]] | None:
         """Our table as listed by the kernel, or None when it does not exist."""
         rc, out, err = self._reader.json_cmd({"nftables": [{"list": {"table": self.layout.table_ref}}]})
+        _drop_cache(self._reader)
         if rc != 0:
             if _not_found(err):
                 return None
             raise BackendError(f"nftables: listing table inet {self.layout.table}: {_first_lines(err)}")
         items = out.get("nftables", []) if isinstance(out, dict) else []
         return [item for item in items if isinstance(item, dict) and "metainfo" not in item]
+
+
+def _drop_cache(ctx: Any) -> None:
+    """libnftables keeps the ruleset a command listed cached in its context until the next command: ~15 MiB
+    of C heap for our 20,000-element set between two full syncs. A command whose cache is one missing table
+    releases it (measured: 55 -> 41 MiB RSS after ``malloc_trim``). A fresh context per listing would too,
+    but its netlink socket would open in the calling thread's network namespace, not the backend's."""
+    ctx.cmd(f"list table ip {_NO_TABLE}")
+
+
+_NO_TABLE = "lightpath-cache-release"  # never created
 
 
 def _not_found(err: str) -> bool:

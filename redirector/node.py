@@ -35,6 +35,7 @@ from redirector.model import Backend
 from redirector.watch import EndpointSliceWatcher, NodeWatcher, ServiceWatcher
 from shared import constants as c
 from shared.kube import FanOut
+from shared.kubeapi import Api
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def refuse_service(sid: str) -> Mangle:
 def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle: Mangle | None = None,
           ipv6: bool | None = None) -> NodeAgent:
     """The agent for ``settings``: with the control plane unless both xDS listeners are off."""
-    core = client.CoreV1Api(api)
+    kube = Api(api)  # paths, not the generated API classes (shared/kubeapi.py says why)
     watch: dict[str, Any] = {"server_timeout": settings.watch_timeout, "read_timeout": settings.watch_read_timeout}
     label = (c.SERVICE_PROXY_NAME_LABEL, settings.proxy_name)
     if settings.xds_socket is None and settings.xds_address is None:
@@ -141,15 +142,15 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
                       batch_idle=settings.batch_idle, batch_max=settings.batch_max, kube_proxy=KubeProxyRules().read,
                       handback_hold=settings.handback_hold, handback_timeout=settings.handback_timeout)
         # All Services, as with the control plane: a label removal must read as a handback, not a deletion.
-        services = ServiceWatcher(core, tracker, labelled_only=False, **watch)
+        services = ServiceWatcher(kube, tracker, labelled_only=False, **watch)
         agent.watcher = services
-        return NodeAgent(agent, services, lease=_lease(settings, api, agent), owner=_owner(settings, api, watch))
+        return NodeAgent(agent, services, lease=_lease(settings, kube, agent), owner=_owner(settings, kube, watch))
     node = NodeInfo(settings.node, ipv6=node_has_ipv6() if ipv6 is None else ipv6)
     if mangle is None and os.environ.get(TEST_REFUSE_ENV):
         log.warning("TEST HOOK active: Envoy will refuse a Service's clusters", extra={"service": os.environ[TEST_REFUSE_ENV]})
         mangle = refuse_service(os.environ[TEST_REFUSE_ENV])
     plane = ControlPlane(node, proxy_port=settings.proxy_port, proxy_name=settings.proxy_name, mangle=mangle,
-                         envoy_admin=_envoy_admin(settings),
+                         envoy_admin=_envoy_admin(settings), on_demand=settings.envoy_clusters == "on-demand",
                          batch_idle=settings.batch_idle, batch_max=max(settings.batch_max, 0.02))
     tracker = ChangeTracker(label)
     agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, batch_idle=settings.batch_idle,
@@ -163,26 +164,39 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     from redirector.healthcheck import HealthChecks
 
     plane.on_health = HealthChecks().apply
-    if settings.backend == "nftables":
-        from redirector.blocks import KernelBlocks
-
-        plane.on_blocked = KernelBlocks(f"{settings.nft_table}-block").apply
+    # The kernel's own answers (no endpoints, unexposed ClusterIP ports, LB source ranges) are an nftables
+    # table on both backends: its chains hook before every NAT, iptables' included (nf_tables is in every
+    # kernel the agent supports; the image ships libnftables).
+    blocks = _kernel_blocks(settings)
+    if blocks is not None:
+        plane.on_blocked = blocks.apply
     server = AdsServer(plane.store, expected_node=settings.node, on_ack=plane.acked, on_nack=plane.nacked,
-                       ready=plane.first_push_done,
-                       on_push=plane.pushed)
+                       ready=plane.first_push_done, on_push=plane.pushed, on_demand=plane.on_demand)
     plane.attach(server)
-    services = ServiceWatcher(core, FanOut(tracker, plane.services), labelled_only=False, **watch)
-    slices = EndpointSliceWatcher(client.DiscoveryV1Api(api), plane.slices, **watch)
-    node_watch = NodeWatcher(core, plane.nodes, settings.node, **watch)
+    services = ServiceWatcher(kube, FanOut(tracker, plane.services), labelled_only=False, **watch)
+    slices = EndpointSliceWatcher(kube, plane.slices, **watch)
+    node_watch = NodeWatcher(kube, plane.nodes, settings.node, **watch)
     agent.watcher = services
     agent.plane = plane
     watchdog = _watchdog(settings, agent, plane, server)
     agent.fallback = watchdog
-    return NodeAgent(agent, services, plane, slices, server, node=node_watch, lease=_lease(settings, api, agent),
-                     fallback=watchdog, owner=_owner(settings, api, watch))
+    return NodeAgent(agent, services, plane, slices, server, node=node_watch, lease=_lease(settings, kube, agent),
+                     fallback=watchdog, owner=_owner(settings, kube, watch))
 
 
-def _owner(settings: Settings, api: client.ApiClient, watch: dict[str, Any]) -> Any:
+def _kernel_blocks(settings: Settings) -> Any:
+    """redirector.blocks.KernelBlocks for ``<nft-table>-block``, or None (logged) where libnftables is missing."""
+    try:
+        from redirector.blocks import KernelBlocks
+
+        return KernelBlocks(f"{settings.nft_table}-block")
+    except ImportError as exc:
+        log.error("no kernel answers for Services without endpoints (refused/dropped) nor unexposed ports: "
+                  "libnftables is missing", extra={"error": str(exc)})
+        return None
+
+
+def _owner(settings: Settings, api: Api, watch: dict[str, Any]) -> Any:
     """The watch on this agent's own DaemonSet (--daemonset in --lease-namespace), or None."""
     if settings.daemonset is None or settings.lease_namespace is None:
         return None
@@ -238,11 +252,17 @@ def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: Ads
                     revision=lambda: (plane.store.revision, agent.status.transactions), **kernel)
 
 
-def _lease(settings: Settings, api: client.ApiClient, agent: Agent) -> LeaseReporter | None:
+def _lease(settings: Settings, api: Api, agent: Agent) -> LeaseReporter | None:
     if settings.lease_namespace is None:
         return None
+    traffic = None
+    if agent.plane is not None:
+        from controlplane.servicemetrics import TrafficWindow
+
+        plane = agent.plane
+        traffic = TrafficWindow(lambda: plane.traffic_source(cached=False))
     reporter = LeaseReporter(api, settings.lease_namespace, settings.node, agent.prepared,
-                             redirects=lambda: len(agent.applied_keys()))
+                             redirects=agent.applied_count, traffic=traffic)
     agent.on_synced = reporter.changed
     return reporter
 

@@ -12,15 +12,13 @@ watch broken): keep the rules.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Iterable
 from typing import Any
 
-from kubernetes import client
-
 from shared.kube import Reflector
+from shared.kubeapi import DAEMON_SETS, Api
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,6 @@ class OwnerState:
         pass
 
 
-def owner_watch(api: client.ApiClient, namespace: str, name: str, state: OwnerState, **options: Any) -> Reflector:
-    apps = client.AppsV1Api(api)
-    return Reflector(functools.partial(apps.list_namespaced_daemon_set, namespace), state, what="daemonset",
+def owner_watch(api: Api, namespace: str, name: str, state: OwnerState, **options: Any) -> Reflector:
+    return Reflector(api.lister(DAEMON_SETS, namespace), state, what="daemonset",
                      field_selector=f"metadata.name={name}", **options)

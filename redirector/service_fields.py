@@ -95,7 +95,8 @@ def parse_ip(raw: str) -> tuple[Family, str] | None:
     result: tuple[Family, str] | None = None
     for family, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
         try:
-            result = (family, socket.inet_ntop(af, socket.inet_pton(af, raw)))  # type: ignore[assignment]
+            text = socket.inet_ntop(af, socket.inet_pton(af, raw))
+            result = (family, raw if text == raw else text)  # type: ignore[assignment]  # the raw string when canonical: one copy kept
             break
         except (OSError, ValueError, TypeError):
             continue

@@ -87,6 +87,10 @@ PREPARED_ANNOTATION: Final = "lightpath.cloud/prepared"
 # How many redirects the agent holds in the kernel (handed-back Services keep theirs until kube-proxy's rule
 # is visible): `lightpath uninstall` waits until every live agent says "0".
 REDIRECTS_ANNOTATION: Final = "lightpath.cloud/redirects"
+# On the same Lease: this node's Envoy traffic per migrated Service over the last renewal period, bounded
+# (the busiest first): {"window": s, "services": {"ns/name": [req/s, 5xx/s, retries/s, p99 ms or null]}}.
+# `lightpath status` adds the nodes up.
+TRAFFIC_ANNOTATION: Final = "lightpath.cloud/traffic"
 DEFAULT_AGENT_NAMESPACE: Final = "lightpath-node"
 AGENT_LEASE_SECONDS: Final = 15
 

@@ -62,7 +62,7 @@ class WatchSink(Protocol):
     def restarted(self, reason: str) -> None: ...
 
 
-ListFn = Callable[..., Any]  # a kubernetes client list call, e.g. CoreV1Api.list_service_for_all_namespaces
+ListFn = Callable[..., Any]  # a list call: shared.kubeapi.Api.lister(kind), or a generated client list method
 Call = Callable[[Callable[[], Any]], Any]
 
 

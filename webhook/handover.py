@@ -27,11 +27,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from shared import constants as c
 from shared.agents import live_agents
 from shared.events import bounded, event_body, node_list
 from shared.kube import Reflector
+from shared.kubeapi import EVENTS, LEASES, SERVICES, Api
 from shared.policy import Action, PolicyConfig, decide
 
 log = logging.getLogger(__name__)
@@ -72,14 +74,14 @@ def actions(marked: Iterable[Marked], agents: Mapping[str, set[str]], now: float
 
 def event_recorder(api: client.ApiClient, instance: str) -> Callable[[Mapping[str, Any], str, str, str], None]:
     """``emit`` for the controller: a core/v1 Event on the Service (``shared.events``)."""
-    core = client.CoreV1Api(api)
+    kube = Api(api)
 
     def emit(svc: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         meta = svc.get("metadata") or {}
         namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
         body: Any = event_body(namespace, name, meta.get("uid"), reason, type_, message, action="Handover",
                           now=datetime.now(UTC), component=COMPONENT, instance=instance)
-        core.create_namespaced_event(namespace, body, _request_timeout=2)
+        kube.create(EVENTS, namespace, body, timeout=2)
 
     return emit
 
@@ -140,10 +142,9 @@ class HandoverController:
     done: dict[str, int] = field(default_factory=lambda: {"label": 0, "abort": 0, "drop": 0})
 
     def __post_init__(self) -> None:
-        self.core = client.CoreV1Api(self.api)
-        self.coordination = client.CoordinationV1Api(self.api)
+        self.kube = Api(self.api)
         self.cache = _MarkedCache()
-        self.reflector = Reflector(self.core.list_service_for_all_namespaces, self.cache, what="services")
+        self.reflector = Reflector(self.kube.lister(SERVICES), self.cache, what="services")
         self._stop = threading.Event()
         self._announced: set[str] = set()
         self.rounds = 0  # rounds considered (leading or not): lets a test see time pass without sleeping
@@ -175,8 +176,8 @@ class HandoverController:
         self._announced &= set(services)  # forget Services whose annotation went
         if not services:
             return []
-        leases = self.coordination.list_namespaced_lease(self.agent_namespace)
-        items: list[dict[str, Any]] = self.api.sanitize_for_serialization(leases.items)  # type: ignore[no-untyped-call]
+        leases = self.kube.read_list(LEASES, self.agent_namespace, _request_timeout=5)
+        items: list[dict[str, Any]] = [i for i in leases.get("items") or [] if isinstance(i, dict)]
         agents = live_agents(items, datetime.now(UTC))
         marked = []
         for sid, svc in services.items():
@@ -215,8 +216,8 @@ class HandoverController:
         if step.what == "label":
             meta["labels"] = {c.SERVICE_PROXY_NAME_LABEL: self.policy.proxy_name}
         try:  # the resourceVersion: a Service changed meanwhile is looked at again next round
-            self.core.patch_namespaced_service(name, namespace, {"metadata": meta})
-        except client.ApiException as exc:
+            self.kube.patch(SERVICES, namespace, name, {"metadata": meta}, timeout=5)
+        except ApiException as exc:
             log.info("handover step not written (the Service changed or went)", extra={
                 "service": step.sid, "step": step.what, "status": exc.status})
             return

@@ -21,8 +21,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from shared.kubeapi import LEASES, Api
 
 log = logging.getLogger(__name__)
+# Seconds per Lease call: a hung API server costs one round, never a stuck elector (leading still ends
+# ``duration - renew`` after the last successful renewal).
+REQUEST_TIMEOUT = 5.0
 
 
 def _parse(value: object) -> datetime | None:
@@ -71,7 +77,7 @@ class LeaderElector:
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         if not 0 < renew < duration:
             raise ValueError("need 0 < renew < duration")
-        self.coordination = client.CoordinationV1Api(api)
+        self.api = Api(api)
         self.namespace, self.name, self.identity = namespace, name, identity
         self.duration, self.renew, self.retry = duration, renew, retry
         self.on_change = on_change
@@ -108,28 +114,26 @@ class LeaderElector:
         """One read-decide-write round; True when we hold the Lease afterwards."""
         try:
             try:
-                lease = self.coordination.read_namespaced_lease(self.name, self.namespace)
-            except client.ApiException as exc:
+                lease: dict[str, Any] | None = self.api.get(LEASES, self.namespace, self.name, timeout=REQUEST_TIMEOUT)
+            except ApiException as exc:
                 if exc.status != 404:
                     raise
                 lease = None
-            spec: dict[str, Any] | None = None
-            if lease is not None:
-                spec = client.ApiClient().sanitize_for_serialization(lease.spec)  # type: ignore[no-untyped-call]
+            spec: dict[str, Any] | None = None if lease is None else (lease.get("spec") or {})
             wanted = decide(spec, self.identity, self.clock(), self.duration)
             if wanted is None:
                 return False
             metadata: dict[str, Any] = {"name": self.name, "namespace": self.namespace}
-            body: Any = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata,
+            body: dict[str, Any] = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata,
                          "spec": wanted}
             if lease is None:
-                self.coordination.create_namespaced_lease(self.namespace, body)
+                self.api.create(LEASES, self.namespace, body, timeout=REQUEST_TIMEOUT)
             else:
-                metadata["resourceVersion"] = lease.metadata.resource_version if lease.metadata else None
-                self.coordination.replace_namespaced_lease(self.name, self.namespace, body)
+                metadata["resourceVersion"] = (lease.get("metadata") or {}).get("resourceVersion")
+                self.api.replace(LEASES, self.namespace, self.name, body, timeout=REQUEST_TIMEOUT)
             self.last_error = None
             return True
-        except client.ApiException as exc:
+        except ApiException as exc:
             if exc.status != 409:  # 409: another replica wrote first -- it won this round
                 self.last_error = f"{exc.status} {exc.reason}"
                 log.warning("leader election: cannot read or write the Lease", extra={"error": self.last_error})

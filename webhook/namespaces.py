@@ -8,7 +8,6 @@ jittered backoff), run on a thread of its own.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import threading
 from collections.abc import Iterable, Mapping
@@ -18,6 +17,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from shared.kube import Reflector
+from shared.kubeapi import NAMESPACES, Api
 
 log = logging.getLogger("lightpath.webhook.namespaces")
 
@@ -49,8 +49,8 @@ class NamespaceCache:
         page_size: int = 500,
         max_backoff: float = 30.0,
     ) -> None:
-        self._api = client.CoreV1Api(api_client)
-        self._lookup_api = client.CoreV1Api(_without_retries(api_client))
+        self._api = Api(api_client)
+        self._lookup_api = Api(_without_retries(api_client))
         self.watch_timeout = watch_timeout
         self.inactivity_timeout = inactivity_timeout
         self.lookup_timeout = lookup_timeout
@@ -62,7 +62,7 @@ class NamespaceCache:
         self._reflector = self._new_reflector()
 
     def _new_reflector(self) -> Reflector:
-        return Reflector(self._api.list_namespace, self, what="namespaces", server_timeout=self.watch_timeout,
+        return Reflector(self._api.lister(NAMESPACES), self, what="namespaces", server_timeout=self.watch_timeout,
                          read_timeout=self.inactivity_timeout, page_size=self.page_size,
                          backoff_base=min(0.5, self.max_backoff), backoff_max=self.max_backoff)
 
@@ -97,12 +97,12 @@ class NamespaceCache:
         serves must answer within the webhook's timeoutSeconds (3), and a failed lookup only means the
         Service is allowed untouched."""
         try:
-            resp: Any = self._lookup_api.read_namespace(name, _preload_content=False, _request_timeout=self.lookup_timeout)
+            found = self._lookup_api.get(NAMESPACES, None, name, timeout=self.lookup_timeout)
         except ApiException as exc:
             if exc.status == 404:
                 return {}
             raise
-        labels = _labels(json.loads(resp.data))
+        labels = _labels(found)
         self._labels.setdefault(name, labels)
         return labels
 

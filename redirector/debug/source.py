@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from redirector.model import DesiredState
 from shared import kube
+from shared.kubeapi import SERVICES
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class DebugSource(Protocol):
 
 class AgentSource:
     """``DebugSource`` over a ``redirector.agent.Agent``: reads ``desired()``, ``status``, ``tracker``,
-    ``metrics.registry`` and ``watcher`` (for its ``CoreV1Api``, ``connected``, ``resource_version``)."""
+    ``metrics.registry`` and ``watcher`` (for its ``shared.kubeapi.Api``, ``connected``, ``resource_version``)."""
 
     def __init__(
         self,
@@ -171,7 +172,7 @@ def list_all_services(api: Any, *, page_size: int = 500, timeout: float = 10.0) 
     """All Services as plain dicts, paged (``shared.kube.pages``), at most ``MAX_LIST_PAGES`` pages."""
     items: list[dict[str, Any]] = []
     last: dict[str, Any] = {}
-    for page in kube.pages(api.list_service_for_all_namespaces, page_size=page_size, request_timeout=timeout,
+    for page in kube.pages(api.lister(SERVICES), page_size=page_size, request_timeout=timeout,
                            max_pages=MAX_LIST_PAGES):
         items.extend(i for i in page.get("items") or [] if isinstance(i, dict))
         last = page

@@ -41,6 +41,7 @@ STATUS_SCHEMA: dict[str, Any] = {
                     "eligible",
                     "pending",
                     "handover",
+                    "traffic",
                 ],
                 "properties": {
                     "namespace": {"type": "string", "minLength": 1},
@@ -55,6 +56,18 @@ STATUS_SCHEMA: dict[str, Any] = {
                     "eligible": {"type": "boolean"},
                     "pending": {"type": "boolean"},
                     "handover": {"type": ["string", "null"]},
+                    # what the node Envoys saw, from the agents' Leases; null: no traffic reported
+                    "traffic": {"oneOf": [{"type": "null"}, {
+                        "type": "object", "additionalProperties": False,
+                        "required": ["requestsPerSecond", "errorsPerSecond", "retriesPerSecond", "p99Milliseconds",
+                                     "nodes", "windowSeconds"],
+                        "properties": {
+                            "requestsPerSecond": {"type": "number", "minimum": 0},
+                            "errorsPerSecond": {"type": "number", "minimum": 0},
+                            "retriesPerSecond": {"type": "number", "minimum": 0},
+                            "p99Milliseconds": {"type": ["number", "null"], "minimum": 0},
+                            "nodes": {"type": "integer", "minimum": 1},
+                            "windowSeconds": {"type": "number", "minimum": 0}}}]},
                 },
             },
         },

@@ -109,3 +109,21 @@ def test_status_json_matches_its_schema() -> None:
     jsonschema.validate(doc, STATUS_SCHEMA)
     assert doc["summary"]["total"] == len(doc["items"]) == 8
     assert sum(i["pending"] for i in doc["items"]) == doc["summary"]["pending"] == 1
+
+
+def test_traffic_column_only_when_a_shown_service_has_traffic() -> None:
+    from shared.agents import Traffic
+
+    namespaces, services = mixed_cluster()
+    rows = build_rows(services, namespace_labels(namespaces), CFG)
+    first = str(rows[0].ref)
+    seen = {first: Traffic(12.5, 0.25, 1.0, 8.4, 2, 5.0)}
+    text = render.status_table(rows, summarize(rows), False, seen)
+    header, line = text.splitlines()[0], text.splitlines()[1]
+    assert header.split()[-2:] == ["TRAFFIC", "REASON"]
+    assert "12.5 req/s, 2.0% 5xx, 1 retries/s, p99 8.4 ms" in line
+    assert text.splitlines()[2][header.index("TRAFFIC"):].startswith("- ")  # a Service without traffic
+    assert "TRAFFIC" not in render.status_table(rows, summarize(rows), False, {"elsewhere/x": seen[first]})
+    document = render.status_document(rows, summarize(rows), seen)
+    jsonschema.validate(document, STATUS_SCHEMA)
+    assert document["items"][0]["traffic"]["requestsPerSecond"] == 12.5 and document["items"][1]["traffic"] is None

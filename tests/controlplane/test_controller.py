@@ -32,14 +32,14 @@ def load(p: ControlPlane, name: str) -> list[tuple[str, int]] | None:
     found = p.store.get(res.ENDPOINT, name)
     if found is None:
         return None
-    cla = endpoint_pb2.ClusterLoadAssignment.FromString(found.body.value)
+    cla = endpoint_pb2.ClusterLoadAssignment.FromString(found.data)
     return [(e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
             for group in cla.endpoints for e in group.lb_endpoints]
 
 
 def stat(p: ControlPlane, name: str) -> str | None:
     found = p.store.get(res.CLUSTER, name)
-    return None if found is None else cluster_pb2.Cluster.FromString(found.body.value).alt_stat_name
+    return None if found is None else cluster_pb2.Cluster.FromString(found.data).alt_stat_name
 
 
 def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -106,7 +106,7 @@ def test_a_deleted_service_leaves_nothing_behind() -> None:
     assert p.listeners[4].keys == {} and p.listeners[6].keys == {}
     for f in (4, 6):  # the listeners are back to exactly the empty ones
         found = p.store.get(res.LISTENER, res.listener_name(f))
-        assert found is not None and found.body.value == empty[f]
+        assert found is not None and found.data == empty[f]
     assert p.report()["services_served"] == 0
 
 
@@ -222,13 +222,13 @@ def test_the_control_plane_picks_the_kernels_winner() -> None:
 
 # -- the gate -----------------------------------------------------------------------------------------------
 
-def gated_plane() -> tuple[ControlPlane, AdsServer, Stream, list[set[Key]]]:
-    p = plane()
-    server = AdsServer(p.store, expected_node=NODE, on_ack=p.acked)  # never started: no gRPC
+def gated_plane(on_demand: bool = False) -> tuple[ControlPlane, AdsServer, Stream, list[set[Key]]]:
+    p = ControlPlane(NodeInfo(NODE, ipv6=True), on_demand=on_demand)
+    server = AdsServer(p.store, expected_node=NODE, on_ack=p.acked, on_demand=on_demand)  # never started: no gRPC
     p.attach(server)
     gates: list[set[Key]] = []
     p.on_gate = gates.append
-    stream = Stream(p.store, expected_node=NODE, on_ack=lambda t, v: p.acked(stream, t, v))
+    stream = Stream(p.store, expected_node=NODE, on_ack=lambda t, v: p.acked(stream, t, v), on_demand=on_demand)
     server.streams.append(stream)
     return p, server, stream, gates
 
@@ -238,6 +238,11 @@ def envoy_acks_everything(stream: Stream) -> None:
     stream.handle(request(res.CLUSTER))
     stream.handle(request(res.LISTENER))
     stream.handle(request(res.ROUTE, subscribe=[res.route_name(4), res.route_name(6)]))
+    envoy_answers(stream)
+
+
+def envoy_answers(stream: Stream) -> None:
+    """Envoy's side of what is in flight: EDS for every cluster it gets; ACK all until nothing is sent."""
     for _ in range(20):
         out = stream.responses()
         if not out:
@@ -259,6 +264,39 @@ def test_servable_once_envoy_acked_cluster_endpoints_and_listener() -> None:
     assert p.servable([tcp, K80]) == {tcp}  # K80 belongs to no Service
     assert set().union(*gates) >= {tcp}
     assert stream.in_sync()
+
+
+def test_on_demand_a_key_is_servable_once_the_listener_is_acked_and_its_cluster_exists() -> None:
+    p, server, stream, gates = gated_plane(on_demand=True)
+    tcp = Key(4, "10.96.0.20", 5432)
+    p.services.upsert(service("db", ips=("10.96.0.20",), ports=[{"name": "db", "port": 5432}]))
+    p.slices.upsert(endpoint_slice("db-abc", "db", ports={"db": 5432}, endpoints=[endpoint("10.244.1.5")]))
+    p.sync({"shop/db"})
+    assert tcp in set().union(*gates)  # the store having the cluster is the news: no ACK will come for it
+    assert p.servable([tcp]) == set()  # Envoy has no listener yet
+    envoy_acks_everything(stream)
+    assert stream.types[res.CLUSTER].acked == {}  # nothing asked for, nothing sent
+    assert p.servable([tcp]) == {tcp}
+    # Envoy asks when a connection comes; a refused cluster closes the gate for that version.
+    stream.handle(request(res.CLUSTER, subscribe=["10.96.0.20:5432"]))
+    (response,) = [r for r in stream.responses() if r.type_url == res.CLUSTER]
+    assert [r.name for r in response.resources] == ["10.96.0.20:5432"]
+    stream.handle(request(res.CLUSTER, nonce=response.nonce, error="refused"))
+    assert p.servable([tcp]) == set()
+
+
+def test_on_demand_listener_chains_ask_envoy_to_fetch_missing_clusters() -> None:
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+
+    for on_demand in (False, True):
+        listener = res.ListenerBuilder(4, on_demand=on_demand).listener
+        tcp, http = tcp_proxy_pb2.TcpProxy(), http_connection_manager_pb2.HttpConnectionManager()
+        listener.filter_chains[0].filters[1].typed_config.Unpack(tcp)
+        listener.filter_chains[1].filters[0].typed_config.Unpack(http)
+        assert tcp.HasField("on_demand") is on_demand
+        assert [f.name for f in http.http_filters] == (["envoy.filters.http.on_demand"] if on_demand else []) + [
+            "envoy.filters.http.router"]
 
 
 def test_servable_follows_the_documented_rule() -> None:
@@ -314,7 +352,7 @@ def test_only_the_newest_envoy_opens_the_gate() -> None:
 def _explicit(p: ControlPlane, family: int = 4) -> set[str]:
     found = p.store.get(res.ROUTE, res.route_name(family))  # type: ignore[arg-type]
     assert found is not None
-    config = route_pb2.RouteConfiguration.FromString(found.body.value)
+    config = route_pb2.RouteConfiguration.FromString(found.data)
     return set(config.virtual_hosts[0].matcher.matcher_tree.exact_match_map.map) - {"none"}
 
 
@@ -334,7 +372,7 @@ def test_only_customized_http_keys_get_an_explicit_route_and_it_follows_the_serv
                                 ips=("10.96.0.11", "fd00::11")))
     p.sync({"shop/web", "shop/fast"})
     assert _explicit(p) == {"10.96.0.11:80"} and _explicit(p, 6) == {"[fd00::11]:80"}  # not the TCP port, not "web"
-    custom = cluster_pb2.Cluster.FromString(p.store.get(res.CLUSTER, "10.96.0.11:80").body.value)  # type: ignore[union-attr]
+    custom = cluster_pb2.Cluster.FromString(p.store.get(res.CLUSTER, "10.96.0.11:80").data)  # type: ignore[union-attr]
     assert custom.connect_timeout.seconds == 5 and custom.outlier_detection.consecutive_5xx.value == 5
     # A cluster option changes the cluster only; a route option the route only.
     clusters_before = {n: p.store.get(res.CLUSTER, n).version for n in p.store.names(res.CLUSTER)}  # type: ignore[union-attr]
@@ -345,7 +383,7 @@ def test_only_customized_http_keys_get_an_explicit_route_and_it_follows_the_serv
     p.services.upsert(annotated({"config.lightpath.cloud/lb-policy": "RANDOM"}, name="fast", ips=("10.96.0.11", "fd00::11")))
     p.sync({"shop/fast"})
     assert _explicit(p) == set() and _explicit(p, 6) == set()  # back to the default options: no explicit route
-    random = cluster_pb2.Cluster.FromString(p.store.get(res.CLUSTER, "10.96.0.11:5432").body.value)  # type: ignore[union-attr]
+    random = cluster_pb2.Cluster.FromString(p.store.get(res.CLUSTER, "10.96.0.11:5432").data)  # type: ignore[union-attr]
     assert random.lb_policy == cluster_pb2.Cluster.RANDOM
     p.services.upsert(annotated({"config.lightpath.cloud/num-retries": "0"}, name="fast", ips=("10.96.0.11", "fd00::11")))
     p.sync({"shop/fast"})
@@ -384,3 +422,91 @@ def test_an_http_key_is_servable_once_any_route_configuration_is_acked() -> None
     assert p._servable(stream, [key]) == set()  # no route configuration ACKed at all
     stream.types[res.ROUTE].acked[res.route_name(4)] = "some older version"
     assert p._servable(stream, [key]) == {key}
+
+
+def test_the_nodes_addresses_reach_the_source_range_exception() -> None:
+    p = plane()
+    lb = service("lb", type_="LoadBalancer", ingress=["192.0.2.1"],
+                 ports=[{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}])
+    lb["spec"]["loadBalancerSourceRanges"] = ["10.0.0.0/8"]
+    p.services.upsert(lb)
+    p.sync({"shop/lb"})
+    assert p.firewall == {Key(4, "192.0.2.1", 80): ("10.0.0.0/8",)}
+    p.nodes.upsert({"metadata": {"name": NODE}, "status": {"addresses": [{"type": "InternalIP", "address": "10.1.2.3"}]}})
+    assert p.node.ips == ("10.1.2.3",)
+    p.sync(set(p._views))
+    assert p.firewall == {Key(4, "192.0.2.1", 80): ("10.0.0.0/8", "192.0.2.1/32")}
+    p.nodes.upsert({"metadata": {"name": "another-node"}, "status": {"addresses": [{"type": "InternalIP", "address": "172.16.0.1"}]}})
+    assert p.node.ips == ("10.1.2.3",)  # only this node's Node counts
+
+
+# -- keys whose first endpoint Envoy has not confirmed yet (conformance row 3) ----------------------------
+
+def _blocked_plane(on_demand: bool = False) -> tuple[ControlPlane, Stream, list[dict[Key, str]]]:
+    p, _server, stream, _gates = gated_plane(on_demand=on_demand)
+    delivered: list[dict[Key, str]] = []
+    p.on_blocked = lambda blocked, exposed, firewall: delivered.append(blocked)
+    p.services.upsert(service("db", ips=("10.96.0.20",), ports=[{"name": "db", "port": 5432}]))
+    return p, stream, delivered
+
+
+def _lists(p: ControlPlane) -> None:
+    """The worker starts once both lists are in."""
+    p.services.replace([service("db", ips=("10.96.0.20",), ports=[{"name": "db", "port": 5432}])])
+    p.slices.replace([])
+
+
+DB = Key(4, "10.96.0.20", 5432)
+DB_SLICE = endpoint_slice("db-abc", "db", ports={"db": 5432}, endpoints=[endpoint("10.244.1.5")])
+
+
+def test_a_key_that_gets_its_first_endpoint_stays_refused_until_envoy_acks_the_endpoints() -> None:
+    p, stream, delivered = _blocked_plane()
+    with running(p):
+        _lists(p)
+        until(lambda: bool(delivered) and delivered[-1].get(DB) == "reject", "no endpoint: refused")
+        envoy_acks_everything(stream)
+        before = len(delivered)
+        p.slices.upsert(DB_SLICE)
+        until(lambda: len(delivered) > before, "the worker's delivery after the endpoint came")
+        assert load(p, "10.96.0.20:5432") == [("10.244.1.5", 5432)]
+        assert delivered[-1].get(DB) == "reject", "unblocked before Envoy holds the endpoint"
+        envoy_answers(stream)  # Envoy takes the new endpoints and ACKs them
+        until(lambda: DB not in delivered[-1], "released by the ACK")
+    assert p.unblock_hold == 2.0  # the bound was not what released it (the ACK came in milliseconds)
+
+
+def test_without_an_ack_the_key_is_released_after_the_hold() -> None:
+    p, stream, delivered = _blocked_plane()
+    p.unblock_hold = 0.2
+    with running(p):
+        _lists(p)
+        until(lambda: bool(delivered) and DB in delivered[-1], "no endpoint: refused")
+        envoy_acks_everything(stream)
+        p.slices.upsert(DB_SLICE)
+        started = time.monotonic()
+        until(lambda: load(p, "10.96.0.20:5432") is not None and DB not in delivered[-1], "released by time")
+        assert time.monotonic() - started >= 0.2  # not before the hold was over (Envoy never ACKed)
+
+
+def test_no_hold_on_demand_without_an_envoy_or_for_a_service_handed_back() -> None:
+    p, stream, delivered = _blocked_plane(on_demand=True)  # Envoy fetches endpoints on first use
+    p.sync({"shop/db"})
+    assert delivered[-1].get(DB) == "reject"
+    p.slices.upsert(DB_SLICE)
+    p.sync({"shop/db"})
+    assert DB not in delivered[-1]
+
+    p, stream, delivered = _blocked_plane()  # no Envoy has identified itself on this stream: nothing to wait for
+    p.sync({"shop/db"})
+    p.slices.upsert(DB_SLICE)
+    p.sync({"shop/db"})
+    assert DB not in delivered[-1]
+
+    p, stream, delivered = _blocked_plane()
+    envoy_acks_everything(stream)
+    p.sync({"shop/db"})
+    assert delivered[-1].get(DB) == "reject"
+    p.services.upsert(service("db", ips=("10.96.0.20",), ports=[{"name": "db", "port": 5432}], label=None))
+    p.sync({"shop/db"})  # handed back to kube-proxy: its keys are left to it at once
+    assert DB not in delivered[-1]

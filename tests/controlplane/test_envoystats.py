@@ -73,3 +73,17 @@ def test_every_admin_found_is_read_and_their_counters_added() -> None:
     finally:
         old.shutdown()
         new.shutdown()
+
+
+def test_histogram_lines_give_the_interval_percentiles_in_microseconds() -> None:
+    text = ("cluster.shop_web_80_ipv4.upstream_rq_time: P0(1,1) P25(1.025,1.02) P50(2.05,1.05) P75(3,3) "
+            "P90(4,4) P95(5,5) P99(12.5,9) P99.5(13,13) P99.9(14,14) P100(15,15)\n"
+            "cluster.shop_db_5432_ipv4.upstream_rq_time: P0(nan,1) P25(nan,1) P50(nan,1) P99(nan,2) P100(nan,2)\n"
+            "cluster.shop_web_80_ipv4.upstream_rq_total: 3\n")
+    stats = envoystats.parse(text)
+    assert stats["cluster.shop_web_80_ipv4.upstream_rq_time.p50_us"] == 2050
+    assert stats["cluster.shop_web_80_ipv4.upstream_rq_time.p99_us"] == 12500
+    assert not any(k.startswith("cluster.shop_db_5432_ipv4.upstream_rq_time") for k in stats)  # no request lately
+    web = envoystats.figures(stats, "shop_web_80_ipv4")
+    assert web["upstream_rq_time.p99_us"] == 12500 and web["upstream_rq_total"] == 3
+    assert "upstream_rq_time.p50_us" not in envoystats.figures(stats, "shop_db_5432_ipv4")

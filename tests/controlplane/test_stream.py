@@ -112,6 +112,7 @@ def test_initial_request_sends_everything_of_a_wildcard_type() -> None:
     assert contents(response) == ({"a": v(b"1"), "b": v(b"2")}, [])
     assert response.system_version_info == str(envoy.store.revision)
     assert {r.name: r.resource.value for r in response.resources} == {"a": b"1", "b": b"2"}
+    assert {r.resource.type_url for r in response.resources} == {CLUSTER}  # the store keeps bytes only
 
 
 # -- warming order --------------------------------------------------------------------------------------------
@@ -379,3 +380,45 @@ def test_latency_is_measured_from_response_to_ack() -> None:
     now[0] = 100.25
     envoy.ack(response)
     assert list(envoy.stream.latencies) == [0.25]
+
+
+# -- on-demand clusters -------------------------------------------------------------------------------------
+
+def test_on_demand_cds_sends_only_the_clusters_envoy_asks_for() -> None:
+    store = Store()
+    store.update(CLUSTER, {"10.96.0.10:80": b"web", "10.96.0.20:5432": b"db"})
+    envoy = Envoy(store, on_demand=True)
+    envoy.send(CLUSTER)  # the bootstrap's wildcard request: answered, with nothing
+    first = envoy.out()[CLUSTER]
+    assert contents(first) == ({}, [])
+    envoy.ack(first)
+    envoy.send(CLUSTER, subscribe=["10.96.0.10:80", "*"])  # a connection needs web ("*" is no name)
+    asked = envoy.out()[CLUSTER]
+    assert contents(asked) == ({"10.96.0.10:80": v(b"web")}, [])
+    envoy.ack(asked)
+    assert envoy.state(CLUSTER).acked == {"10.96.0.10:80": v(b"web")}
+    store.update(CLUSTER, {"10.96.0.20:5432": b"db2"})  # not asked for: nothing to send
+    assert envoy.out() == {}
+    store.update(CLUSTER, {"10.96.0.10:80": b"web2"})  # held: its new version goes out
+    assert contents(envoy.out()[CLUSTER]) == ({"10.96.0.10:80": v(b"web2")}, [])
+
+
+def test_on_demand_cds_answers_an_unknown_name_with_its_removal_at_once() -> None:
+    envoy = Envoy(on_demand=True)
+    envoy.send(CLUSTER)
+    envoy.ack(envoy.out()[CLUSTER])
+    envoy.send(CLUSTER, subscribe=["10.96.0.99:80"])  # a Service deleted a moment ago
+    gone = envoy.out()[CLUSTER]
+    assert contents(gone) == ({}, ["10.96.0.99:80"])  # Envoy fails the connection now, not at its timeout
+    envoy.ack(gone)
+    assert envoy.out() == {}
+    envoy.store.update(CLUSTER, {"10.96.0.99:80": b"back"})  # still subscribed: it comes when it exists
+    assert contents(envoy.out()[CLUSTER]) == ({"10.96.0.99:80": v(b"back")}, [])
+
+
+def test_eager_cds_ignores_names_and_sends_everything() -> None:
+    store = Store()
+    store.update(CLUSTER, {"10.96.0.10:80": b"web"})
+    envoy = Envoy(store)
+    envoy.send(CLUSTER, subscribe=["10.96.0.99:80"])
+    assert contents(envoy.out()[CLUSTER]) == ({"10.96.0.10:80": v(b"web")}, [])

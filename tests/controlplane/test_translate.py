@@ -278,3 +278,27 @@ def test_source_ranges_filter_the_load_balancer_keys_of_their_family(ranges: Any
     theirs = service(label=None, type_="LoadBalancer", ingress=["192.0.2.1"])
     theirs["spec"]["loadBalancerSourceRanges"] = ["10.0.0.0/8"]
     assert translate(theirs).firewall == ()  # kube-proxy's to filter
+
+
+def test_a_range_holding_the_nodes_ip_also_admits_the_load_balancers_own_ip() -> None:
+    """kube-proxy: "if we have a node IP in the source ranges, also allow traffic from the LB IPs"."""
+    svc = service(type_="LoadBalancer", ingress=["192.0.2.1"],
+                  ports=[{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}])
+    svc["spec"]["loadBalancerSourceRanges"] = ["10.0.0.0/8"]
+    lb = Key(4, "192.0.2.1", 80)
+    inside = NodeInfo(NODE, ips=("10.1.2.3", "fd00::3"))
+    assert dict(translate(svc, node=inside).firewall) == {lb: ("10.0.0.0/8", "192.0.2.1/32")}
+    outside = NodeInfo(NODE, ips=("172.16.0.3",))
+    assert dict(translate(svc, node=outside).firewall) == {lb: ("10.0.0.0/8",)}
+    assert dict(translate(svc).firewall) == {lb: ("10.0.0.0/8",)}  # node addresses unknown: the ranges alone
+
+
+def test_node_ips_are_the_first_internal_else_external_address_per_family() -> None:
+    from controlplane.controller import node_ips
+
+    node = {"status": {"addresses": [
+        {"type": "Hostname", "address": "n1"}, {"type": "ExternalIP", "address": "203.0.113.5"},
+        {"type": "InternalIP", "address": "10.1.2.3"}, {"type": "InternalIP", "address": "10.1.2.4"},
+        {"type": "ExternalIP", "address": "2001:db8::5"}, {"type": "InternalIP", "address": "not-an-ip"}, "junk"]}}
+    assert node_ips(node) == ("10.1.2.3", "2001:db8::5")
+    assert node_ips(None) == () and node_ips({"status": {"addresses": "x"}}) == ()

@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
+from controlplane import envoystats
 from controlplane.embedded import EmbeddedControlPlane
+from controlplane.envoystats import EnvoyStats
 from sandbox.node.traffic import wait_until
 from shared import constants as c
 from tests.deploy.manifests import Obj, one
@@ -93,6 +95,18 @@ def test_the_shipped_bootstrap_is_programmed_by_the_control_plane(default_objs: 
         with urllib.request.urlopen(f"http://{address}/stats?filter=shop_web", timeout=5) as resp:  # noqa: S310
             stats = resp.read().decode()
         assert f"cluster.shop_web_{port}_ipv4.upstream_rq_total: 1" in stats, stats
+        # Its latency, as the agent reads it: the percentiles of Envoy's next stats interval (5 s) hold it.
+        host, _, admin_port = address.rpartition(":")
+        reader = EnvoyStats((host, int(admin_port)), ttl=0)
+
+        def latency() -> dict[str, int] | None:
+            counters = reader.snapshot()[0] or {}
+            return envoystats.latency(counters, f"shop_web_{port}_ipv4") or None
+
+        figures = wait_until(latency, timeout=15, what="the request's latency in Envoy's stats interval")
+        # Present = the interval saw the request (no request reads "nan" and is absent). Envoy records this
+        # histogram in whole milliseconds, so a loopback request faster than 1 ms is a legitimate 0.
+        assert set(figures) == {"p50_us", "p99_us"} and 0 <= figures["p50_us"] <= figures["p99_us"] < 3_000_000, figures
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

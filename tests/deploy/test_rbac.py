@@ -1,10 +1,15 @@
 """RBAC grants exactly what the code calls.
 
-The calls are read from the source: every attribute of a `kubernetes.client` API class (e.g.
-`CoreV1Api.list_namespace`) that webhook/ or redirector/ uses, turned into (apiGroup, resource, verb):
-`read_*` is get, `list_*` is list (watch when called with watch=True, both when passed un-called to
-`Watch().stream`), and so on. A new API call without a matching rule, or a rule nothing uses, fails.
-`get` may accompany `list` on the same resource: it reveals nothing that list does not.
+The calls are read from the source, turned into (apiGroup, resource, verb):
+- a `shared.kubeapi.Api` method called with one of that module's `Kind` constants (the way the agent and the
+  webhook call the API): `get`/`create`/`patch` are those verbs, `replace` is update, `read_list` is list
+  (watch with watch=True), `lister(KIND)` is list and watch (a Reflector list-watches with it) or list alone
+  when handed to the pager `pages(...)`;
+- an attribute of a generated `kubernetes.client` API class (e.g. `CoreV1Api.list_namespace`): `read_*` is
+  get, `list_*` is list (watch when called with watch=True, both when passed un-called to `Watch().stream`),
+  and so on.
+A new API call without a matching rule, or a rule nothing uses, fails. `get` may accompany `list` on the same
+resource: it reveals nothing that list does not.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 import kubernetes.client
 import pytest
 
+from shared import kubeapi
 from tests.deploy.manifests import REPO, Obj, one
 
 Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
@@ -44,6 +50,39 @@ VERBS = {"read": "get", "list": "list", "create": "create", "patch": "patch", "r
 _METHOD = re.compile(r"^(read|list|create|patch|replace|delete_collection|delete)_(?:namespaced_)?(\w+?)(?:_for_all_namespaces)?$")
 
 
+# shared.kubeapi's Kind constants by name, and its Api methods -> verb.
+KINDS: dict[str, kubeapi.Kind] = {n: k for n, k in vars(kubeapi).items() if isinstance(k, kubeapi.Kind)}
+KUBEAPI_VERBS = {"get": "get", "create": "create", "patch": "patch", "replace": "update", "read_list": "list",
+                 "lister": "list"}
+
+
+def _kind_grant(kind: kubeapi.Kind) -> tuple[str, str]:
+    group = kind.group_version.rpartition("/")[0]
+    return group, kind.plural
+
+
+def _kubeapi_verbs(call: ast.Call, parent: ast.Call | None) -> set[str]:
+    """The verbs of one `Api.<method>(KIND, ...)` call (see the module docstring)."""
+    assert isinstance(call.func, ast.Attribute)
+    method = call.func.attr
+    if method == "lister":
+        handed_to = parent.func if parent is not None else None
+        pager = (isinstance(handed_to, ast.Attribute) and handed_to.attr == "pages") or (
+            isinstance(handed_to, ast.Name) and handed_to.id == "pages")
+        return {"list"} if pager else {"list", "watch"}
+    if method == "read_list":
+        watch = next((k.value for k in call.keywords if k.arg == "watch"), None)
+        if isinstance(watch, ast.Constant):
+            return {"watch"} if watch.value else {"list"}
+        return {"list"} if watch is None else {"list", "watch"}
+    return {KUBEAPI_VERBS[method]}
+
+
+def _kind_of(arg: ast.expr) -> kubeapi.Kind | None:
+    name = arg.id if isinstance(arg, ast.Name) else arg.attr if isinstance(arg, ast.Attribute) else None
+    return KINDS.get(name) if name is not None else None
+
+
 @functools.cache
 def api_methods() -> frozenset[str]:
     """The resource methods of the API classes of the groups in RESOURCES (importing all 66 classes is slow)."""
@@ -60,9 +99,17 @@ def called(package: str) -> set[Grant]:
     calls: dict[int, ast.Call] = {}
     for path in sorted((REPO / package).rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
+        parents: dict[int, ast.Call] = {}  # id(call) -> the call it is an argument of
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 calls[id(node.func)] = node
+                for arg in [*node.args, *(k.value for k in node.keywords)]:
+                    parents[id(arg)] = node
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in KUBEAPI_VERBS
+                    and node.args and (kind := _kind_of(node.args[0])) is not None):
+                group, resource = _kind_grant(kind)
+                grants |= {(group, resource, v) for v in _kubeapi_verbs(node, parents.get(id(node)))}
             if isinstance(node, ast.Attribute) and node.attr in ("call_api", "DynamicClient"):
                 pytest.fail(f"{path}: {node.attr} bypasses the typed client; extend this test to read its calls")
         for node in ast.walk(tree):
@@ -146,9 +193,18 @@ def test_the_scanner_reads_calls_the_way_they_are_written(tmp_path: Path, monkey
         "    w.stream(api.list_namespaced_endpoint_slice, 'ns')\n"
         "    api.patch_namespaced_service('a', 'b', {})\n"
         "    api.list_node(watch=flag)\n"
+        "def g(kube, pager, Reflector):\n"
+        "    Reflector(kube.lister(SERVICES), None)\n"
+        "    pager.pages(kube.lister(DAEMON_SETS))\n"
+        "    kube.get(LEASES, 'ns', 'a'); kube.replace(LEASES, 'ns', 'a', {}); kube.create(EVENTS, 'ns', {})\n"
+        "    kube.patch(kubeapi.DAEMON_SETS, 'ns', 'a', {}); kube.read_list(NAMESPACES)\n"
+        "    {}.get('SERVICES'); kube.get(other, 'x')\n"
     )
     monkeypatch.setattr("tests.deploy.test_rbac.REPO", tmp_path)
     assert called("pkg") == {
         ("", "services", "get"), ("", "namespaces", "watch"), ("discovery.k8s.io", "endpointslices", "list"),
         ("discovery.k8s.io", "endpointslices", "watch"), ("", "services", "patch"), ("", "nodes", "list"), ("", "nodes", "watch"),
+        ("", "services", "list"), ("", "services", "watch"), ("coordination.k8s.io", "leases", "get"),
+        ("coordination.k8s.io", "leases", "update"), ("", "events", "create"), ("apps", "daemonsets", "patch"), ("apps", "daemonsets", "list"),
+        ("", "namespaces", "list"),
     }

@@ -124,12 +124,13 @@ def test_named_target_ports_per_pod_renumbered_ports_and_type_change(tmp_path: P
         settled(node, {"pod0"}, port=8000, source=0)
 
 
-def test_no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drops(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])  # the block table serves both
+def test_no_endpoints_is_refused_at_once_and_local_policy_without_local_endpoints_drops(tmp_path: Path, backend: str) -> None:
     """kube-proxy's "should be rejected when no endpoints exist": refused at once, not accepted-then-closed;
     back to Envoy as soon as an endpoint appears. internalTrafficPolicy Local with no endpoint here: dropped."""
     from sandbox.node.traffic import TrafficError, tcp_request
 
-    with envoy_node(tmp_path) as node:
+    with envoy_node(tmp_path, agent_args=["--backend", backend]) as node:
         start(node, pods=1)
         node.service("web", HTTP)  # labelled, no EndpointSlice at all
         wait_until(lambda: Key(4, IP, 80) in node.kernel_keys(), timeout=20, what="redirect installed")
@@ -182,7 +183,8 @@ def test_health_check_node_port_is_answered_like_kube_proxy(tmp_path: Path) -> N
         wait_until(lambda: probe() == (503, 0), timeout=20, what="503, no local endpoint")
 
 
-def test_an_unexposed_port_of_a_migrated_cluster_ip_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])  # the block table serves both
+def test_an_unexposed_port_of_a_migrated_cluster_ip_is_refused(tmp_path: Path, backend: str) -> None:
     """kube-proxy's cluster-ips-check: a ClusterIP on a port (or protocol) its Service does not expose is
     rejected, not dropped and never sent to the proxy; from a pod and from the node, both families. The
     exposed port keeps working, and an unlabelled Service's ClusterIP is left to kube-proxy."""
@@ -211,7 +213,7 @@ def test_an_unexposed_port_of_a_migrated_cluster_ip_is_refused(tmp_path: Path) -
                 return False
             return False
 
-    with envoy_node(tmp_path) as node:
+    with envoy_node(tmp_path, agent_args=["--backend", backend]) as node:
         start(node, pods=1)
         node.serve(0, "http", 6, port=8080)
         node.service("web", HTTP, ips=CLUSTER_IPS)
@@ -236,7 +238,8 @@ def test_an_unexposed_port_of_a_migrated_cluster_ip_is_refused(tmp_path: Path) -
         wait_until(lambda: outcome(pod, CLUSTER_IPS[0], 81) != "refused", timeout=20, what="check removed")
 
 
-def test_load_balancer_source_ranges_are_enforced_for_load_balancer_traffic(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])  # the block table serves both
+def test_load_balancer_source_ranges_are_enforced_for_load_balancer_traffic(tmp_path: Path, backend: str) -> None:
     """kube-proxy's firewall-check ("should only allow access from service loadbalancer source ranges"):
     a new connection to a load-balancer IP from outside loadBalancerSourceRanges is dropped before any
     DNAT; the ClusterIP is not filtered; a change of the ranges applies."""
@@ -250,7 +253,7 @@ def test_load_balancer_source_ranges_are_enforced_for_load_balancer_traffic(tmp_
             return False
 
     lb_ip = "198.51.100.10"
-    with envoy_node(tmp_path) as node:
+    with envoy_node(tmp_path, agent_args=["--backend", backend]) as node:
         start(node, pods=1)
         allowed, other = node.topo.pod_ips[1], node.topo.pod_ips[2]
         node.service("lb", HTTP, ips=("10.96.0.80",), type="LoadBalancer",

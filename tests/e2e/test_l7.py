@@ -3,13 +3,18 @@ that fail or answer late (tests/e2e/l7_backend.py). Real TCP through network nam
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from cli.main import main
 from redirector.model import Key
 from sandbox.node.traffic import Listener, _read_ready, http_request, wait_until
 from shared import constants as c
@@ -47,6 +52,28 @@ def get(node: EnvoyNode, ip: str) -> dict[str, object]:
     return reply
 
 
+def status_traffic(node: EnvoyNode, tmp: Path, request: Callable[[], object]) -> dict[str, Any]:
+    """``lightpath status -o json``'s traffic for shop/flaky once the agent's Lease reports it (requests keep
+    coming meanwhile: the Lease holds the rates of its last renewal period)."""
+    kubeconfig = node.api.write_kubeconfig(tmp / "cli-kubeconfig")
+
+    def reported() -> dict[str, Any] | None:
+        request()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["--kubeconfig", str(kubeconfig), "status", "-n", NS, "-o", "json"]) == 0
+        item = next(i for i in json.loads(out.getvalue())["items"] if i["name"] == "flaky")
+        traffic = item["traffic"]
+        return traffic if traffic and traffic["retriesPerSecond"] > 0 and traffic["p99Milliseconds"] is not None else None
+
+    found: dict[str, Any] = wait_until(reported, timeout=40, interval=0.2, what="shop/flaky's traffic in lightpath status")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["--kubeconfig", str(kubeconfig), "--color", "never", "status", "-n", NS])
+    assert "TRAFFIC" in out.getvalue() and "req/s" in out.getvalue(), out.getvalue()
+    return found
+
+
 def test_retries_turn_a_backends_500_into_a_200_and_can_be_turned_off(tmp_path: Path) -> None:
     with envoy_node(tmp_path) as node:
         flaky = backend(node, 0, "--fail-every", "2", "--port", "8081")  # requests 1, 3, 5... fail
@@ -62,6 +89,7 @@ def test_retries_turn_a_backends_500_into_a_200_and_can_be_turned_off(tmp_path: 
         # The same figures per Service in the agent's /debug/proxy (from Envoy's admin).
         flaky_row = node.proxy("flaky")["services"][0]["keys"][0]["traffic"]
         strict_row = node.proxy("strict")["services"][0]["keys"][0]["traffic"]
+        assert isinstance(flaky_row, dict), flaky_row
         assert flaky_row["upstream_rq_retry"] >= 10 and flaky_row["upstream_rq_2xx"] == 10, flaky_row
         assert strict_row["upstream_rq_total"] == 10 and strict_row["upstream_rq_5xx"] == 5, strict_row
         # ... and in the agent's /metrics, per Service port, for Prometheus.
@@ -69,6 +97,11 @@ def test_retries_turn_a_backends_500_into_a_200_and_can_be_turned_off(tmp_path: 
         assert 'lightpath_service_requests_total{namespace="shop",port="80",service="strict"} 10.0' in metrics
         assert 'lightpath_service_errors_total{namespace="shop",port="80",service="strict"} 5.0' in metrics
         assert 'lightpath_service_errors_total{namespace="shop",port="80",service="flaky"} 0.0' in metrics
+        # What migrating changed, as an operator sees it: the agent's Lease carries this node's figures and
+        # `lightpath status` adds the nodes up (requests per second, 5xx, retries, p99).
+        seen = status_traffic(node, tmp_path, lambda: get(node, "10.96.0.40"))
+        assert seen["requestsPerSecond"] > 0 and seen["retriesPerSecond"] > 0 and seen["nodes"] == 1, seen
+        assert seen["p99Milliseconds"] is not None and seen["p99Milliseconds"] >= 0, seen
 
 
 def test_outlier_detection_ejects_a_failing_backend(tmp_path: Path) -> None:

@@ -107,9 +107,11 @@ def test_first_sync_is_full_then_changes_are_incremental() -> None:
     agent.tracker.upsert(svc("b", "10.96.0.2"))
     agent.sync_once()
     assert fake.dump() == [A, B] and fake.calls["apply"] == 1 and fake.calls["ensure"] == 1
+    assert agent.applied_count() == len(agent.applied_keys()) == 2
     agent.tracker.delete(svc("a", "10.96.0.1"))
     agent.sync_once()
     assert fake.dump() == [B] and fake.calls["apply"] == 2
+    assert agent.applied_count() == 1
     assert metric(agent, "sync_duration_seconds_count", kind="incremental") == 2
     assert metric(agent, "entries", family="ipv4", match="address") == 1
 

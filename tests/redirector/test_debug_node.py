@@ -27,6 +27,7 @@ from sandbox.api.apiserver import SandboxApiServer
 from sandbox.node.netns import Topology
 from sandbox.node.traffic import Listener, tcp_listener, tcp_request, wait_until
 from shared import constants as c
+from shared.kubeapi import Api
 from tests.redirector.conftest import nft_backend
 
 pytestmark = pytest.mark.root
@@ -51,7 +52,7 @@ class DebugNode:
             self.backend = self._backend(backend, backend_kwargs)
             self.agent = Agent(self.backend, proxy_label=(c.SERVICE_PROXY_NAME_LABEL, c.DEFAULT_PROXY_NAME),
                                resync_period=resync_period, retry_max=retry_max, retry_min=0.05)
-            self.watcher = ServiceWatcher(self.core, self.agent.tracker, server_timeout=30, read_timeout=5)
+            self.watcher = ServiceWatcher(Api(self.api_server.api_client()), self.agent.tracker, server_timeout=30, read_timeout=5)
             self.agent.watcher = self.watcher
             self.threads = [threading.Thread(target=self.watcher.run, daemon=True),
                             threading.Thread(target=self.agent.run, daemon=True)]

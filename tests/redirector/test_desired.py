@@ -192,3 +192,20 @@ def test_a_type_that_is_a_list_or_a_map_is_no_entry_and_no_crash() -> None:
         svc = {"metadata": {"name": "x", "namespace": "n"},
                "spec": {"type": odd, "clusterIP": "10.96.0.1", "ports": [{"port": 80, "protocol": "TCP"}]}}
         assert service_entries(svc).keys == ()
+
+
+def test_one_object_is_projected_once_for_the_kernel_side_and_the_control_plane() -> None:
+    """uid + resourceVersion name an object's content: both consumers of a watch event share one projection
+    (issue 11: agent memory); a new version, or an object without them, is projected afresh."""
+    s = svc(cluster_ips=["10.96.0.10"], ports=[{"name": "http", "port": 80}])
+    s["metadata"].update(uid="u-1", resourceVersion="7")
+    first = service_entries(s)
+    assert service_entries(copy.deepcopy(s)) is first
+    changed = copy.deepcopy(s)
+    changed["metadata"]["resourceVersion"] = "8"
+    changed["spec"]["ports"][0]["port"] = 81
+    assert {e.key for e in service_entries(changed).entries} == {Key(4, "10.96.0.10", 81)}
+    bare = copy.deepcopy(s)
+    del bare["metadata"]["uid"]
+    again = service_entries(bare)
+    assert again is not first and again.keys == first.keys

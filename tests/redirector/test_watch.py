@@ -19,6 +19,7 @@ from sandbox.api.apiserver import SandboxApiServer
 from sandbox.api.resources import NAMESPACES, SERVICES
 from sandbox.node.traffic import wait_until
 from shared import constants as c
+from shared.kubeapi import Api
 
 LABELS = {c.SERVICE_PROXY_NAME_LABEL: c.DEFAULT_PROXY_NAME}
 
@@ -67,7 +68,7 @@ def patch_labels(server: SandboxApiServer, name: str, labels: dict[str, Any]) ->
 @pytest.fixture
 def watching(api: SandboxApiServer) -> Iterator[tuple[ServiceWatcher, View]]:
     view = View()
-    watcher = ServiceWatcher(client.CoreV1Api(api.api_client()), view.tracker, server_timeout=5, read_timeout=1.0,
+    watcher = ServiceWatcher(Api(api.api_client()), view.tracker, server_timeout=5, read_timeout=1.0,
                              page_size=2, backoff_base=0.05, backoff_max=0.2)
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
@@ -82,7 +83,7 @@ def test_list_then_watch_with_the_label_selector(api: SandboxApiServer) -> None:
         create(api, name)
     create(api, "plain", labelled=False)
     view = View()
-    watcher = ServiceWatcher(client.CoreV1Api(api.api_client()), view.tracker, read_timeout=1.0, page_size=2)
+    watcher = ServiceWatcher(Api(api.api_client()), view.tracker, read_timeout=1.0, page_size=2)
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
     try:
@@ -148,7 +149,7 @@ def test_api_server_down_and_back(api: SandboxApiServer, watching: Any) -> None:
 
 def test_server_timeout_ends_the_watch_and_it_resumes(api: SandboxApiServer) -> None:
     view = View()
-    watcher = ServiceWatcher(client.CoreV1Api(api.api_client()), view.tracker, server_timeout=1, read_timeout=2.0)
+    watcher = ServiceWatcher(Api(api.api_client()), view.tracker, server_timeout=1, read_timeout=2.0)
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
     try:
@@ -163,7 +164,7 @@ def test_server_timeout_ends_the_watch_and_it_resumes(api: SandboxApiServer) -> 
 
 def test_unknown_event_types_and_garbage_are_skipped() -> None:
     view = View()
-    watcher = ServiceWatcher(client.CoreV1Api(client.ApiClient()), view.tracker)
+    watcher = ServiceWatcher(Api(client.ApiClient()), view.tracker)
     obj = {"metadata": {"name": "x", "namespace": "shop", "resourceVersion": "42", "labels": LABELS}, "spec": {}}
     assert watcher._handle(json.dumps({"type": "WEIRD", "object": obj}), "41") == "42"
     assert watcher._handle("not json", "42") == "42"
@@ -202,7 +203,7 @@ def test_a_watch_that_ends_at_once_is_backed_off_not_reopened_in_a_loop() -> Non
     configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
     view = View()
     # A backoff of an hour: after the first empty watch the watcher must be waiting, not watching again.
-    watcher = ServiceWatcher(client.CoreV1Api(client.ApiClient(configuration)), view.tracker,
+    watcher = ServiceWatcher(Api(client.ApiClient(configuration)), view.tracker,
                              backoff_base=3600, backoff_max=3600)
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
