@@ -234,7 +234,8 @@ class Runner:
         for item, problem in self._verify(written, report):
             if problem is None:
                 report.verified.append(item.ref)
-                seconds = report.durations[item.ref] = time.monotonic() - started
+                # Rounded once, here: the line below, the Event and the JSON report give the same figure.
+                seconds = report.durations[item.ref] = round(time.monotonic() - started, 3)
                 how = f" ({report.paths[item.ref]})" if item.ref in report.paths else ""
                 self.say(f"{PAST.get(verb, verb):<9} {item.ref} -> {display_handler(item.expect)}{how} "
                          f"in {seconds:.2f}s")
