@@ -393,7 +393,7 @@ def worker(n: int, variant: str, adds: int, changes: int, runs: int, concurrency
             return False
         lds = stream.types[res.LISTENER].acked
         for family in plane.families:
-            if len(plane._listener_keys[family].get(lds.get(res.listener_name(family), ""), ())) != len(keys[family]):
+            if len(plane._listener_keys[res.listener_name(family)].get(lds.get(res.listener_name(family), ""), ())) != len(keys[family]):
                 return False
         total = len(keys[4]) + len(keys[6])
         if len(stream.types[res.CLUSTER].acked) != total or len(stream.types[res.ENDPOINT].acked) != total:

@@ -80,9 +80,11 @@ class ControlPlane:
                  proxy_name: str = c.DEFAULT_PROXY_NAME, metrics: ControlPlaneMetrics | None = None,
                  mangle: Mangle | None = None, batch_idle: float = 0.002, batch_max: float = 0.02,
                  envoy_admin: tuple[str, int] | envoystats.Admins | None = ("127.0.0.1", c.ENVOY_ADMIN_PORT),
-                 on_demand: bool = False) -> None:
+                 on_demand: bool = False, transparent: tuple[int, int] | None = None) -> None:
         """``on_demand``: Envoy fetches a key's cluster when a connection first needs it instead of holding
-        every cluster (``--envoy-clusters on-demand``; the AdsServer must be built with the same flag)."""
+        every cluster (``--envoy-clusters on-demand``; the AdsServer must be built with the same flag).
+        ``transparent``: (port, socket mark) of the transparent listener that keeps the client's source
+        address for externalTrafficPolicy Local traffic (``--preserve-source-ip``); None: no such listener."""
         self.node = node
         self.on_demand = on_demand
         self.proxy_name = proxy_name
@@ -92,9 +94,17 @@ class ControlPlane:
         self.batch_idle, self.batch_max = batch_idle, batch_max
         self.families: tuple[Family, ...] = (4, 6) if node.ipv6 else (4,)
         self.listeners = {f: res.ListenerBuilder(f, proxy_port, on_demand=on_demand) for f in self.families}
+        # The transparent listeners hold only the externalTrafficPolicy Local Services' external keys, which
+        # ALSO stay on the main listener: the kernel sends a key to the transparent one (an overlay in the
+        # agent's block table) only once Envoy serves it there, and falls back to the main one otherwise.
+        self.transparent_listeners: dict[Family, res.ListenerBuilder] = {} if transparent is None else {
+            f: res.ListenerBuilder(f, transparent[0], on_demand=on_demand, transparent_mark=transparent[1])
+            for f in self.families}
         self.routes = {f: res.RouteBuilder(f) for f in self.families}
         self.envoy_stats = envoystats.EnvoyStats(envoy_admin) if envoy_admin is not None else None
-        self._listener_keys: dict[Family, OrderedDict[str, frozenset[Key]]] = {f: OrderedDict() for f in self.families}
+        # listener name -> its versions (newest last) -> the keys that version routes
+        self._listener_keys: dict[str, OrderedDict[str, frozenset[Key]]] = {
+            res.listener_name(f, t): OrderedDict() for f in self.families for t in (False, True)}
         self.services = ServiceSink(self)
         self.slices = SliceSink(self)
         self.nodes = NodeSink(self)
@@ -108,7 +118,11 @@ class ControlPlane:
         self.exposed: set[Key] = set()
         # and the labelled load balancers' source ranges (``ServiceResources.firewall``).
         self.firewall: dict[Key, tuple[str, ...]] = {}
-        self.on_blocked: Callable[[dict[Key, str], frozenset[Key], dict[Key, tuple[str, ...]]], None] | None = None
+        # and per labelled Service its keys for the transparent listener (``ServiceResources.transparent``),
+        # of which the kernel sends those the transparent listener serves there.
+        self._transparent: dict[str, tuple[Key, ...]] = {}
+        self.on_blocked: Callable[[dict[Key, str], frozenset[Key], dict[Key, tuple[str, ...]], frozenset[Key]],
+                                  None] | None = None
         # Keys that just got their first usable endpoint stay blocked (key -> (verdict, deadline)) until the
         # connected Envoy ACKs the endpoints that serve them: unblocked earlier, a new connection would
         # reach an Envoy with no endpoint and be closed after it was accepted (docs/conformance.md row 3).
@@ -227,7 +241,7 @@ class ControlPlane:
         loads: dict[str, bytes] = {}
         cluster_removes: set[str] = set()
         load_removes: set[str] = set()
-        touched: set[Family] = set()
+        touched: set[tuple[Family, bool]] = set()  # (family, transparent listener)
         routed: set[Family] = set()
         again: set[str] = set()
         blocks_changed = False
@@ -263,6 +277,14 @@ class ControlPlane:
                 if old.firewall != new.firewall:
                     _swap(self.firewall, old.firewall, new.firewall)
                     blocks_changed = True
+                if self.transparent_listeners:
+                    overlay = new.transparent if view is not None and view.labelled else ()
+                    if overlay != self._transparent.get(sid, ()):
+                        if overlay:
+                            self._transparent[sid] = overlay
+                        else:
+                            self._transparent.pop(sid, None)
+                        blocks_changed = True
                 if new is NOTHING or (not new.clusters and not new.problems):
                     self._published.pop(sid, None)
                 else:
@@ -272,17 +294,19 @@ class ControlPlane:
         self.store.update(res.ENDPOINT, loads)
         # Routes before listeners: a new key's explicit route names its cluster, which is already in the store.
         self._publish_routes(sorted(routed))
-        for family in sorted(touched):
-            listener = self.listeners[family].listener
+        for family, transparent in sorted(touched):
+            builder = (self.transparent_listeners if transparent else self.listeners)[family]
+            listener = builder.listener
             if self.mangle is not None:
                 self.mangle(res.LISTENER, listener)
             data = res.serialize(listener)
             version = res.version_of(data)
-            kept = self._listener_keys[family]
-            kept[version] = frozenset(self.listeners[family].keys)
+            name = res.listener_name(family, transparent)
+            kept = self._listener_keys[name]
+            kept[version] = frozenset(builder.keys)
             while len(kept) > LISTENER_VERSIONS_KEPT:
                 kept.popitem(last=False)
-            self.store.update(res.LISTENER, {res.listener_name(family): data})
+            self.store.update(res.LISTENER, {name: data})
         # Removals last (the streams also hold a cluster removal until the listener no longer names it).
         self.store.update(res.ENDPOINT, removes=load_removes)
         self.store.update(res.CLUSTER, removes=cluster_removes)
@@ -298,8 +322,8 @@ class ControlPlane:
             self.mark(again)
 
     def _apply(self, sid: str, old: ServiceResources, new: ServiceResources, clusters: dict[str, bytes],
-               loads: dict[str, bytes], cluster_removes: set[str], load_removes: set[str], touched: set[Family],
-               routed: set[Family], again: set[str]) -> None:
+               loads: dict[str, bytes], cluster_removes: set[str], load_removes: set[str],
+               touched: set[tuple[Family, bool]], routed: set[Family], again: set[str]) -> None:
         retake = sid in self._retake  # what it published lost to another Service: the store holds that one's
         self._retake.discard(sid)
         old_clusters = {s.name: s for s in old.clusters}
@@ -308,6 +332,7 @@ class ControlPlane:
         new_loads = {s.name: s for s in new.loads}
         new_chains = dict(new.chains)
         new_routes = dict(new.routes)
+        new_transparent = frozenset(new.transparent)
         for key, _chain in old.chains:
             name = cluster_name(key)
             if key in new_chains:
@@ -324,7 +349,8 @@ class ControlPlane:
                 self._claimants.pop(name, None)
                 self._keys.pop(name, None)
                 self.listeners[key.family].remove(key)
-                touched.add(key.family)
+                touched.add((key.family, False))
+                self._set_transparent(key, None, touched)
                 if self.routes[key.family].remove(name):
                     routed.add(key.family)
                 cluster_removes.add(name)
@@ -339,7 +365,8 @@ class ControlPlane:
             self._keys[name] = key
             if self.listeners[key.family].keys.get(key) != chain:
                 self.listeners[key.family].set(key, chain)
-                touched.add(key.family)
+                touched.add((key.family, False))
+            self._set_transparent(key, chain if key in new_transparent else None, touched)
             options = new_routes.get(key)
             routes = self.routes[key.family]
             if routes.set(name, options) if options is not None else routes.remove(name):
@@ -351,6 +378,17 @@ class ControlPlane:
                 loads[name] = self._bytes(res.ENDPOINT, res.load_assignment(lspec))
             cluster_removes.discard(name)
             load_removes.discard(name)
+
+    def _set_transparent(self, key: Key, chain: Chain | None, touched: set[tuple[Family, bool]]) -> None:
+        """Under ``_lock``: route ``key`` on the transparent listener with ``chain``, or not (None)."""
+        builder = self.transparent_listeners.get(key.family)
+        if builder is None or builder.keys.get(key) == chain:
+            return
+        if chain is None:
+            builder.remove(key)
+        else:
+            builder.set(key, chain)
+        touched.add((key.family, True))
 
     def _hold_unblocked(self, old: Iterable[tuple[Key, str]], new: Iterable[tuple[Key, str]], hold: bool,
                         served: set[Key]) -> None:
@@ -373,10 +411,11 @@ class ControlPlane:
             return
         with self._lock:
             blocked, exposed, firewall = dict(self.blocked), frozenset(self.exposed), dict(self.firewall)
+            overlay = {key for keys in self._transparent.values() for key in keys}
             with self._unblock_lock:
                 for key, (verdict, _deadline) in self._unblocking.items():
                     blocked.setdefault(key, verdict)
-        self.on_blocked(blocked, exposed, firewall)
+        self.on_blocked(blocked, exposed, firewall, frozenset(self.transparent_servable(overlay)))
 
     def _expire_holds(self) -> bool:
         """Release the held keys whose wait is over; True when some were (the blocks are delivered again)."""
@@ -430,10 +469,7 @@ class ControlPlane:
     def _servable(self, stream: Stream, keys: Iterable[Key]) -> set[Key]:
         cds, eds = stream.types[res.CLUSTER].acked, stream.types[res.ENDPOINT].acked
         lds, rds = stream.types[res.LISTENER].acked, stream.types[res.ROUTE].acked
-        held: dict[Family, frozenset[Key]] = {}
-        for family in self.families:
-            version = lds.get(res.listener_name(family))
-            held[family] = self._listener_keys[family].get(version, frozenset()) if version else frozenset()
+        held = self._held(lds, transparent=False)
         ok: set[Key] = set()
         for key in keys:
             if key not in held.get(key.family, ()):
@@ -452,6 +488,28 @@ class ControlPlane:
             ok.add(key)
         return ok
 
+    def _held(self, lds: dict[str, str], transparent: bool) -> dict[Family, frozenset[Key]]:
+        """Per family, the keys the listener version Envoy ACKed routes."""
+        held: dict[Family, frozenset[Key]] = {}
+        for family in self.families:
+            name = res.listener_name(family, transparent)
+            version = lds.get(name)
+            held[family] = self._listener_keys[name].get(version, frozenset()) if version else frozenset()
+        return held
+
+    def transparent_servable(self, keys: Iterable[Key]) -> set[Key]:
+        """The keys the kernel may send to the transparent listener: the newest Envoy serves them on the
+        main listener (the gate) AND routes them on the transparent one at the version it ACKed."""
+        server, keys = self.server, list(keys)
+        if server is None or not keys or not self.transparent_listeners:
+            return set()
+        with server.cond:
+            stream = server.newest()
+            if stream is None:
+                return set()
+            held = self._held(stream.types[res.LISTENER].acked, transparent=True)
+            return {k for k in self._servable(stream, keys) if k in held.get(k.family, ())}
+
     def acked(self, stream: Stream, type_url: str, versions: dict[str, str | None]) -> None:
         """From the xDS server (under its lock): tell the agent which keys may have become servable."""
         self.metrics.acks.labels(res.SHORT[type_url]).inc()
@@ -459,6 +517,10 @@ class ControlPlane:
             return
         if type_url == res.ENDPOINT and self._unblocking:
             self._release_acked(versions)
+        if self._transparent:  # the kernel's transparent overlay follows what Envoy serves (_deliver_blocks)
+            self._blocks_due = True
+            with self._cond:
+                self._cond.notify_all()
         if self.on_gate is None:
             return
         candidates: set[Key] = set()
@@ -466,9 +528,8 @@ class ControlPlane:
             candidates = {k for k in (self._keys.get(n) for n in versions) if k is not None}
         elif type_url == res.LISTENER:
             for name, version in versions.items():
-                for family in self.families:
-                    if name == res.listener_name(family) and version:
-                        candidates |= self._listener_keys[family].get(version, frozenset())
+                if name in self._listener_keys and version:
+                    candidates |= self._listener_keys[name].get(version, frozenset())
         elif type_url == res.ROUTE:
             candidates = {k for f in self.families for k, chain in self.listeners[f].keys.items() if chain == "http"}
         if candidates:

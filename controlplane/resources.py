@@ -24,6 +24,7 @@ from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.http.on_demand.v3 import on_demand_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
@@ -56,8 +57,10 @@ CONNECT_TIMEOUT_S = 5  # the original Lightpath's upstream-connect-timeout defau
 NO_ACCESS_LOG = "lightpath.no_access_log"  # cluster metadata key: the access logs skip its traffic
 
 
-def listener_name(family: Family) -> str:
-    return f"lightpath_ipv{family}"
+def listener_name(family: Family, transparent: bool = False) -> str:
+    """The listener of one family; ``transparent``: the one whose upstream connections keep the client's
+    source address (docs/conformance.md row 6)."""
+    return f"lightpath_ipv{family}_transparent" if transparent else f"lightpath_ipv{family}"
 
 
 def route_name(family: Family) -> str:
@@ -294,14 +297,23 @@ class ListenerBuilder:
     or the port's entry built again when its fallback changed (a batch of changes never rebuilds a port
     more than once)."""
 
-    def __init__(self, family: Family, port: int = c.DEFAULT_PROXY_PORT, *, on_demand: bool = False) -> None:
-        """``on_demand``: the chains ask Envoy to fetch a missing cluster on first use (``--envoy-clusters``)."""
+    def __init__(self, family: Family, port: int = c.DEFAULT_PROXY_PORT, *, on_demand: bool = False,
+                 transparent_mark: int | None = None) -> None:
+        """``on_demand``: the chains ask Envoy to fetch a missing cluster on first use (``--envoy-clusters``).
+        ``transparent_mark``: build the transparent listener instead (``--preserve-source-ip``): Envoy's
+        ``original_src`` listener filter opens each upstream connection from the client's own address
+        (IP_TRANSPARENT, so Envoy needs CAP_NET_ADMIN) with this socket mark, which the agent's kernel rules
+        use to route the backend's replies back to Envoy (redirector.blocks)."""
         self.family = family
-        self._listener = listener = listener_pb2.Listener(name=listener_name(family))
+        self.transparent = transparent_mark is not None
+        self._listener = listener = listener_pb2.Listener(name=listener_name(family, self.transparent))
         address = listener.address.socket_address
         address.address, address.port_value = ("0.0.0.0" if family == 4 else "::"), port
         listener.listener_filters.add(name="envoy.filters.listener.original_dst",
                                       typed_config=pack(original_dst_pb2.OriginalDst()))
+        if transparent_mark is not None:
+            listener.listener_filters.add(name="envoy.filters.listener.original_src",
+                                          typed_config=pack(original_src_pb2.OriginalSrc(mark=transparent_mark)))
         for nodeport in (False, True):
             listener.filter_chains.append(_tcp_chain(family, nodeport, on_demand))
             listener.filter_chains.append(_http_chain(family, nodeport, on_demand))

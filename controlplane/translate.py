@@ -200,6 +200,11 @@ class ServiceResources:
     # kube-proxy's healthCheckNodePort (it stops serving it for labelled Services, so we answer it):
     # (port, endpoints of the Service ready on this node).
     health: tuple[int, int] | None = None
+    # externalTrafficPolicy Local: the external keys (NodePort, externalIP, load-balancer IP), whose
+    # backends see the client's own source address when the agent preserves it (--preserve-source-ip):
+    # kube-proxy does not masquerade that traffic, the endpoints are this node's, so the replies come back
+    # through this node (docs/conformance.md row 6).
+    transparent: tuple[Key, ...] = ()
 
 
 NOTHING = ServiceResources()
@@ -237,6 +242,7 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
     blocked: list[tuple[Key, Block]] = []
     exposed: list[Key] = []
     firewall: list[tuple[Key, tuple[str, ...]]] = []
+    transparent: list[Key] = []
     selected: dict[tuple[str, Family, bool], tuple[eps.Endpoint, ...]] = {}
     for key, (kind, port_name) in zip(view.entries.keys, view.entries.claims, strict=True):
         if key.family == 6 and not node.ipv6:
@@ -257,6 +263,8 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
             routes.append((key, port.route))
         if view.labelled and kind == "clusterIP":
             exposed.append(key)
+        if view.external_local and kind != "clusterIP":
+            transparent.append(key)
         if view.labelled and kind == "loadBalancer" and view.source_ranges:
             ranges = tuple(r for r in view.source_ranges if (":" in r) == (key.family == 6))
             if ranges:
@@ -269,7 +277,7 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
         here = {ep.addresses[0] for s in slices for ep in s.endpoints if ep.node == node.name and ep.ready}
         health = (view.health_check_node_port, len(here))
     return ServiceResources(tuple(clusters), tuple(loads), tuple(chains), view.problems, tuple(routes),
-                            tuple(blocked), tuple(exposed), tuple(firewall), health)
+                            tuple(blocked), tuple(exposed), tuple(firewall), health, tuple(transparent))
 
 
 def _port_numbers(view: ServiceView) -> dict[str, int]:

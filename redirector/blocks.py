@@ -18,6 +18,13 @@ kube-proxy rejects invalid ports of the ClusterIPs it serves. Post-DNAT means th
 output hook at priority -95 (after our -110 and kube-proxy's -100); the forward chain runs at -115, before
 kube-proxy's drop at -110. Exposed ports whose redirect is not installed yet (Envoy has not ACKed) are
 exempt: their traffic is dropped by kube-proxy and retried by the client, not refused.
+
+With ``--preserve-source-ip`` the table also sends the external keys of externalTrafficPolicy Local
+Services to the proxy's TRANSPARENT listener (a nat chain at priority -112: after the kernel fallback's -115,
+before our redirect's -110, and the first DNAT wins), but only the keys Envoy serves there -- any other key
+falls through to the ordinary redirect -- and copies the proxy's socket mark into conntrack, marks the
+replies of those connections with the reply mark, which ``redirector.transparent`` routes to the proxy
+(docs/conformance.md row 6).
 """
 
 from __future__ import annotations
@@ -26,14 +33,20 @@ import json
 import logging
 import threading
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from redirector.localaddr import redirect_target
 from redirector.model import Key
+from redirector.transparent import ReplyRoute
+from shared import constants as c
 
 log = logging.getLogger(__name__)
 PRIORITY = -120
 CHECK_FORWARD_PRIORITY = -115  # before kube-proxy's filter-forward (-110), which would drop
 CHECK_OUTPUT_PRIORITY = -95  # after every output DNAT (ours -110, kube-proxy's -100)
+TRANSPARENT_PRIORITY = -112  # after the kernel fallback (-115), before our redirect (-110)
+MARK_PRIORITY = -150  # mangle: the conntrack mark is copied before anything routes the packet
 
 
 Sets = dict[str, frozenset[str]]  # set name -> its elements as nft prints them
@@ -53,6 +66,9 @@ def _types() -> dict[str, str]:
         types[f"exposed{family}"] = f"{addr} . inet_proto . inet_service"
         types[f"firewall{family}"] = f"{addr} . inet_service"
         types[f"allowed{family}"] = f"{addr} . inet_service . {addr}; flags interval"
+    for family, _ipf, addr in _FAMILIES:
+        types[f"transparent{family}"] = f"{addr} . inet_service"
+        types[f"transparent{family}np"] = "inet_service"
     return types
 
 
@@ -61,14 +77,41 @@ TYPES = _types()
 
 class Answers(NamedTuple):
     """Everything the table answers for: keys without endpoints (verdict), the labelled Services' ClusterIP
-    keys (the rest of their ClusterIPs is rejected) and the load balancers' source ranges."""
+    keys (the rest of their ClusterIPs is rejected), the load balancers' source ranges and the keys sent to
+    the transparent listener."""
 
     blocked: Mapping[Key, str] = {}
     exposed: frozenset[Key] = frozenset()
     firewall: Mapping[Key, tuple[str, ...]] = {}
+    transparent: frozenset[Key] = frozenset()
 
     def __bool__(self) -> bool:
-        return bool(self.blocked or self.exposed or self.firewall)
+        return bool(self.blocked or self.exposed or self.firewall or self.transparent)
+
+
+@dataclass(frozen=True)
+class Transparent:
+    """Where the transparent listener is (the redirect's own target addresses, another port) and the mark
+    its upstream sockets carry."""
+
+    port: int = c.DEFAULT_TRANSPARENT_PORT
+    mark: int = c.DEFAULT_PROXY_MARK
+    mode: str = c.DEFAULT_REDIRECT_MODE
+    address4: str = c.DEFAULT_REDIRECT_ADDRESS
+    address6: str = c.DEFAULT_REDIRECT_ADDRESS6
+    reply_mark: int = c.TRANSPARENT_REPLY_MARK
+
+    def __post_init__(self) -> None:
+        if self.reply_mark == self.mark:
+            raise ValueError("the reply mark must differ from the proxy mark (the proxy's own packets carry that)")
+        address4, address6 = redirect_target(self.mode, self.address4, self.address6)
+        object.__setattr__(self, "address4", address4)
+        object.__setattr__(self, "address6", address6)
+
+    def verdict(self, family: int) -> str:
+        if self.mode == "redirect":
+            return f"redirect to :{self.port}"
+        return f"dnat ip to {self.address4}:{self.port}" if family == 4 else f"dnat ip6 to [{self.address6}]:{self.port}"
 
 
 def desired_sets(answers: Answers) -> Sets:
@@ -87,6 +130,11 @@ def desired_sets(answers: Answers) -> Sets:
         if key.ip is not None:
             out[f"firewall{key.family}"].add(f"{key.ip} . {key.port}")
             out[f"allowed{key.family}"].update(f"{key.ip} . {key.port} . {cidr}" for cidr in ranges)
+    for key in answers.transparent:
+        if key.ip is None:
+            out[f"transparent{key.family}np"].add(str(key.port))
+        else:
+            out[f"transparent{key.family}"].add(f"{key.ip} . {key.port}")
     return {name: frozenset(items) for name, items in out.items()}
 
 
@@ -94,9 +142,10 @@ def _listed(items: Collection[str]) -> str:
     return ", ".join(sorted(items))
 
 
-def full_script(table: str, sets: Sets) -> str:
+def full_script(table: str, sets: Sets, transparent: Transparent | None = None) -> str:
     """The whole table for ``sets`` in one transaction that first deletes whatever is there; only the
-    deletion when every set is empty (the table is absent whenever nothing needs an answer)."""
+    deletion when every set is empty (the table is absent whenever nothing needs an answer). The
+    transparent listener's chains only with ``transparent``."""
     head = f"add table inet {table}\ndelete table inet {table}\n"
     if not any(sets.values()):
         return head
@@ -122,6 +171,20 @@ def full_script(table: str, sets: Sets) -> str:
                + "".join(f"\t\t{r}\n" for r in checks) + "\t}"
                for name, hook, prio in (("forward-check", "forward", CHECK_FORWARD_PRIORITY),
                                         ("output-check", "output", CHECK_OUTPUT_PRIORITY))]
+    if transparent is not None:
+        dnat = []
+        for family, ipf, _addr in _FAMILIES:
+            nfproto = "ipv4" if family == 4 else "ipv6"
+            dnat.append(f"{ipf} daddr . tcp dport @transparent{family} {transparent.verdict(family)}")
+            dnat.append(f"fib daddr type local meta nfproto {nfproto} tcp dport @transparent{family}np "
+                        f"{transparent.verdict(family)}")
+        mark, reply = f"0x{transparent.mark:x}", f"0x{transparent.reply_mark:x}"
+        chains.append("\tchain transparent {\n\t\ttype nat hook prerouting priority "
+                      f"{TRANSPARENT_PRIORITY}; policy accept;\n" + "".join(f"\t\t{r}\n" for r in dnat) + "\t}")
+        chains.append("\tchain transparent-save {\n\t\ttype filter hook output priority "
+                      f"{MARK_PRIORITY}; policy accept;\n\t\tct direction original meta mark {mark} ct mark set {mark}\n\t}}")
+        chains.append("\tchain transparent-restore {\n\t\ttype filter hook prerouting priority "
+                      f"{MARK_PRIORITY}; policy accept;\n\t\tct direction reply ct mark {mark} meta mark set {reply}\n\t}}")
     return head + f"table inet {table} {{\n" + "\n".join(lines + chains) + "\n}\n"
 
 
@@ -178,6 +241,12 @@ def changes(old: Answers, new: Answers, counts: IpCounts) -> tuple[Changes, IpCo
             for cidr in ranges:
                 net, _, length = cidr.partition("/")
                 put(f"allowed{key.family}", (key.ip, key.port, ("prefix", net, int(length))), add)
+    for add, keys in ((False, old.transparent - new.transparent), (True, new.transparent - old.transparent)):
+        for key in keys:
+            if key.ip is None:
+                put(f"transparent{key.family}np", key.port, add)
+            else:
+                put(f"transparent{key.family}", (key.ip, key.port), add)
     # An element deleted and added in the same change (a ClusterIP whose last port went and whose new port
     # came; a range kept while another changed) stays.
     for deleted, added in out.values():
@@ -204,10 +273,12 @@ def changes_json(table: str, delta: Changes) -> dict[str, Any]:
 
 
 def blocks_script(table: str, blocked: Mapping[Key, str], exposed: Collection[Key] = (),
-                  firewall: Mapping[Key, tuple[str, ...]] | None = None) -> str:
+                  firewall: Mapping[Key, tuple[str, ...]] | None = None, transparent: Collection[Key] = (),
+                  target: Transparent | None = None) -> str:
     """The nft script that makes the kernel hold exactly these answers from any state (pure). Deletes the
     table when there are none."""
-    return full_script(table, desired_sets(Answers(blocked, frozenset(exposed), firewall or {})))
+    answers = Answers(blocked, frozenset(exposed), firewall or {}, frozenset(transparent))
+    return full_script(table, desired_sets(answers), target)
 
 
 class KernelBlocks:
@@ -216,10 +287,14 @@ class KernelBlocks:
     apply after a start: a previous agent's table stays until then) or when a change failed (e.g. someone
     deleted the table)."""
 
-    def __init__(self, table: str) -> None:
+    def __init__(self, table: str, transparent: Transparent | None = None) -> None:
+        """``transparent``: the transparent listener (``--preserve-source-ip``); None: its keys are ignored."""
         import nftables  # type: ignore[import-untyped,unused-ignore]  # Debian python3-nftables
 
         self.table = table
+        self.transparent = transparent
+        self.reply_route = ReplyRoute(transparent.reply_mark) if transparent is not None else None
+        self._routed = False  # reply_route ensured by us (and not removed since)
         self._nft: Any = nftables.Nftables()  # whole-table writes (text)
         # Element changes (JSON input), on a context of their own: a whole-table write leaves its 20,000
         # elements in its context's cache, which the next command there throws away first (~30 ms).
@@ -233,9 +308,13 @@ class KernelBlocks:
         self.rewrites = 0  # whole-table writes (the rest are element changes)
 
     def apply(self, blocked: Mapping[Key, str], exposed: Collection[Key] = frozenset(),
-              firewall: Mapping[Key, tuple[str, ...]] | None = None) -> None:
+              firewall: Mapping[Key, tuple[str, ...]] | None = None, transparent: Collection[Key] = frozenset()) -> None:
         with self._lock:
-            answers = Answers(dict(blocked), frozenset(exposed), dict(firewall or {}))
+            overlay = frozenset(transparent) if self.transparent is not None else frozenset()
+            if overlay and not self._routed:
+                self._route()
+                overlay = overlay if self._routed else frozenset()
+            answers = Answers(dict(blocked), frozenset(exposed), dict(firewall or {}), overlay)
             if self.present is not None and answers == self.answers:
                 return
             rc, err = 1, ""
@@ -245,7 +324,7 @@ class KernelBlocks:
                 rc, _out, err = self._json.cmd(json.dumps(changes_json(self.table, delta))) if delta else (0, "", "")
             if rc != 0:
                 self.rewrites += 1
-                rc, _out, err = self._nft.cmd(full_script(self.table, desired_sets(answers)))
+                rc, _out, err = self._nft.cmd(full_script(self.table, desired_sets(answers), self.transparent))
             if rc != 0:
                 self.errors += 1
                 self.present = None
@@ -253,7 +332,12 @@ class KernelBlocks:
                           extra={"table": self.table, "error": str(err)[:500]})
                 return
             changed = answers.blocked != self.answers.blocked
+            if answers.transparent != self.answers.transparent:
+                log.info("keys sent to the transparent listener (client source addresses kept)",
+                         extra={"keys": len(answers.transparent)})
             self.answers, self.present = answers, bool(answers)
+            if not answers.transparent and self._routed:
+                self._unroute()
             self._counts = counts if counts is not None else ip_counts(answers.exposed)
             if changed:
                 log.info("kernel answers for Services without endpoints", extra={
@@ -264,6 +348,31 @@ class KernelBlocks:
     def applied(self) -> Mapping[Key, str]:
         return self.answers.blocked
 
+    def _route(self) -> None:
+        """Under ``_lock``: the reply route before the first key goes to the transparent listener (without
+        it those connections' replies would never reach Envoy); on failure the keys stay on the ordinary
+        redirect (logged, counted)."""
+        assert self.reply_route is not None
+        try:
+            self.reply_route.ensure()
+            self._routed = True
+        except Exception as exc:  # noqa: BLE001 - a BackendError, or pyroute2 missing: keep the ordinary path
+            self.errors += 1
+            log.error("could not route the transparent listener's replies: client source addresses are not kept",
+                      extra={"error": str(exc)[:500]})
+
+    def _unroute(self) -> None:
+        assert self.reply_route is not None
+        try:
+            self.reply_route.remove()
+            self._routed = False
+        except Exception as exc:  # noqa: BLE001 - harmless left behind: only marked replies use it
+            log.warning("could not remove the transparent listener's reply route", extra={"error": str(exc)[:500]})
+
     def cleanup(self) -> None:
         self.present = None
         self.apply({})
+        if self.reply_route is not None:  # a previous agent's, too
+            self._routed = True
+            with self._lock:
+                self._unroute()

@@ -74,6 +74,10 @@ class Settings:
     envoy_admin: str | None = "auto"
     # Kernel L4 fallback while Envoy is down (either backend, with the control plane).
     fallback: str = "on"
+    # externalTrafficPolicy Local: the backend sees the client's source address, as behind kube-proxy, through
+    # Envoy's transparent listener on transparent_port (Envoy needs CAP_NET_ADMIN; docs/conformance.md row 6).
+    preserve_source_ip: str = "off"
+    transparent_port: int = c.DEFAULT_TRANSPARENT_PORT
     # Where the node's sysctls are (redirector.sysctls): /proc/sys in the node's netns, or the DaemonSet's
     # mount of the node's /proc/sys/net; None: the agent sets none.
     proc_sys: Path | None = Path("/proc/sys")
@@ -84,6 +88,12 @@ class Settings:
     def __post_init__(self) -> None:
         if self.proxy_uid is None and self.proxy_mark is None:
             raise ValueError("set --proxy-mark and/or --proxy-uid: the proxy's own traffic must never be redirected")
+        if self.preserve_source_ip == "on":
+            if self.proxy_mark is None:
+                raise ValueError("--preserve-source-ip on needs --proxy-mark: the replies of the proxy's "
+                                 "transparent connections are routed back to it by that mark")
+            if self.transparent_port == self.proxy_port:
+                raise ValueError(f"--transparent-port {self.transparent_port} is the proxy port: choose another")
         if self.batch_max < self.batch_idle:
             raise ValueError("--batch-max must be >= --batch-idle")
         # A colliding health or debug port is a configuration error: refuse to start rather than run without it.
@@ -232,6 +242,12 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
      "Envoy's admin address (loopback) for per-Service traffic figures in /debug/proxy; 'auto': every loopback "
      "listener of --proxy-uid (any uid without it) but the proxy port and the agent's own servers, found at each "
      "read (the shipped Envoy's admin port is picked by the kernel); 'none': not read"),
+    ("--preserve-source-ip", "PRESERVE_SOURCE_IP", "preserve_source_ip", _choice(("on", "off")),
+     "on: externalTrafficPolicy Local traffic reaches its backend from the client's own address (as with "
+     "kube-proxy) through the proxy's transparent listener on --transparent-port; the proxy needs CAP_NET_ADMIN "
+     "(deploy/overlays/preserve-source-ip); off: the backend sees the proxy's address"),
+    ("--transparent-port", "TRANSPARENT_PORT", "transparent_port", _int_range(1, 65535, "port"),
+     "port of the proxy's transparent listener (--preserve-source-ip)"),
     ("--fallback", "FALLBACK", "fallback", _choice(("on", "off")),
      "while the node's Envoy is down, load-balance migrated Services in the kernel (L4 only): on or off"),
     ("--proc-sys", "PROC_SYS", "proc_sys", _optional(Path),

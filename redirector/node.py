@@ -151,7 +151,8 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
         mangle = refuse_service(os.environ[TEST_REFUSE_ENV])
     plane = ControlPlane(node, proxy_port=settings.proxy_port, proxy_name=settings.proxy_name, mangle=mangle,
                          envoy_admin=_envoy_admin(settings), on_demand=settings.envoy_clusters == "on-demand",
-                         batch_idle=settings.batch_idle, batch_max=max(settings.batch_max, 0.02))
+                         batch_idle=settings.batch_idle, batch_max=max(settings.batch_max, 0.02),
+                         transparent=_transparent(settings))
     tracker = ChangeTracker(label)
     agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, batch_idle=settings.batch_idle,
                   batch_max=settings.batch_max, gate=plane, tracker=tracker, kube_proxy=KubeProxyRules().read,
@@ -184,12 +185,26 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
                      fallback=watchdog, owner=_owner(settings, kube, watch))
 
 
+def _transparent(settings: Settings) -> tuple[int, int] | None:
+    """The transparent listener's (port, socket mark) with --preserve-source-ip on, else None."""
+    if settings.preserve_source_ip != "on" or settings.proxy_mark is None:
+        return None
+    return settings.transparent_port, settings.proxy_mark
+
+
 def _kernel_blocks(settings: Settings) -> Any:
     """redirector.blocks.KernelBlocks for ``<nft-table>-block``, or None (logged) where libnftables is missing."""
     try:
         from redirector.blocks import KernelBlocks
 
-        return KernelBlocks(f"{settings.nft_table}-block")
+        target = None
+        if settings.preserve_source_ip == "on":
+            from redirector.blocks import Transparent
+
+            assert settings.proxy_mark is not None  # Settings refuses --preserve-source-ip without a mark
+            target = Transparent(settings.transparent_port, settings.proxy_mark, settings.redirect_mode,
+                                 settings.redirect_address, settings.redirect_address6)
+        return KernelBlocks(f"{settings.nft_table}-block", target)
     except ImportError as exc:
         log.error("no kernel answers for Services without endpoints (refused/dropped) nor unexposed ports: "
                   "libnftables is missing", extra={"error": str(exc)})

@@ -29,6 +29,17 @@ DEFAULT_EXCLUDED_NAMESPACES: Final = ("kube-system", "cert-manager", DEFAULT_NAM
 # admin (15000), the proxy (1666) or xDS (18000). Health (/healthz, /readyz, /metrics: what the kubelet
 # probes) is always on; debug (/debug/*) may be turned off, as kube-proxy keeps 10256 apart from 10249.
 DEFAULT_PROXY_PORT: Final = 1666
+# The proxy's transparent listener (--preserve-source-ip): externalTrafficPolicy Local traffic whose backend
+# sees the client's address. Its replies are routed back to the proxy by TRANSPARENT_REPLY_MARK through this
+# routing table, looked up by a rule of this priority: after `local` (0), before the rules CNIs
+# add for their pods' sources (the AWS VPC CNI's start at 512).
+DEFAULT_TRANSPARENT_PORT: Final = 1667
+# The mark the kernel puts on the REPLIES of the proxy's transparent connections (recognised by the proxy
+# mark in their conntrack entry): the routing rule delivers packets with it locally. Not the proxy mark
+# itself, which the proxy's own outgoing packets carry: those must be routed out as usual.
+TRANSPARENT_REPLY_MARK: Final = 0x1667
+TRANSPARENT_ROUTE_TABLE: Final = 1666
+TRANSPARENT_RULE_PRIORITY: Final = 100
 WEBHOOK_PORT: Final = 8443
 REDIRECTOR_DEBUG_PORT: Final = 10666
 REDIRECTOR_DEBUG_ADDRESS: Final = "127.0.0.1"
@@ -36,7 +47,7 @@ REDIRECTOR_HEALTH_PORT: Final = 10667
 REDIRECTOR_HEALTH_ADDRESS: Final = "127.0.0.1"
 ENVOY_ADMIN_PORT: Final = 15000
 XDS_PORT: Final = 18000
-RESERVED_PORTS: Final = frozenset({10249, 10256, 15000, 1666, 18000})
+RESERVED_PORTS: Final = frozenset({10249, 10256, 15000, 1666, 1667, 18000})
 
 # Default names of the kernel objects the redirector owns.
 DEFAULT_NFT_TABLE: Final = "lightpath"

@@ -445,7 +445,7 @@ def test_the_nodes_addresses_reach_the_source_range_exception() -> None:
 def _blocked_plane(on_demand: bool = False) -> tuple[ControlPlane, Stream, list[dict[Key, str]]]:
     p, _server, stream, _gates = gated_plane(on_demand=on_demand)
     delivered: list[dict[Key, str]] = []
-    p.on_blocked = lambda blocked, exposed, firewall: delivered.append(blocked)
+    p.on_blocked = lambda blocked, *_answers: delivered.append(blocked)
     p.services.upsert(service("db", ips=("10.96.0.20",), ports=[{"name": "db", "port": 5432}]))
     return p, stream, delivered
 

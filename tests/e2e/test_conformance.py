@@ -269,3 +269,50 @@ def test_load_balancer_source_ranges_are_enforced_for_load_balancer_traffic(tmp_
         node.core.patch_namespaced_service("lb", NS, {"spec": {"loadBalancerSourceRanges": [f"{other}/31"]}})
         wait_until(lambda: served(2, lb_ip), timeout=20, what="the new range applies (host bits allowed)")
         assert not served(1, lb_ip)  # 10.244.0.11 is outside 10.244.0.12/31 = 10.244.0.12-13
+
+
+def test_external_traffic_policy_local_keeps_the_client_source_address(tmp_path: Path) -> None:
+    """kube-proxy does not masquerade externalTrafficPolicy Local traffic, so the backend sees the client ("should
+    preserve source IP for traffic thru NodePort/LoadBalancer with ETP Local"). With --preserve-source-ip on, the
+    agent sends those external keys to Envoy's transparent listener, whose upstream connections start from the
+    client's own address, and routes the backend's replies back to Envoy: TCP and HTTP, IPv4 and IPv6. ClusterIP
+    traffic and a Cluster policy keep the ordinary listener (the backend sees the node)."""
+    from sandbox.node.traffic import tcp_request
+
+    with envoy_node(tmp_path, agent_args=["--preserve-source-ip", "on"]) as node:
+        node.serve(0, "http", 4, port=8080)
+        node.serve(0, "tcp", 4, port=8081)
+        node.serve(0, "tcp", 6, port=8081)
+        ports = [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080, "appProtocol": "http"},
+                 {"name": "tcp", "port": 81, "targetPort": 8081, "nodePort": 30081}]
+        node.service("lb", ports, ips=CLUSTER_IPS, type="NodePort", externalTrafficPolicy="Local")
+        for family in (4, 6):
+            node.slice("lb", {"http": 8080, "tcp": 8081}, [{"pod": 0}], family=family)
+        client, client6 = node.topo.pod_ips[2], node.topo.pod_ips6[2]
+        node_ip, node_ip6 = node.topo.node_ip, node.topo.node_ip6
+        assert node_ip6 is not None
+
+        def http_peer(ip: str, port: int) -> str:
+            reply = http_request(node.topo.pods[2], ip, port, "/")
+            assert reply["status"] == 200, reply
+            return str(json.loads(reply["body"])["client"][0])
+
+        def tcp_peer(ip: str, port: int) -> str:
+            return str(tcp_request(node.topo.pods[2], ip, port)["peer"][0])
+
+        wait_until(lambda: tcp_peer(node_ip, 30081) == client, timeout=20, what="TCP NodePort from the client's address")
+        wait_until(lambda: http_peer(node_ip, 30080) == client, timeout=20, what="HTTP NodePort from the client's address")
+        wait_until(lambda: tcp_peer(node_ip6, 30081) == client6, timeout=20, what="IPv6 NodePort from the client's address")
+        for _ in range(20):  # every new connection, not one lucky one
+            assert tcp_peer(node_ip, 30081) == client and http_peer(node_ip, 30080) == client
+        # ClusterIP traffic is not external: the ordinary listener, the backend sees the node.
+        assert http_peer(CLUSTER_IPS[0], 80) != client
+        block = node.topo.node.run(["nft", "list", "table", "inet", f"{c.DEFAULT_NFT_TABLE}-block"]).stdout
+        assert "30081" in block and "chain transparent" in block, block
+        assert "fwmark 0x1667 lookup 1666" in node.topo.node.run(["ip", "rule"]).stdout
+        # A Cluster policy: the keys leave the transparent listener, traffic keeps flowing through the ordinary one.
+        node.core.patch_namespaced_service("lb", NS, {"spec": {"externalTrafficPolicy": "Cluster"}})
+        wait_until(lambda: tcp_peer(node_ip, 30081) != client, timeout=20, what="TCP NodePort through the ordinary listener")
+        assert http_peer(node_ip, 30080) != client
+        wait_until(lambda: "fwmark 0x1667" not in node.topo.node.run(["ip", "rule"]).stdout, timeout=10,
+                   what="the reply route removed with the last transparent key")

@@ -165,3 +165,62 @@ def test_health_check_node_port_only_for_labelled_local_load_balancers() -> None
                              NodeInfo("n1")).health is None  # unlabelled: kube-proxy answers it
     assert answer("shop/web", 2)[0] == 200 and answer("shop/web", 0)[0] == 503
     assert b'"localEndpoints": 0' in answer("shop/web", 0)[1]
+
+
+def test_transparent_keys_get_their_dnat_and_mark_chains_only_with_a_target() -> None:
+    from redirector.blocks import Answers, Transparent, changes, changes_json
+
+    np4, ext6 = Key(4, None, 30081), Key(6, "fd00::7", 81)
+    target = Transparent(1667, 0x1666)
+    script = blocks_script("t", {}, transparent={np4, ext6}, target=target)
+    assert "set transparent4np { type inet_service; elements = { 30081 }; }" in script
+    assert "set transparent6 { type ipv6_addr . inet_service; elements = { fd00::7 . 81 }; }" in script
+    assert f"fib daddr type local meta nfproto ipv4 tcp dport @transparent4np dnat ip to {c.DEFAULT_REDIRECT_ADDRESS}:1667" in script
+    assert f"ip6 daddr . tcp dport @transparent6 dnat ip6 to [{c.DEFAULT_REDIRECT_ADDRESS6}]:1667" in script
+    assert "type nat hook prerouting priority -112" in script  # after the fallback (-115), before our -110
+    assert "ct direction original meta mark 0x1666 ct mark set 0x1666" in script
+    assert "ct direction reply ct mark 0x1666 meta mark set 0x1667" in script  # the reply mark, not the proxy's
+    assert "chain transparent" not in blocks_script("t", {Key(4, "10.96.0.1", 80): "reject"})
+    assert "redirect to :1667" in blocks_script("t", {}, transparent={np4}, target=Transparent(1667, 0x1666, "redirect"))
+    with pytest.raises(ValueError, match="reply mark"):
+        Transparent(1667, 0x1667)
+    delta, _ = changes(Answers(transparent=frozenset({np4})), Answers(transparent=frozenset({ext6})), {})
+    assert delta == {"transparent4np": ({30081}, set()), "transparent6": (set(), {("fd00::7", 81)})}
+    assert changes_json("t", delta)["nftables"][0]["delete"]["element"]["name"] == "transparent4np"
+
+
+@pytest.mark.root
+def test_kernel_blocks_route_the_replies_while_a_key_is_transparent() -> None:
+    """The real kernel: the reply route comes before the first transparent key and goes with the last;
+    cleanup removes it (also when this agent never added it)."""
+    from sandbox.node.netns import NetNS, run_in_netns
+
+    def scenario() -> list[str]:
+        import subprocess
+
+        from redirector.blocks import KernelBlocks, Transparent
+
+        def rules() -> str:
+            return subprocess.run(["ip", "rule"], capture_output=True, text=True, check=True).stdout
+
+        blocks = KernelBlocks("lp-block", Transparent(1667, 0x1666))
+        shots = [rules()]
+        blocks.apply({}, set(), {}, {Key(4, None, 30081)})
+        shots += [rules(), blocks._nft.cmd("list table inet lp-block")[1]]
+        blocks.apply({}, set(), {}, set())
+        shots += [rules(), blocks._nft.cmd("list tables")[1]]
+        blocks.apply({}, set(), {}, {Key(4, "192.0.2.7", 81)})
+        KernelBlocks("lp-block").cleanup()  # a `lightpath-redirector cleanup`-style removal of the table...
+        from redirector.transparent import ReplyRoute
+
+        ReplyRoute(c.TRANSPARENT_REPLY_MARK).remove()  # ...and of the route, as __main__.cleanup does
+        shots.append(rules())
+        return [*shots, str(blocks.errors)]
+
+    with NetNS("lptransp") as ns:
+        ns.run(["ip", "link", "set", "lo", "up"])
+        before, during, table, after, tables, cleaned, errors = run_in_netns(ns.name, scenario)
+    assert "0x1667" not in before and "fwmark 0x1667 lookup 1666" in during
+    assert "30081" in table and "chain transparent" in table
+    assert "0x1667" not in after and "lp-block" not in tables
+    assert "0x1667" not in cleaned and errors == "0"

@@ -160,3 +160,13 @@ def test_iptables_variant_reaches_the_backend() -> None:
     backend = make_backend(parse(["--backend", "iptables", "--iptables-variant", "legacy"]))
     assert backend.describe()["variant"] == "legacy"
     assert backend.describe()["binaries"]["ipv4"] == ["iptables-legacy-restore", "iptables-legacy-save"]
+
+
+def test_preserve_source_ip_is_off_by_default_and_needs_a_mark_and_a_port_of_its_own() -> None:
+    assert parse([]).preserve_source_ip == "off"
+    s = parse([], {"LIGHTPATH_PRESERVE_SOURCE_IP": "on", "LIGHTPATH_TRANSPARENT_PORT": "15007"})
+    assert (s.preserve_source_ip, s.transparent_port) == ("on", 15007)
+    with pytest.raises(ValueError, match="needs --proxy-mark"):
+        parse(["--preserve-source-ip", "on", "--proxy-mark", "none", "--proxy-uid", "101"])
+    with pytest.raises(ValueError, match="is the proxy port"):
+        parse(["--preserve-source-ip", "on", "--transparent-port", "1666"])

@@ -1,0 +1,93 @@
+"""The transparent listener (--preserve-source-ip, docs/conformance.md row 6): which keys it routes, and the
+kernel overlay that sends a key there only once Envoy serves it there (real Stream, no gRPC; the data path
+with a real Envoy and real packets is tests/e2e/test_conformance.py)."""
+
+from __future__ import annotations
+
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
+
+from controlplane import resources as res
+from controlplane.controller import ControlPlane
+from controlplane.server import AdsServer
+from controlplane.stream import Stream
+from controlplane.translate import NodeInfo, project_service, translate_service
+from redirector.model import Key
+from sandbox.node.traffic import wait_until
+from tests.controlplane.factories import NODE, endpoint, endpoint_slice, service
+from tests.controlplane.test_controller import envoy_acks_everything, envoy_answers, running
+
+PORTS = [{"name": "tcp", "port": 81, "protocol": "TCP", "nodePort": 30081}]
+NODEPORT, EXTERNAL, CLUSTER_IP = Key(4, None, 30081), Key(4, "192.0.2.7", 81), Key(4, "10.96.0.30", 81)
+SLICE = endpoint_slice("lb-abc", "lb", ports={"tcp": 8081}, endpoints=[endpoint("10.244.1.5")])
+
+
+def lb(etp: str = "Local") -> dict[str, object]:
+    return service("lb", ips=("10.96.0.30",), type_="NodePort", etp=etp, ports=PORTS, external_ips=("192.0.2.7",))
+
+
+def test_the_external_keys_of_a_local_policy_are_transparent() -> None:
+    node = NodeInfo(NODE, ipv6=False)
+    local = translate_service(project_service(lb("Local")), [], node)  # endpoints do not decide it
+    assert set(local.transparent) == {NODEPORT, EXTERNAL}  # not the ClusterIP: internal traffic
+    assert translate_service(project_service(lb("Cluster")), [], node).transparent == ()
+
+
+def test_the_transparent_listener_keeps_the_client_address_on_its_own_port() -> None:
+    builder = res.ListenerBuilder(4, 1667, transparent_mark=0x1666)
+    listener = builder.listener
+    assert listener.name == res.listener_name(4, transparent=True) != res.listener_name(4)
+    assert listener.address.socket_address.port_value == 1667
+    filters = [f.name for f in listener.listener_filters]
+    assert filters == ["envoy.filters.listener.original_dst", "envoy.filters.listener.original_src"]
+    config = original_src_pb2.OriginalSrc()
+    listener.listener_filters[1].typed_config.Unpack(config)
+    assert config.mark == 0x1666  # the proxy mark: never redirected, and its replies are recognised by it
+    assert [f.name for f in res.ListenerBuilder(4).listener.listener_filters] == ["envoy.filters.listener.original_dst"]
+
+
+def _plane() -> tuple[ControlPlane, Stream, list[frozenset[Key]]]:
+    p = ControlPlane(NodeInfo(NODE, ipv6=False), transparent=(1667, 0x1666))
+    server = AdsServer(p.store, expected_node=NODE, on_ack=p.acked)  # never started: no gRPC
+    p.attach(server)
+    stream = Stream(p.store, expected_node=NODE, on_ack=lambda t, v: p.acked(stream, t, v))
+    server.streams.append(stream)
+    delivered: list[frozenset[Key]] = []
+    p.on_blocked = lambda _blocked, _exposed, _firewall, transparent: delivered.append(transparent)
+    return p, stream, delivered
+
+
+def _routed(p: ControlPlane) -> set[str]:
+    stored = p.store.get(res.LISTENER, res.listener_name(4, transparent=True))
+    assert stored is not None
+    listener = listener_pb2.Listener.FromString(stored.data)
+    return set(listener.filter_chain_matcher.matcher_tree.exact_match_map.map)
+
+
+def test_a_key_goes_to_the_transparent_listener_only_once_envoy_serves_it_there() -> None:
+    p, stream, delivered = _plane()
+    with running(p):
+        p.services.replace([lb()])
+        p.slices.replace([SLICE])
+        wait_until(lambda: "30081" in _routed(p) and "81" in _routed(p), timeout=5, what="the transparent listener")
+        assert not any(delivered), "sent to the transparent listener before Envoy had it"
+        envoy_acks_everything(stream)
+        wait_until(lambda: bool(delivered) and delivered[-1] == {NODEPORT, EXTERNAL}, timeout=5,
+                   what="the overlay after Envoy's ACKs")
+        assert CLUSTER_IP not in delivered[-1]
+        # A Cluster policy: out of the overlay at once (the ordinary redirect still serves the keys).
+        p.services.upsert(lb("Cluster"))
+        wait_until(lambda: delivered[-1] == frozenset(), timeout=5, what="the overlay emptied")
+        envoy_answers(stream)
+        wait_until(lambda: "30081" not in _routed(p), timeout=5, what="the key off the transparent listener")
+
+
+def test_an_unlabelled_service_is_prepared_on_the_listener_but_never_in_the_overlay() -> None:
+    p, stream, delivered = _plane()
+    with running(p):
+        p.services.replace([{**lb(), "metadata": {"name": "lb", "namespace": "shop", "resourceVersion": "1", "labels": {}}}])
+        p.slices.replace([SLICE])
+        wait_until(lambda: "30081" in _routed(p), timeout=5, what="Envoy prepared for a handover")
+        envoy_acks_everything(stream)
+        assert p.in_sync()
+        assert not any(delivered)
