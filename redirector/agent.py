@@ -229,32 +229,18 @@ class Agent:
 
     def sync_once(self) -> None:
         """Fold pending changes into the desired state and program the kernel (one or two transactions)."""
-        relist, changes, restarts = self.tracker.take()
         with self.tracker.cond:
             gate_pending, self._gate_pending = self._gate_pending, set()
-        for reason in restarts:
-            self.metrics.watch_restarts.labels(reason).inc()
         started, self._cpu_started = time.perf_counter(), time.thread_time()
         now = time.monotonic()
         with self._lock:
-            touched: set[Key] = set()
-            handed_back: dict[Key, float] = {}  # key -> when its Service's label was first seen
-            if relist is not None:
-                delta = self.index.replace_entries(relist[0])
-                touched |= delta.add | delta.delete
-            for sid, change in changes.items():
-                before = self.index.get(sid)
-                delta = self.index.put(sid, change.entries)
-                touched |= delta.add | delta.delete
-                if change.handback and before is not None:
-                    handed_back.update(dict.fromkeys(delta.delete, change.labelled_at or 0.0))
-                after = self.index.get(sid)
-                if after is not None and (after.unserved or after.errors) and after != before:
-                    self._log_problems(sid, after)
-            touched |= gate_pending
+            drained = self.tracker.drain_into(self.index)
+            for sid, found in drained.problems:
+                self._log_problems(sid, found)
+            touched = drained.delta.add | drained.delta.delete | gate_pending
             for key in [k for k in self._held if self.index.has_key(k)]:
                 del self._held[key]  # wanted again (labelled again): simply stays
-            for key, labelled_at in handed_back.items():
+            for key, labelled_at in drained.handed_back.items():
                 if key in self._applied and not self.index.has_key(key):
                     self._held.setdefault(key, (now, now + self.handback_timeout, labelled_at + self.handback_hold))
             wanted = {k for k in touched if self.index.has_key(k) and k not in self._applied}
@@ -262,9 +248,11 @@ class Agent:
                                and k not in self._held)
             if self._held and now >= self._next_hold_check:
                 delete |= self._release_held(now)
+        for reason in drained.restarts:
+            self.metrics.watch_restarts.labels(reason).inc()
         add = frozenset(self._servable(wanted))
-        arrivals = [c.since for c in changes.values()] + ([relist[1]] if relist else [])
-        self.metrics.batch_size.observe(len(changes) + (len(relist[0]) if relist else 0))
+        arrivals = drained.arrivals
+        self.metrics.batch_size.observe(drained.size)
         now = time.monotonic()
         periodic = now >= self._next_full and not self.status.full_sync_pending
         if self.status.full_sync_pending or periodic:

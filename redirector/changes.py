@@ -5,7 +5,7 @@ never waits on a kernel transaction. Like kube-proxy's change tracker it project
 (``service_entries``: pure, ~3-6 µs) and keeps only that, so the API's dicts are garbage as soon as they are
 seen: a list of 10,000 Services never sits in memory whole. A Service edited ten times before the next sync
 is ONE pending change (its latest entries), whose latency counts from the first of those events. The sync
-loop ``take``s everything at once.
+loop ``drain_into``s its desired-state index everything at once and gets back what that changed (``Drained``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-from redirector.desired import ServiceEntries, ServiceId, service_entries, service_id
+from redirector.desired import DesiredIndex, ServiceEntries, ServiceId, service_entries, service_id
+from redirector.model import Delta, Key
 from shared import constants as c
 from shared import policy
 
@@ -34,13 +35,20 @@ class Change:
     labelled_at: float | None = None
 
 
-class Batch(NamedTuple):
-    """What one sync folds in: a complete list (its entries and when it arrived), the per-Service changes
-    since, and the watch restarts to count. A NamedTuple: ``relist, changes, restarts = tracker.take()``."""
+@dataclass(frozen=True)
+class Drained:
+    """What one ``drain_into`` folded into the index: what the sync that follows needs to know."""
 
-    relist: tuple[list[tuple[ServiceId, ServiceEntries]], float] | None
-    changes: dict[ServiceId, Change]
-    restarts: list[str]
+    # Every key whose being desired changed at some point in the batch, split by whether it is desired after
+    # it (a key removed and re-added within the batch is in ``add``: the caller compares with what it applied).
+    delta: Delta
+    # Keys a handback (the label went, the Service stays) took out of the index -> when this agent saw that
+    # Service's label arrive (0.0: before it started); ``Agent`` holds them until kube-proxy serves them.
+    handed_back: dict[Key, float]
+    problems: list[tuple[ServiceId, ServiceEntries]]  # Services that changed to entries with unserved ports/errors
+    arrivals: list[float]  # monotonic arrival of each folded change (and of the list): event-to-rule latency
+    size: int  # Services folded (the batch-size metric)
+    restarts: list[str]  # watch restarts reported since the last drain
 
 
 class ChangeTracker:
@@ -167,12 +175,38 @@ class ChangeTracker:
     def has_work(self) -> bool:
         return bool(self._changes) or self._relist is not None or bool(self.restarts)
 
-    def take(self) -> Batch:
-        """Hand everything pending over as one batch (and forget it): the sync loop's only way in."""
+    def drain_into(self, index: DesiredIndex) -> Drained:
+        """Fold everything pending into ``index`` (and forget it): the sync loop's only way in.
+
+        The pending batch is taken under the tracker's lock; the fold runs outside it (the watch thread never
+        waits for it). The caller serialises access to ``index`` (``Agent`` holds its own lock around this)."""
         with self._cond:
             relist, changes, restarts = self._relist, self._changes, self.restarts
             self._relist, self._changes, self.restarts = None, {}, []
-            return Batch(relist, changes, restarts)
+        touched: set[Key] = set()
+        handed_back: dict[Key, float] = {}
+        problems: list[tuple[ServiceId, ServiceEntries]] = []
+        if relist is not None:
+            delta = index.replace_entries(relist[0])
+            touched |= delta.add | delta.delete
+        for sid, change in changes.items():
+            before = index.get(sid)
+            delta = index.put(sid, change.entries)
+            touched |= delta.add | delta.delete
+            if change.handback and before is not None:
+                handed_back.update(dict.fromkeys(delta.delete, change.labelled_at or 0.0))
+            after = index.get(sid)
+            if after is not None and (after.unserved or after.errors) and after != before:
+                problems.append((sid, after))
+        add = frozenset(k for k in touched if index.has_key(k))
+        return Drained(
+            delta=Delta(add=add, delete=frozenset(touched) - add),
+            handed_back=handed_back,
+            problems=problems,
+            arrivals=[c.since for c in changes.values()] + ([relist[1]] if relist is not None else []),
+            size=len(changes) + (len(relist[0]) if relist is not None else 0),
+            restarts=restarts,
+        )
 
     @property
     def cond(self) -> threading.Condition:

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from redirector.agent import Agent
+from redirector.changes import ChangeTracker
+from redirector.desired import DesiredIndex
 from redirector.fake_backend import FakeBackend
 from redirector.model import BackendError, Delta, Key
 from sandbox.node.traffic import wait_until
@@ -138,6 +140,23 @@ def test_a_relist_supersedes_pending_events() -> None:
     agent.tracker.replace([svc("b", "10.96.0.2")])  # after a 410: the list is the truth
     agent.sync_once()
     assert fake.dump() == [B] and agent.snapshot()["services"] == 1
+
+
+def test_the_tracker_drains_into_the_index_and_says_what_changed() -> None:
+    tracker = ChangeTracker(LABEL)
+    index = DesiredIndex()
+    tracker.replace([svc("a", "10.96.0.1"), svc("b", "10.96.0.2")])
+    first = tracker.drain_into(index)
+    assert first.delta == Delta(add=frozenset({A, B})) and first.size == 2 and len(first.arrivals) == 1
+    tracker.upsert(svc("a", "10.96.0.1") | {"metadata": {"name": "a", "namespace": "shop", "labels": {}}})
+    tracker.delete(svc("b", "10.96.0.2"))
+    tracker.restarted("expired")
+    second = tracker.drain_into(index)
+    assert second.delta == Delta(delete=frozenset({A, B})) and set(index.service_ids()) == set()
+    assert second.handed_back == {A: 0.0}  # the label went (labelled before this tracker's first list)
+    assert second.restarts == ["expired"] and second.size == 2 and len(second.arrivals) == 2
+    empty = tracker.drain_into(index)
+    assert not empty.delta and empty.size == 0 and empty.arrivals == [] and empty.restarts == []
 
 
 def test_a_burst_through_the_running_loop_is_coalesced(loops: list[Loop]) -> None:

@@ -25,7 +25,7 @@ LABELS = {c.SERVICE_PROXY_NAME_LABEL: c.DEFAULT_PROXY_NAME}
 
 
 class View:
-    """The tracker's changes folded into a desired-state index, as the agent's sync loop does."""
+    """The tracker's changes folded into a desired-state index the way the agent's sync loop folds them."""
 
     def __init__(self) -> None:
         self.tracker = ChangeTracker((c.SERVICE_PROXY_NAME_LABEL, c.DEFAULT_PROXY_NAME))
@@ -33,12 +33,7 @@ class View:
         self.restarts: list[str] = []
 
     def services(self) -> set[str]:
-        relist, changes, restarts = self.tracker.take()
-        self.restarts += restarts
-        if relist is not None:
-            self.index.replace_entries(relist[0])
-        for sid, change in changes.items():
-            self.index.put(sid, change.entries)
+        self.restarts += self.tracker.drain_into(self.index).restarts
         return set(self.index.service_ids())
 
     def restarted(self, reason: str) -> bool:
