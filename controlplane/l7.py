@@ -58,7 +58,7 @@ class Outlier:
     base_ejection_ms: int = 30_000
     max_ejection_ms: int = 300_000
     max_ejection_percent: int = 10
-    consecutive_5xx: int = 5
+    consecutive_5xx: int = 5  # HTTP ports only
     consecutive_gateway_failure: int = 5  # TCP ports: consecutive connection failures
 
 
@@ -220,7 +220,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("outlier-detection-base-ejection-time", "outlier", "base_ejection_ms", "duration"),
     Option("outlier-detection-max-ejection-time", "outlier", "max_ejection_ms", "duration"),
     Option("outlier-detection-max-ejection-percent", "outlier", "max_ejection_percent", "percent"),
-    Option("outlier-detection-consecutive-5xx", "outlier", "consecutive_5xx", "count"),
+    # A TCP port has no responses: its outlier detection counts connection failures (consecutive-gateway-failure).
+    Option("outlier-detection-consecutive-5xx", "outlier", "consecutive_5xx", "count", http_only=True),
     Option("outlier-detection-consecutive-gateway-failure", "outlier", "consecutive_gateway_failure", "count"),
 ]}
 _BY_LENGTH = sorted(OPTIONS, key=len, reverse=True)  # "retry-on" must not shadow a longer name ending like it
@@ -293,6 +294,9 @@ def parse(annotations: object, ports: Iterable[tuple[str, bool]]) -> Parsed:
         if option.http_only and not dict(ports).get(port, False):
             if option.name == "idle-timeout":
                 problems.append(f"{label}: not applied: a TCP port's idle timeout is node-wide (docs/l7.md)")
+            elif option.target == "outlier":
+                problems.append(f"{label}: applies to HTTP ports only (TCP ports: consecutive-gateway-failure, "
+                                "counting connection failures): ignored")
             else:
                 problems.append(f"{label}: applies to HTTP ports only: ignored")
             continue

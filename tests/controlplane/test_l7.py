@@ -76,6 +76,31 @@ def test_tcp_ports_get_no_http_options_and_say_so() -> None:
     assert all("HTTP ports only" in p for p in parsed.problems if "idle-timeout" not in p or "upstream" in p)
 
 
+def test_an_http_only_outlier_option_on_a_tcp_port_is_reported() -> None:
+    # A TCP cluster's outlier detection counts connection failures only: consecutive 5xx would be silently void.
+    parsed = parse({P + "db-outlier-detection-consecutive-5xx": "2",
+                    P + "db-outlier-detection-consecutive-gateway-failure": "3"})
+    assert only(parsed, "db").cluster.outlier == l7.Outlier(consecutive_gateway_failure=3)  # the other still applies
+    assert only(parsed, "http") == l7.PortOptions(l7.HTTP_CLUSTER_DEFAULT, l7.DEFAULT_ROUTE)
+    assert len(parsed.problems) == 1, parsed.problems
+    problem = parsed.problems[0]
+    assert problem.startswith(P + "db-outlier-detection-consecutive-5xx: applies to HTTP ports only")
+    assert "consecutive-gateway-failure" in problem and problem.endswith("ignored") and len(problem) < 200
+    # every HTTP-only option, not only this one, is reported on a TCP port
+    http_only = [name for name, option in l7.OPTIONS.items() if option.http_only]
+    assert "outlier-detection-consecutive-5xx" in http_only
+    values = {"duration0": "1s", "bool": "true", "retry_on": "reset", "retries": "1", "count": "2"}
+    every = parse({P + "db-" + name: values[l7.OPTIONS[name].kind] for name in http_only})
+    assert len(every.problems) == len(http_only) and only(every, "db") == l7.PortOptions(l7.TCP_CLUSTER_DEFAULT, None)
+
+
+def test_the_service_wide_consecutive_5xx_applies_to_http_ports_only_silently() -> None:
+    parsed = parse({P + "outlier-detection-consecutive-5xx": "2"})
+    assert parsed.problems == ()
+    assert only(parsed, "http").cluster.outlier.consecutive_5xx == 2
+    assert only(parsed, "db").cluster == l7.TCP_CLUSTER_DEFAULT  # shares the defaults' cluster
+
+
 def test_durations() -> None:
     ok = {"5s": 5_000, "300ms": 300, "1m": 60_000, "2h": 7_200_000, "5": 5_000, "1.5s": 1_500, " 7S ": 7_000,
           "0.25m": 15_000, "24h": 86_400_000}

@@ -44,6 +44,14 @@ def test_bad_options_are_warnings_and_the_service_is_still_admitted(operation: s
     assert all(w.startswith("lightpath: Service web: ") and len(w) <= 256 and w.isascii() for w in options)
 
 
+def test_an_http_only_outlier_option_on_a_tcp_port_is_a_warning() -> None:
+    response = answer({P + "db-outlier-detection-consecutive-5xx": "2"})
+    assert response["allowed"] is True
+    options = [w for w in response["warnings"] if P in w]
+    assert len(options) == 1 and "db-outlier-detection-consecutive-5xx: applies to HTTP ports only" in options[0]
+    assert len(options[0]) <= 256
+
+
 def test_valid_options_and_other_annotations_give_no_warning() -> None:
     response = answer({P + "http-num-retries": "3", P + "lb-policy": "round_robin", "example.com/x": "?"})
     assert not [w for w in response.get("warnings", []) if P in w]
