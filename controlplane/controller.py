@@ -215,6 +215,9 @@ class ControlPlane:
                 self.push_latencies.append(done - since)
                 self.metrics.change_to_store.observe(done - since)
             if not self.first_push_done.is_set():
+                # The kernel's answers once in full, even when nothing changed: a previous agent's table (keys
+                # it blocked or sent to a transparent listener this configuration lacks) is rewritten now.
+                self._deliver_blocks()
                 log.info("first translation in the store: Envoy is answered from now on",
                          extra={"services": len(self._views), "translated": len(self._published),
                                 "seconds_after_lists": round(done - listed, 3)})

@@ -91,3 +91,14 @@ def test_an_unlabelled_service_is_prepared_on_the_listener_but_never_in_the_over
         envoy_acks_everything(stream)
         assert p.in_sync()
         assert not any(delivered)
+
+
+def test_the_first_translation_delivers_the_kernel_answers_even_when_there_are_none() -> None:
+    """A previous agent's table may hold keys this configuration no longer sends anywhere (a transparent
+    listener turned off, a key blocked before the agent restarted): the first full translation rewrites it."""
+    p, _stream, delivered = _plane()
+    with running(p):
+        p.services.replace([service("db", ips=("10.96.0.20",), ports=[{"name": "db", "port": 5432}])])
+        p.slices.replace([endpoint_slice("db-abc", "db", ports={"db": 5432}, endpoints=[endpoint("10.244.1.5")])])
+        wait_until(lambda: p.first_push_done.is_set() and bool(delivered), timeout=5, what="a first delivery")
+    assert delivered[0] == frozenset()

@@ -239,3 +239,25 @@ def test_the_agent_can_write_the_nodes_network_sysctls(default_objs: list[Obj]) 
     assert not mount.get("readOnly") and mount["mountPath"] == str(settings.proc_sys / "net")
     for setting in REQUIRED:
         assert str(path(settings.proc_sys, setting.name)).startswith(mount["mountPath"] + "/")
+
+
+def test_the_preserve_source_ip_overlay_gives_envoy_net_admin_and_turns_the_feature_on(default_objs: list[Obj]) -> None:
+    """deploy/overlays/preserve-source-ip (docs/conformance.md row 6): Envoy can open transparent upstream
+    connections (CAP_NET_ADMIN is only effective for root in a container), nothing else is granted, and the
+    agent exempts Envoy by its mark alone (exempting uid 0 would exempt every root process of the node)."""
+    from tests.deploy.manifests import REPO, kustomize
+
+    objs = kustomize(REPO / "deploy" / "overlays" / "preserve-source-ip")
+    settings = _redirector_settings(objs)
+    assert settings.preserve_source_ip == "on" and settings.transparent_port == c.DEFAULT_TRANSPARENT_PORT
+    assert settings.proxy_uid is None and settings.proxy_mark == c.DEFAULT_PROXY_MARK
+    proxy = _proxy(objs)["spec"]["template"]["spec"]
+    assert proxy["securityContext"]["runAsUser"] == 0 and proxy["securityContext"]["runAsNonRoot"] is False
+    sc = container(_proxy(objs))["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+    # Everything else is deploy/default's, unchanged.
+    assert [(o["kind"], o["metadata"]["name"]) for o in objs] == [(o["kind"], o["metadata"]["name"]) for o in default_objs]
+    same_env = {k: v for k, v in _plain_env(container(_redirector(objs))).items()
+                if k not in ("LIGHTPATH_PRESERVE_SOURCE_IP", "LIGHTPATH_PROXY_UID")}
+    assert same_env == {k: v for k, v in _plain_env(container(_redirector(default_objs))).items() if k != "LIGHTPATH_PROXY_UID"}
