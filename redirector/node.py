@@ -142,7 +142,7 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
                       batch_idle=settings.batch_idle, batch_max=settings.batch_max, kube_proxy=KubeProxyRules().read,
                       handback_hold=settings.handback_hold, handback_timeout=settings.handback_timeout)
         # All Services, as with the control plane: a label removal must read as a handback, not a deletion.
-        services = ServiceWatcher(kube, tracker, labelled_only=False, **watch)
+        services = ServiceWatcher(kube, tracker, **watch)
         agent.watcher = services
         return NodeAgent(agent, services, lease=_lease(settings, kube, agent), owner=_owner(settings, kube, watch))
     node = NodeInfo(settings.node, ipv6=node_has_ipv6() if ipv6 is None else ipv6)
@@ -174,7 +174,7 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     server = AdsServer(plane.store, expected_node=settings.node, on_ack=plane.acked, on_nack=plane.nacked,
                        ready=plane.first_push_done, on_push=plane.pushed, on_demand=plane.on_demand)
     plane.attach(server)
-    services = ServiceWatcher(kube, FanOut(tracker, plane.services), labelled_only=False, **watch)
+    services = ServiceWatcher(kube, FanOut(tracker, plane.services), **watch)
     slices = EndpointSliceWatcher(kube, plane.slices, **watch)
     node_watch = NodeWatcher(kube, plane.nodes, settings.node, **watch)
     agent.watcher = services
