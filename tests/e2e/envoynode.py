@@ -127,6 +127,13 @@ class EnvoyNode:
         assert status == 200, body
         return dict(body)
 
+    def envoy_counter(self, name: str) -> int:
+        """One of this node's Envoy counters (0 when Envoy has not created it yet)."""
+        status, body = netns_get(self.topo.node, f"http://127.0.0.1:{c.ENVOY_ADMIN_PORT}/stats?filter=^{name}$")
+        assert status == 200, body
+        found = [line.split(": ", 1)[1] for line in body.splitlines() if line.startswith(f"{name}: ")]
+        return int(found[0]) if found else 0
+
     def served_keys(self, service: str) -> set[str]:
         rows = self.proxy(service)["services"]
         return {k["key"] for row in rows for k in row["keys"] if k["served"]}

@@ -303,8 +303,11 @@ def test_external_traffic_policy_local_keeps_the_client_source_address(tmp_path:
         wait_until(lambda: tcp_peer(node_ip, 30081) == client, timeout=20, what="TCP NodePort from the client's address")
         wait_until(lambda: http_peer(node_ip, 30080) == client, timeout=20, what="HTTP NodePort from the client's address")
         wait_until(lambda: tcp_peer(node_ip6, 30081) == client6, timeout=20, what="IPv6 NodePort from the client's address")
+        transparent_cx = f"listener.0.0.0.0_{c.DEFAULT_TRANSPARENT_PORT}.downstream_cx_total"
+        before = node.envoy_counter(transparent_cx)
         for _ in range(20):  # every new connection, not one lucky one
             assert tcp_peer(node_ip, 30081) == client and http_peer(node_ip, 30080) == client
+        assert node.envoy_counter(transparent_cx) - before == 40  # all through Envoy's transparent listener
         # ClusterIP traffic is not external: the ordinary listener, the backend sees the node.
         assert http_peer(CLUSTER_IPS[0], 80) != client
         block = node.topo.node.run(["nft", "list", "table", "inet", f"{c.DEFAULT_NFT_TABLE}-block"]).stdout

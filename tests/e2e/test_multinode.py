@@ -30,6 +30,7 @@ pytestmark = pytest.mark.root
 WEB, DB = "10.96.0.10", "10.96.0.20"
 KEYS = {Key(4, WEB, 80), Key(4, DB, 5432)}
 CYCLES = int(os.environ.get("LIGHTPATH_TEST_CYCLES", "20"))
+TRANSPARENT_CX = f"listener.0.0.0.0_{c.DEFAULT_TRANSPARENT_PORT}.downstream_cx_total"
 # Issue 14: no request delayed by the handover. A delay the handover causes is a lost packet: a lost SYN
 # fails the request (the client's 1 s socket timeout is Linux's initial SYN RTO), a lost data segment is
 # retransmitted after at least 200 ms (TCP_RTO_MIN), so such a request takes over STALL_BOUND. A request over
@@ -260,3 +261,29 @@ def test_a_namespace_opt_in_is_finished_by_the_webhooks_handover_controller(tmp_
             records = [loop.stop() for loop in loops]
         print(f"\ncontroller-driven handover on {len(k.nodes)} nodes: {_summary(records)}")
         assert not [r for recs in records for r in recs if not r.ok]
+
+
+def test_a_client_on_another_node_is_seen_by_an_external_traffic_policy_local_backend(tmp_path: Path) -> None:
+    """docs/conformance.md row 6 from outside the node: a pod on node 1 dials node 0's NodePort of an ETP
+    Local Service migrated with --preserve-source-ip on; node 0's Envoy connects to its local endpoint from
+    that pod's address, and the backend's replies, addressed to node 1's pod, are routed back to Envoy."""
+    from sandbox.node.traffic import tcp_request
+
+    with cluster(tmp_path, nodes=2, agent_args=["--preserve-source-ip", "on"]) as k:
+        here, there = k.nodes
+        here.serve(0, "tcp", 4, port=8081)
+        k.service("edge", [{"name": "tcp", "port": 81, "targetPort": 8081, "nodePort": 30081}], "10.96.0.90",
+                  type="NodePort", externalTrafficPolicy="Local")
+        k.slice("edge", {"tcp": 8081}, [(0, 0)])
+        code, said = lightpath(tmp_path / "kubeconfig", "migrate", f"{NS}/edge", "--handover-timeout", "20")
+        assert code == 0, said
+        client = there.topo.pod_ips[1]
+
+        def peer() -> str:
+            return str(tcp_request(there.topo.pods[1], here.topo.node_ip, 30081)["peer"][0])
+
+        wait_until(lambda: peer() == client, timeout=20, what="the backend sees the other node's pod")
+        assert Key(4, None, 30081) in here.kernel_keys()  # migrated: the kube-proxy stand-in no longer serves it
+        before = here.envoy_counter(TRANSPARENT_CX)
+        assert all(peer() == client for _ in range(20))
+        assert here.envoy_counter(TRANSPARENT_CX) - before == 20  # every one through Envoy's transparent listener
