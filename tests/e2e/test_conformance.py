@@ -271,7 +271,8 @@ def test_load_balancer_source_ranges_are_enforced_for_load_balancer_traffic(tmp_
         assert not served(1, lb_ip)  # 10.244.0.11 is outside 10.244.0.12/31 = 10.244.0.12-13
 
 
-def test_external_traffic_policy_local_keeps_the_client_source_address(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])  # the block table serves both
+def test_external_traffic_policy_local_keeps_the_client_source_address(tmp_path: Path, backend: str) -> None:
     """kube-proxy does not masquerade externalTrafficPolicy Local traffic, so the backend sees the client ("should
     preserve source IP for traffic thru NodePort/LoadBalancer with ETP Local"). With --preserve-source-ip on, the
     agent sends those external keys to Envoy's transparent listener, whose upstream connections start from the
@@ -279,7 +280,7 @@ def test_external_traffic_policy_local_keeps_the_client_source_address(tmp_path:
     traffic and a Cluster policy keep the ordinary listener (the backend sees the node)."""
     from sandbox.node.traffic import tcp_request
 
-    with envoy_node(tmp_path, agent_args=["--preserve-source-ip", "on"]) as node:
+    with envoy_node(tmp_path, agent_args=["--preserve-source-ip", "on", "--backend", backend]) as node:
         node.serve(0, "http", 4, port=8080)
         node.serve(0, "tcp", 4, port=8081)
         node.serve(0, "tcp", 6, port=8081)
