@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 Mangle = Callable[[str, Message], None]  # test hook: (type_url, message) -> corrupt it in place
 GateListener = Callable[[set[Key]], None]
 LISTENER_VERSIONS_KEPT = 8
+# With eager clusters, a warning (once) from this many clusters on: ~32 KiB of Envoy each, so ~250 MiB, half the
+# shipped proxy's memory limit (docs/controlplane.md, "Limits").
+EAGER_CLUSTERS_WARNING = 8_000
+ENVOY_BYTES_PER_CLUSTER = 32 * 1024
 UNBLOCK_HOLD = 2.0  # seconds a key with new endpoints stays blocked at most, waiting for Envoy's ACK
 BIG_BATCH = 1000  # Services translated in one batch, after which the freed heap is handed back (redirector.memory)
 
@@ -121,6 +125,7 @@ class ControlPlane:
         # and per labelled Service its keys for the transparent listener (``ServiceResources.transparent``),
         # of which the kernel sends those the transparent listener serves there.
         self._transparent: dict[str, tuple[Key, ...]] = {}
+        self._warned_clusters = False
         self.on_blocked: Callable[[dict[Key, str], frozenset[Key], dict[Key, tuple[str, ...]], frozenset[Key]],
                                   None] | None = None
         # Keys that just got their first usable endpoint stay blocked (key -> (verdict, deadline)) until the
@@ -318,6 +323,7 @@ class ControlPlane:
             self.on_gate({k for k in (self._keys.get(n) for n in (*clusters, *loads)) if k is not None})
         if blocks_changed:
             self._deliver_blocks()
+        self._count_clusters()
         if health_changed and self.on_health is not None:
             self.on_health(dict(self.health))
         self.metrics.sync_duration.observe(time.perf_counter() - started)
@@ -381,6 +387,15 @@ class ControlPlane:
                 loads[name] = self._bytes(res.ENDPOINT, res.load_assignment(lspec))
             cluster_removes.discard(name)
             load_removes.discard(name)
+
+    def _count_clusters(self) -> None:
+        count = self.store.count(res.CLUSTER)
+        self.metrics.clusters.set(count)
+        if not self.on_demand and count >= EAGER_CLUSTERS_WARNING and not self._warned_clusters:
+            self._warned_clusters = True
+            log.warning("many eager Envoy clusters: Envoy needs about this much memory for them; above the proxy's "
+                        "limit it is OOM-killed. Consider --envoy-clusters on-demand (docs/install.md)",
+                        extra={"clusters": count, "envoy_mib": count * ENVOY_BYTES_PER_CLUSTER // 2**20})
 
     def _set_transparent(self, key: Key, chain: Chain | None, touched: set[tuple[Family, bool]]) -> None:
         """Under ``_lock``: route ``key`` on the transparent listener with ``chain``, or not (None)."""

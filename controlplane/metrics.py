@@ -33,6 +33,8 @@ class ControlPlaneMetrics:
                              registry=r)
         self.refused = Gauge(f"{PREFIX}_refused_resources", "Resources the newest Envoy refused (NACK), by type.",
                              ["type"], registry=r)
+        self.clusters = Gauge(f"{PREFIX}_clusters", "Envoy clusters the control plane holds (with eager clusters "
+                              "what the node's Envoy holds, ~32 KiB of Envoy's memory each).", registry=r)
         self.watch_restarts = Counter(f"{PREFIX}_watch_restarts", "Watches restarted, by resource and reason.",
                                       ["resource", "reason"], registry=r)
         for t in ("cds", "eds", "lds", "rds"):

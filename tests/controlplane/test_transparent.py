@@ -102,3 +102,4 @@ def test_the_first_translation_delivers_the_kernel_answers_even_when_there_are_n
         p.slices.replace([endpoint_slice("db-abc", "db", ports={"db": 5432}, endpoints=[endpoint("10.244.1.5")])])
         wait_until(lambda: p.first_push_done.is_set() and bool(delivered), timeout=5, what="a first delivery")
     assert delivered[0] == frozenset()
+
