@@ -1,5 +1,5 @@
 """A misbehaving HTTP backend for the L7 e2e tests only (run inside a pod's netns): it fails every Nth
-request with a 500, or every request, or answers late. Prints ``READY <port>`` once it listens.
+request with a 500, or every request, or answers late (every request, or every Nth). Prints ``READY <port>`` once it listens.
 
 WHY a separate server: the echo server is the well-behaved backend every other test relies on."""
 
@@ -18,6 +18,8 @@ def main() -> None:
     parser.add_argument("--name", default="backend")
     parser.add_argument("--fail-every", type=int, default=0, help="every Nth request gets a 500 (1: all)")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before answering")
+    parser.add_argument("--slow-every", type=int, default=1,
+                        help="with --delay: only every Nth request (1, N+1, 2N+1...) is late (1: all)")
     args = parser.parse_args()
     lock, seen = threading.Lock(), [0]
 
@@ -34,7 +36,7 @@ def main() -> None:
             with lock:
                 seen[0] += 1
                 n = seen[0]
-            if args.delay:
+            if args.delay and n % args.slow_every == 1 % args.slow_every:
                 time.sleep(args.delay)  # the slow backend this server exists to be
             failed = args.fail_every > 0 and n % args.fail_every == 1 % args.fail_every
             body = json.dumps({"server": args.name, "n": n, "failed": failed}).encode()

@@ -137,3 +137,32 @@ def test_a_request_timeout_fires_with_a_504(tmp_path: Path) -> None:
         assert node.envoy.counter("cluster.shop_slow_80_ipv4.upstream_rq_timeout") == 1
         row = node.proxy("slow")["services"][0]
         assert row["problems"] == [] and all(k["served"] for k in row["keys"])
+
+
+
+def test_a_per_try_timeout_gives_up_on_a_slow_attempt_and_the_retry_answers(tmp_path: Path) -> None:
+    """`upstream-request-timeout` (route retry_policy.per_try_timeout): the first attempt of each pair takes
+    30 s, the next answers at once. With the default retries the client gets the retry's 200 long before the
+    15 s request timeout (and its own 5 s); without retries the per-try timeout alone answers 504. (Envoy's
+    upstream_rq_per_try_timeout is not in the stats the bootstrap keeps: the request's own timeout counter
+    staying 0 is what tells the two timeouts apart.)"""
+    with envoy_node(tmp_path) as node:
+        retried = backend(node, 0, "--delay", "30", "--slow-every", "2", "--port", "8085")  # requests 1, 3... late
+        alone = backend(node, 1, "--delay", "30", "--slow-every", "2", "--port", "8086")
+        http_service(node, "pertry", "10.96.0.44", retried.port, [0], {P + "http-upstream-request-timeout": "300ms"})
+        http_service(node, "pertry-once", "10.96.0.45", alone.port, [1], {
+            P + "http-upstream-request-timeout": "300ms", P + "http-retry-enabled": "false"})
+        reply = get(node, "10.96.0.44")  # attempt 1 hangs, is abandoned after 0.3 s; attempt 2 answers
+        assert reply["status"] == 200 and reply["json"] == {"server": "pod0", "n": 2, "failed": False}, reply
+        stats = "cluster.shop_pertry_80_ipv4."
+        assert node.envoy.counter(stats + "upstream_rq_total") == 2
+        assert node.envoy.counter(stats + "upstream_rq_retry") == node.envoy.counter(stats + "upstream_rq_retry_success") == 1
+        assert node.envoy.counter(stats + "upstream_rq_timeout") == 0  # the request's own timeout never fired
+        reply = get(node, "10.96.0.45")
+        assert reply["status"] == 504 and "upstream request timeout" in str(reply["body"]), reply
+        once = "cluster.shop_pertry-once_80_ipv4."
+        assert node.envoy.counter(once + "upstream_rq_total") == 1 and node.envoy.counter(once + "upstream_rq_retry") == 0
+        assert node.envoy.counter(once + "upstream_rq_timeout") == 0  # 0.3 s per try, not the 15 s request timeout
+        for name in ("pertry", "pertry-once"):
+            row = node.proxy(name)["services"][0]
+            assert row["problems"] == [] and all(k["served"] for k in row["keys"]), row
