@@ -17,17 +17,18 @@ from webhook.certs import CertStore
 # kube-apiserver keeps connections to webhooks alive; closing idle ones early only costs handshakes.
 KEEP_ALIVE_SECONDS = 60
 # From a connection's TLS handshake (or a kept-alive connection's next byte) to the end of the request's
-# headers. kube-apiserver writes a whole request at once and gives up after timeoutSeconds (3).
+# body. kube-apiserver writes a whole request at once and gives up after timeoutSeconds (3).
 HEAD_TIMEOUT_SECONDS = 10.0
 
 
 class HeadDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline on reading each request's head.
+    """uvicorn's httptools protocol with a deadline on reading each request, head and body.
 
     uvicorn only times out a connection after a response (keep-alive); a client that completes the TLS
-    handshake and then sends nothing, or half a header, would hold its socket forever. Armed when the
-    connection is made and when the first byte of a next request arrives; disarmed once the headers are
-    complete. On expiry the connection is closed (no response: there is no request to answer).
+    handshake and then sends nothing, half a header, or a head announcing a body it never sends, would hold
+    its socket (and, for the body, a waiting request) forever. Armed when the connection is made and when
+    the first byte of a next request arrives; disarmed once the whole request is in. On expiry the
+    connection is closed (no response: there is no whole request to answer).
     """
 
     head_timeout: float = HEAD_TIMEOUT_SECONDS
@@ -42,9 +43,9 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             self._arm_head_deadline()
         super().data_received(data)
 
-    def on_headers_complete(self) -> None:
+    def on_message_complete(self) -> None:
         self._disarm_head_deadline()
-        super().on_headers_complete()
+        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_deadline()
@@ -62,7 +63,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     def _head_deadline_expired(self) -> None:
         self._head_deadline = None
         if not self.transport.is_closing():
-            self.logger.debug("closing a connection whose request head did not arrive in %ss", self.head_timeout)
+            self.logger.debug("closing a connection whose request did not arrive in %ss", self.head_timeout)
             self.transport.close()
 
 

@@ -202,5 +202,9 @@ def test_a_request_head_that_does_not_arrive_gets_the_connection_closed(webhook:
             assert status == 200 and body["response"]["uid"] == "in-time"
             reused.sendall(b"POST /mutate HTTP/1.1\r\nHo")  # then the next head stalls on the kept-alive connection
             assert _closed_by_server(reused), "a kept-alive connection with half a header stayed open"
+        with connect() as stalled_body:  # a whole head announcing 100 bytes, then one byte of them
+            stalled_body.sendall(b"POST /mutate HTTP/1.1\r\nHost: " + HOSTNAME.encode()
+                                 + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            assert _closed_by_server(stalled_body), "a connection whose body never came stayed open"
     finally:
         strict.stop()
