@@ -76,13 +76,19 @@ def plan(
     ops: list[Op] = []
     steady = decision
     if decision.action is Action.LABEL and on_label != "label":
+        if on_label == "mark" and not _annotation_fits(annotations, c.HANDOVER_MIGRATE, c.HANDOVER_ANNOTATION):
+            # The mark would push the annotations over kube-apiserver's limit: the write would be refused
+            # after we answered 200. Nothing is written; the Service stays with kube-proxy, and says why.
+            return Plan((), decision.reason, _printable(
+                "handover not started: the Service's annotations leave no room for the handover mark "
+                f"({c.HANDOVER_ANNOTATION}); it stays with kube-proxy"))
         if on_label == "mark":
             if isinstance(meta.get("annotations"), Mapping):
                 ops.append({"op": "add", "path": MARK_PATH, "value": c.HANDOVER_MIGRATE})
             else:
                 ops.append({"op": "add", "path": "/metadata/annotations", "value": {c.HANDOVER_ANNOTATION: c.HANDOVER_MIGRATE}})
                 meta = {**meta, "annotations": {c.HANDOVER_ANNOTATION: c.HANDOVER_MIGRATE}}
-                annotations = meta["annotations"]
+            annotations = {**annotations, c.HANDOVER_ANNOTATION: c.HANDOVER_MIGRATE}  # the reason must fit beside it
         # The reason annotation below is the labelled Service's (it follows once the nodes are ready), so
         # admitting the Service again after its label lands yields no patch.
         labelled = {**labels, c.SERVICE_PROXY_NAME_LABEL: config.proxy_name}
@@ -119,12 +125,13 @@ def plan(
     return Plan(tuple(ops), steady.reason, warning)
 
 
-def _annotation_fits(annotations: Mapping[str, Any], reason: str) -> bool:
-    """Would the Service's annotations stay within kube-apiserver's total limit with our reason? If not,
-    the reason is left out: the write would be refused after we answered 200 (the label still moves)."""
+def _annotation_fits(annotations: Mapping[str, Any], value: str, key: str = c.REASON_ANNOTATION) -> bool:
+    """Would the Service's annotations stay within kube-apiserver's total limit with ``key`` set to ``value``?
+    If not, we leave it out: the write would be refused after we answered 200 (for the reason, the label
+    still moves)."""
     others = sum(len(str(k).encode()) + len(str(v).encode()) for k, v in annotations.items()
-                 if k != c.REASON_ANNOTATION and isinstance(v, str))
-    return others + len(c.REASON_ANNOTATION) + len(reason.encode()) <= ANNOTATIONS_LIMIT
+                 if k != key and isinstance(v, str))
+    return others + len(key.encode()) + len(value.encode()) <= ANNOTATIONS_LIMIT
 
 
 def _warning(service: Mapping[str, Any], decision: Decision, asked: bool) -> str | None:

@@ -141,3 +141,19 @@ def test_the_reason_is_left_out_when_it_would_push_annotations_over_the_limit() 
     assert patched["metadata"]["labels"][c.SERVICE_PROXY_NAME_LABEL] == c.DEFAULT_PROXY_NAME
     ops, patched = run(service(annotations={"big": "x" * (room - 300)}), OPTED_IN)
     assert c.REASON_ANNOTATION in patched["metadata"]["annotations"]
+
+
+def test_no_handover_mark_when_it_would_push_annotations_over_the_limit() -> None:
+    """The handover mark (UPDATE) is bounded like the reason: a Service whose annotations leave no room for
+    it gets no write at all and a warning saying so, instead of a patch kube-apiserver would refuse."""
+    room = ANNOTATIONS_LIMIT - len("big") - len(c.HANDOVER_ANNOTATION) - len(c.HANDOVER_MIGRATE) + 1
+    full = service(annotations={"big": "x" * room})
+    p = plan(full, decide(full, OPTED_IN, CONFIG), OPTED_IN, CONFIG, on_label="mark")
+    assert p.ops == () and p.warning is not None and "no room for the handover mark" in p.warning
+    roomy = service(annotations={"big": "x" * (room - 1)})
+    p = plan(roomy, decide(roomy, OPTED_IN, CONFIG), OPTED_IN, CONFIG, on_label="mark")
+    assert {"op": "add", "path": "/metadata/annotations/" + escape(c.HANDOVER_ANNOTATION),
+            "value": c.HANDOVER_MIGRATE} in p.ops
+    # Room for the mark but not for the mark AND the reason: the mark only (both would be refused).
+    assert all(o["path"] != REASON_PATH for o in p.ops)
+    assert sum(len(k) + len(v) for k, v in jsonpatch.apply_patch(roomy, list(p.ops))["metadata"]["annotations"].items()) <= ANNOTATIONS_LIMIT
