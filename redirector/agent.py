@@ -23,13 +23,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redirector import memory
 from redirector.changes import ChangeTracker
 from redirector.desired import DesiredIndex, ServiceEntries, ServiceId
 from redirector.metrics import Metrics
 from redirector.model import Backend, Delta, DesiredState, Gate, Key
+
+if TYPE_CHECKING:  # types only: the sync core imports neither the control plane nor the watches
+    from controlplane.controller import ControlPlane
+    from redirector.fallback import Watchdog
+    from redirector.watch import ServiceWatcher
 
 log = logging.getLogger(__name__)
 __all__ = ["Agent", "ChangeTracker", "SyncStatus"]
@@ -66,8 +71,10 @@ class Agent:
         retry_max: float = 10.0,
         metrics: Metrics | None = None,
         tracker: ChangeTracker | None = None,
+        watcher: ServiceWatcher | None = None,
         clock: Callable[[], float] = time.time,
         gate: Gate | None = None,
+        plane: ControlPlane | None = None,
         kube_proxy: Callable[[], frozenset[Key] | None] | None = None,
         handback_hold: float = 2.0,
         handback_timeout: float = 10.0,
@@ -75,9 +82,10 @@ class Agent:
         if resync_period <= 0 or batch_idle < 0 or batch_max < batch_idle:
             raise ValueError("resync_period must be > 0 and 0 <= batch_idle <= batch_max")
         self.backend = backend
-        # The tracker is the watch's sink: built with the watch (redirector.node) and handed in; a bare Agent
-        # (tests) builds its own.
+        # The tracker is the watch's sink: built with the watch (redirector.node) and handed in with it (the
+        # watcher: its resourceVersion and connection for debug endpoints); a bare Agent (tests) builds its own.
         self.tracker = tracker if tracker is not None else ChangeTracker(proxy_label)
+        self.watcher = watcher
         self.metrics = metrics or Metrics()
         self.status = SyncStatus()
         self.index = DesiredIndex()
@@ -101,13 +109,14 @@ class Agent:
         # Times the sync loop looked and found nothing due (read under ``tracker.cond``): lets a test see the
         # loop considered an event and chose to wait, instead of sleeping and hoping.
         self.idle_checks = 0
-        self.watcher: Any = None  # the ServiceWatcher, when one is attached (debug endpoints)
         # The gate (the control plane): a key enters the kernel only once the proxy serves it. Keys the gate
         # reports as possibly servable wait in ``_gate_pending`` for the next sync; keys already in the
         # kernel stay whatever the gate says (Envoy keeps serving its last configuration).
         self.gate = gate
-        self.plane: Any = None  # the control plane, when there is one (health and debug endpoints)
-        self.fallback: Any = None  # the kernel fallback's watchdog, when there is one
+        self.plane = plane  # the control plane, when there is one (health and debug endpoints); it is the gate
+        # The kernel fallback's watchdog, when there is one: set by ``redirector.node.build`` after this
+        # constructor, as the watchdog is built from this agent (its applied keys, metrics and status).
+        self.fallback: Watchdog | None = None
         self._gate_pending: set[Key] = set()
         self._inherited: frozenset[Key] = frozenset()  # what the kernel held when this agent started
         self._first_full = True
@@ -155,8 +164,8 @@ class Agent:
             "last_error": s.last_error,
             "last_error_time": s.last_error_time,
             "transactions": s.transactions,
-            "resource_version": getattr(self.watcher, "resource_version", None),
-            "watch_connected": getattr(self.watcher, "connected", None),
+            "resource_version": self.watcher.resource_version if self.watcher is not None else None,
+            "watch_connected": self.watcher.connected if self.watcher is not None else None,
         }
 
     # -- running --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 from kubernetes import client
@@ -36,6 +36,9 @@ from redirector.watch import EndpointSliceWatcher, NodeWatcher, ServiceWatcher
 from shared import constants as c
 from shared.kube import FanOut
 from shared.kubeapi import Api
+
+if TYPE_CHECKING:
+    from redirector.fallback import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class NodeAgent:
     server: AdsServer | None = None
     node: NodeWatcher | None = None
     lease: LeaseReporter | None = None
-    fallback: Any = None  # redirector.fallback.Watchdog
+    fallback: Watchdog | None = None
     owner: Any = None  # (redirector.owner.OwnerState, its Reflector): is our DaemonSet being deleted?
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -138,12 +141,12 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     label = (c.SERVICE_PROXY_NAME_LABEL, settings.proxy_name)
     if settings.xds_socket is None and settings.xds_address is None:
         tracker = ChangeTracker(label)  # built with the watch it listens to
-        agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, tracker=tracker,
-                      batch_idle=settings.batch_idle, batch_max=settings.batch_max, kube_proxy=KubeProxyRules().read,
-                      handback_hold=settings.handback_hold, handback_timeout=settings.handback_timeout)
         # All Services, as with the control plane: a label removal must read as a handback, not a deletion.
         services = ServiceWatcher(kube, tracker, **watch)
-        agent.watcher = services
+        agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, tracker=tracker,
+                      watcher=services, batch_idle=settings.batch_idle, batch_max=settings.batch_max,
+                      kube_proxy=KubeProxyRules().read, handback_hold=settings.handback_hold,
+                      handback_timeout=settings.handback_timeout)
         return NodeAgent(agent, services, lease=_lease(settings, kube, agent), owner=_owner(settings, kube, watch))
     node = NodeInfo(settings.node, ipv6=node_has_ipv6() if ipv6 is None else ipv6)
     if mangle is None and os.environ.get(TEST_REFUSE_ENV):
@@ -153,10 +156,12 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
                          envoy_admin=_envoy_admin(settings), on_demand=settings.envoy_clusters == "on-demand",
                          batch_idle=settings.batch_idle, batch_max=max(settings.batch_max, 0.02),
                          transparent=_transparent(settings))
-    tracker = ChangeTracker(label)
+    tracker = ChangeTracker(label)  # built with the watch it listens to (the kernel side first in the fan-out)
+    services = ServiceWatcher(kube, FanOut(tracker, plane.services), **watch)
     agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, batch_idle=settings.batch_idle,
-                  batch_max=settings.batch_max, gate=plane, tracker=tracker, kube_proxy=KubeProxyRules().read,
-                  handback_hold=settings.handback_hold, handback_timeout=settings.handback_timeout)
+                  batch_max=settings.batch_max, gate=plane, plane=plane, tracker=tracker, watcher=services,
+                  kube_proxy=KubeProxyRules().read, handback_hold=settings.handback_hold,
+                  handback_timeout=settings.handback_timeout)
     plane.metrics = ControlPlaneMetrics(agent.metrics.registry)
     from controlplane.servicemetrics import ServiceTraffic
 
@@ -174,11 +179,8 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     server = AdsServer(plane.store, expected_node=settings.node, on_ack=plane.acked, on_nack=plane.nacked,
                        ready=plane.first_push_done, on_push=plane.pushed, on_demand=plane.on_demand)
     plane.attach(server)
-    services = ServiceWatcher(kube, FanOut(tracker, plane.services), **watch)
     slices = EndpointSliceWatcher(kube, plane.slices, **watch)
     node_watch = NodeWatcher(kube, plane.nodes, settings.node, **watch)
-    agent.watcher = services
-    agent.plane = plane
     watchdog = _watchdog(settings, agent, plane, server)
     agent.fallback = watchdog
     return NodeAgent(agent, services, plane, slices, server, node=node_watch, lease=_lease(settings, kube, agent),
@@ -240,7 +242,7 @@ def _envoy_admin(settings: Settings) -> Any:
     return lambda: [(s.address, s.port) for s in probe.loopback_listeners(uid, exclude)]
 
 
-def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: AdsServer) -> Any:
+def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: AdsServer) -> Watchdog | None:
     """The kernel L4 fallback while Envoy is down (on unless --fallback off): an nftables table of its own,
     or statistic-mode chains on the iptables backend (written through that backend's runner)."""
     if settings.fallback != "on":

@@ -17,6 +17,7 @@ import pytest
 from kubernetes import client
 
 from redirector.agent import Agent
+from redirector.changes import ChangeTracker
 from redirector.debug.app import create_debug_app
 from redirector.debug.server import DebugServer
 from redirector.debug.settings import DebugSettings
@@ -50,10 +51,11 @@ class DebugNode:
             self.core = client.CoreV1Api(self.api_server.api_client())
             self.core.create_namespace({"metadata": {"name": NS}})
             self.backend = self._backend(backend, backend_kwargs)
+            tracker = ChangeTracker((c.SERVICE_PROXY_NAME_LABEL, c.DEFAULT_PROXY_NAME))
+            self.watcher = ServiceWatcher(Api(self.api_server.api_client()), tracker, server_timeout=30, read_timeout=5)
             self.agent = Agent(self.backend, proxy_label=(c.SERVICE_PROXY_NAME_LABEL, c.DEFAULT_PROXY_NAME),
-                               resync_period=resync_period, retry_max=retry_max, retry_min=0.05)
-            self.watcher = ServiceWatcher(Api(self.api_server.api_client()), self.agent.tracker, server_timeout=30, read_timeout=5)
-            self.agent.watcher = self.watcher
+                               tracker=tracker, watcher=self.watcher, resync_period=resync_period,
+                               retry_max=retry_max, retry_min=0.05)
             self.threads = [threading.Thread(target=self.watcher.run, daemon=True),
                             threading.Thread(target=self.agent.run, daemon=True)]
             for thread in self.threads:
