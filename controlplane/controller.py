@@ -124,10 +124,10 @@ class ControlPlane:
         self.firewall: dict[Key, tuple[str, ...]] = {}
         # and per labelled Service its keys for the transparent listener (``ServiceResources.transparent``),
         # of which the kernel sends those the transparent listener serves there.
-        self._transparent: dict[str, tuple[Key, ...]] = {}
+        self._transparent: dict[str, tuple[tuple[Key, tuple[str, ...]], ...]] = {}
         self._warned_clusters = False
-        self.on_blocked: Callable[[dict[Key, str], frozenset[Key], dict[Key, tuple[str, ...]], frozenset[Key]],
-                                  None] | None = None
+        self.on_blocked: Callable[[dict[Key, str], frozenset[Key], dict[Key, tuple[str, ...]],
+                                   dict[Key, tuple[str, ...]]], None] | None = None
         # Keys that just got their first usable endpoint stay blocked (key -> (verdict, deadline)) until the
         # connected Envoy ACKs the endpoints that serve them: unblocked earlier, a new connection would
         # reach an Envoy with no endpoint and be closed after it was accepted (docs/conformance.md row 3).
@@ -341,7 +341,7 @@ class ControlPlane:
         new_loads = {s.name: s for s in new.loads}
         new_chains = dict(new.chains)
         new_routes = dict(new.routes)
-        new_transparent = frozenset(new.transparent)
+        new_transparent = frozenset(key for key, _ips in new.transparent)
         for key, _chain in old.chains:
             name = cluster_name(key)
             if key in new_chains:
@@ -429,11 +429,12 @@ class ControlPlane:
             return
         with self._lock:
             blocked, exposed, firewall = dict(self.blocked), frozenset(self.exposed), dict(self.firewall)
-            overlay = {key for keys in self._transparent.values() for key in keys}
+            overlay = {key: ips for pairs in self._transparent.values() for key, ips in pairs}
             with self._unblock_lock:
                 for key, (verdict, _deadline) in self._unblocking.items():
                     blocked.setdefault(key, verdict)
-        self.on_blocked(blocked, exposed, firewall, frozenset(self.transparent_servable(overlay)))
+        served = self.transparent_servable(overlay)
+        self.on_blocked(blocked, exposed, firewall, {key: ips for key, ips in overlay.items() if key in served})
 
     def _expire_holds(self) -> bool:
         """Release the held keys whose wait is over; True when some were (the blocks are delivered again)."""

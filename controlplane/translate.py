@@ -203,8 +203,10 @@ class ServiceResources:
     # externalTrafficPolicy Local: the external keys (NodePort, externalIP, load-balancer IP), whose
     # backends see the client's own source address when the agent preserves it (--preserve-source-ip):
     # kube-proxy does not masquerade that traffic, the endpoints are this node's, so the replies come back
-    # through this node (docs/conformance.md row 6).
-    transparent: tuple[Key, ...] = ()
+    # through this node (docs/conformance.md row 6). With each key its endpoints' addresses: an endpoint
+    # dialling its own Service (hairpin) must not get a connection from its own address, which it would drop
+    # as a martian; kube-proxy masquerades hairpin traffic, so those keep the ordinary listener.
+    transparent: tuple[tuple[Key, tuple[str, ...]], ...] = ()
 
 
 NOTHING = ServiceResources()
@@ -242,7 +244,7 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
     blocked: list[tuple[Key, Block]] = []
     exposed: list[Key] = []
     firewall: list[tuple[Key, tuple[str, ...]]] = []
-    transparent: list[Key] = []
+    transparent: list[tuple[Key, tuple[str, ...]]] = []
     selected: dict[tuple[str, Family, bool], tuple[eps.Endpoint, ...]] = {}
     for key, (kind, port_name) in zip(view.entries.keys, view.entries.claims, strict=True):
         if key.family == 6 and not node.ipv6:
@@ -264,7 +266,7 @@ def translate_service(view: ServiceView, slices: Iterable[eps.SliceView], node: 
         if view.labelled and kind == "clusterIP":
             exposed.append(key)
         if view.external_local and kind != "clusterIP":
-            transparent.append(key)
+            transparent.append((key, tuple(sorted({ip for ip, _port in selected[pick]}))))
         if view.labelled and kind == "loadBalancer" and view.source_ranges:
             ranges = tuple(r for r in view.source_ranges if (":" in r) == (key.family == 6))
             if ranges:

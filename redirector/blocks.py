@@ -69,6 +69,8 @@ def _types() -> dict[str, str]:
     for family, _ipf, addr in _FAMILIES:
         types[f"transparent{family}"] = f"{addr} . inet_service"
         types[f"transparent{family}np"] = "inet_service"
+        types[f"hairpin{family}"] = f"{addr} . {addr} . inet_service"  # endpoint . key address . port
+        types[f"hairpin{family}np"] = f"{addr} . inet_service"  # endpoint . node port
     return types
 
 
@@ -78,12 +80,13 @@ TYPES = _types()
 class Answers(NamedTuple):
     """Everything the table answers for: keys without endpoints (verdict), the labelled Services' ClusterIP
     keys (the rest of their ClusterIPs is rejected), the load balancers' source ranges and the keys sent to
-    the transparent listener."""
+    the transparent listener (with the addresses of their endpoints, whose own connections to them, hairpin,
+    keep the ordinary listener)."""
 
     blocked: Mapping[Key, str] = {}
     exposed: frozenset[Key] = frozenset()
     firewall: Mapping[Key, tuple[str, ...]] = {}
-    transparent: frozenset[Key] = frozenset()
+    transparent: Mapping[Key, tuple[str, ...]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.blocked or self.exposed or self.firewall or self.transparent)
@@ -130,11 +133,13 @@ def desired_sets(answers: Answers) -> Sets:
         if key.ip is not None:
             out[f"firewall{key.family}"].add(f"{key.ip} . {key.port}")
             out[f"allowed{key.family}"].update(f"{key.ip} . {key.port} . {cidr}" for cidr in ranges)
-    for key in answers.transparent:
+    for key, endpoints in answers.transparent.items():
         if key.ip is None:
             out[f"transparent{key.family}np"].add(str(key.port))
+            out[f"hairpin{key.family}np"].update(f"{ip} . {key.port}" for ip in endpoints)
         else:
             out[f"transparent{key.family}"].add(f"{key.ip} . {key.port}")
+            out[f"hairpin{key.family}"].update(f"{ip} . {key.ip} . {key.port}" for ip in endpoints)
     return {name: frozenset(items) for name, items in out.items()}
 
 
@@ -173,6 +178,9 @@ def full_script(table: str, sets: Sets, transparent: Transparent | None = None) 
                                         ("output-check", "output", CHECK_OUTPUT_PRIORITY))]
     if transparent is not None:
         dnat = []
+        for family, ipf, _addr in _FAMILIES:  # hairpin first: an endpoint dialling its own Service
+            dnat.append(f"{ipf} saddr . {ipf} daddr . tcp dport @hairpin{family} return")
+            dnat.append(f"{ipf} saddr . tcp dport @hairpin{family}np return")
         for family, ipf, _addr in _FAMILIES:
             nfproto = "ipv4" if family == 4 else "ipv6"
             dnat.append(f"{ipf} daddr . tcp dport @transparent{family} {transparent.verdict(family)}")
@@ -241,12 +249,17 @@ def changes(old: Answers, new: Answers, counts: IpCounts) -> tuple[Changes, IpCo
             for cidr in ranges:
                 net, _, length = cidr.partition("/")
                 put(f"allowed{key.family}", (key.ip, key.port, ("prefix", net, int(length))), add)
-    for add, keys in ((False, old.transparent - new.transparent), (True, new.transparent - old.transparent)):
-        for key in keys:
+    old_t, new_t = dict(old.transparent), dict(new.transparent)
+    for add, t_items in ((False, old_t.items() - new_t.items()), (True, new_t.items() - old_t.items())):
+        for key, endpoints in t_items:
             if key.ip is None:
                 put(f"transparent{key.family}np", key.port, add)
+                for endpoint in endpoints:
+                    put(f"hairpin{key.family}np", (endpoint, key.port), add)
             else:
                 put(f"transparent{key.family}", (key.ip, key.port), add)
+                for endpoint in endpoints:
+                    put(f"hairpin{key.family}", (endpoint, key.ip, key.port), add)
     # An element deleted and added in the same change (a ClusterIP whose last port went and whose new port
     # came; a range kept while another changed) stays.
     for deleted, added in out.values():
@@ -273,11 +286,11 @@ def changes_json(table: str, delta: Changes) -> dict[str, Any]:
 
 
 def blocks_script(table: str, blocked: Mapping[Key, str], exposed: Collection[Key] = (),
-                  firewall: Mapping[Key, tuple[str, ...]] | None = None, transparent: Collection[Key] = (),
-                  target: Transparent | None = None) -> str:
+                  firewall: Mapping[Key, tuple[str, ...]] | None = None,
+                  transparent: Mapping[Key, tuple[str, ...]] | None = None, target: Transparent | None = None) -> str:
     """The nft script that makes the kernel hold exactly these answers from any state (pure). Deletes the
     table when there are none."""
-    answers = Answers(blocked, frozenset(exposed), firewall or {}, frozenset(transparent))
+    answers = Answers(blocked, frozenset(exposed), firewall or {}, transparent or {})
     return full_script(table, desired_sets(answers), target)
 
 
@@ -308,12 +321,13 @@ class KernelBlocks:
         self.rewrites = 0  # whole-table writes (the rest are element changes)
 
     def apply(self, blocked: Mapping[Key, str], exposed: Collection[Key] = frozenset(),
-              firewall: Mapping[Key, tuple[str, ...]] | None = None, transparent: Collection[Key] = frozenset()) -> None:
+              firewall: Mapping[Key, tuple[str, ...]] | None = None,
+              transparent: Mapping[Key, tuple[str, ...]] | None = None) -> None:
         with self._lock:
-            overlay = frozenset(transparent) if self.transparent is not None else frozenset()
+            overlay = dict(transparent or {}) if self.transparent is not None else {}
             if overlay and not self._routed:
                 self._route()
-                overlay = overlay if self._routed else frozenset()
+                overlay = overlay if self._routed else {}
             answers = Answers(dict(blocked), frozenset(exposed), dict(firewall or {}), overlay)
             if self.present is not None and answers == self.answers:
                 return

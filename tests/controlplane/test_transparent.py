@@ -28,9 +28,16 @@ def lb(etp: str = "Local") -> dict[str, object]:
 
 def test_the_external_keys_of_a_local_policy_are_transparent() -> None:
     node = NodeInfo(NODE, ipv6=False)
+    from controlplane.endpoints import project_slice
+
     local = translate_service(project_service(lb("Local")), [], node)  # endpoints do not decide it
-    assert set(local.transparent) == {NODEPORT, EXTERNAL}  # not the ClusterIP: internal traffic
+    assert dict(local.transparent) == {NODEPORT: (), EXTERNAL: ()}  # not the ClusterIP: internal traffic
     assert translate_service(project_service(lb("Cluster")), [], node).transparent == ()
+    sliced = project_slice(SLICE)
+    assert sliced is not None
+    # With each key its endpoints: their own connections to it (hairpin) keep the ordinary listener.
+    hairpin = dict(translate_service(project_service(lb("Local")), [sliced], node).transparent)
+    assert hairpin == {NODEPORT: ("10.244.1.5",), EXTERNAL: ("10.244.1.5",)}
 
 
 def test_the_transparent_listener_keeps_the_client_address_on_its_own_port() -> None:
@@ -46,13 +53,13 @@ def test_the_transparent_listener_keeps_the_client_address_on_its_own_port() -> 
     assert [f.name for f in res.ListenerBuilder(4).listener.listener_filters] == ["envoy.filters.listener.original_dst"]
 
 
-def _plane() -> tuple[ControlPlane, Stream, list[frozenset[Key]]]:
+def _plane() -> tuple[ControlPlane, Stream, list[dict[Key, tuple[str, ...]]]]:
     p = ControlPlane(NodeInfo(NODE, ipv6=False), transparent=(1667, 0x1666))
     server = AdsServer(p.store, expected_node=NODE, on_ack=p.acked)  # never started: no gRPC
     p.attach(server)
     stream = Stream(p.store, expected_node=NODE, on_ack=lambda t, v: p.acked(stream, t, v))
     server.streams.append(stream)
-    delivered: list[frozenset[Key]] = []
+    delivered: list[dict[Key, tuple[str, ...]]] = []
     p.on_blocked = lambda _blocked, _exposed, _firewall, transparent: delivered.append(transparent)
     return p, stream, delivered
 
@@ -72,12 +79,12 @@ def test_a_key_goes_to_the_transparent_listener_only_once_envoy_serves_it_there(
         wait_until(lambda: "30081" in _routed(p) and "81" in _routed(p), timeout=5, what="the transparent listener")
         assert not any(delivered), "sent to the transparent listener before Envoy had it"
         envoy_acks_everything(stream)
-        wait_until(lambda: bool(delivered) and delivered[-1] == {NODEPORT, EXTERNAL}, timeout=5,
-                   what="the overlay after Envoy's ACKs")
+        wait_until(lambda: bool(delivered) and delivered[-1] == {NODEPORT: ("10.244.1.5",), EXTERNAL: ("10.244.1.5",)},
+                   timeout=5, what="the overlay after Envoy's ACKs, with the endpoint to exempt")
         assert CLUSTER_IP not in delivered[-1]
         # A Cluster policy: out of the overlay at once (the ordinary redirect still serves the keys).
         p.services.upsert(lb("Cluster"))
-        wait_until(lambda: delivered[-1] == frozenset(), timeout=5, what="the overlay emptied")
+        wait_until(lambda: delivered[-1] == {}, timeout=5, what="the overlay emptied")
         envoy_answers(stream)
         wait_until(lambda: "30081" not in _routed(p), timeout=5, what="the key off the transparent listener")
 
@@ -101,5 +108,5 @@ def test_the_first_translation_delivers_the_kernel_answers_even_when_there_are_n
         p.services.replace([service("db", ips=("10.96.0.20",), ports=[{"name": "db", "port": 5432}])])
         p.slices.replace([endpoint_slice("db-abc", "db", ports={"db": 5432}, endpoints=[endpoint("10.244.1.5")])])
         wait_until(lambda: p.first_push_done.is_set() and bool(delivered), timeout=5, what="a first delivery")
-    assert delivered[0] == frozenset()
+    assert delivered[0] == {}
 

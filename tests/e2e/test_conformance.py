@@ -311,6 +311,10 @@ def test_external_traffic_policy_local_keeps_the_client_source_address(tmp_path:
         assert node.envoy_counter(transparent_cx) - before == 40  # all through Envoy's transparent listener
         # ClusterIP traffic is not external: the ordinary listener, the backend sees the node.
         assert http_peer(CLUSTER_IPS[0], 80) != client
+        # Hairpin: the endpoint dialling its own Service's NodePort is not handed its own address (it would drop
+        # that as a martian); like kube-proxy's masquerade, it sees the node.
+        hairpin = tcp_request(node.topo.pods[0], node_ip, 30081)
+        assert hairpin["server"] == "pod0" and hairpin["peer"][0] != node.topo.pod_ips[0]
         block = node.topo.node.run(["nft", "list", "table", "inet", f"{c.DEFAULT_NFT_TABLE}-block"]).stdout
         assert "30081" in block and "chain transparent" in block, block
         assert "fwmark 0x1667 lookup 1666" in node.topo.node.run(["ip", "rule"]).stdout

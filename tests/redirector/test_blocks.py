@@ -172,20 +172,25 @@ def test_transparent_keys_get_their_dnat_and_mark_chains_only_with_a_target() ->
 
     np4, ext6 = Key(4, None, 30081), Key(6, "fd00::7", 81)
     target = Transparent(1667, 0x1666)
-    script = blocks_script("t", {}, transparent={np4, ext6}, target=target)
+    script = blocks_script("t", {}, transparent={np4: ("10.244.0.10",), ext6: ()}, target=target)
     assert "set transparent4np { type inet_service; elements = { 30081 }; }" in script
     assert "set transparent6 { type ipv6_addr . inet_service; elements = { fd00::7 . 81 }; }" in script
     assert f"fib daddr type local meta nfproto ipv4 tcp dport @transparent4np dnat ip to {c.DEFAULT_REDIRECT_ADDRESS}:1667" in script
     assert f"ip6 daddr . tcp dport @transparent6 dnat ip6 to [{c.DEFAULT_REDIRECT_ADDRESS6}]:1667" in script
     assert "type nat hook prerouting priority -112" in script  # after the fallback (-115), before our -110
+    assert "set hairpin4np { type ipv4_addr . inet_service; elements = { 10.244.0.10 . 30081 }; }" in script
+    assert script.index("@hairpin4np return") < script.index("@transparent4np dnat")  # the endpoint itself: ordinary
     assert "ct direction original meta mark 0x1666 ct mark set 0x1666" in script
     assert "ct direction reply ct mark 0x1666 meta mark set 0x1667" in script  # the reply mark, not the proxy's
     assert "chain transparent" not in blocks_script("t", {Key(4, "10.96.0.1", 80): "reject"})
-    assert "redirect to :1667" in blocks_script("t", {}, transparent={np4}, target=Transparent(1667, 0x1666, "redirect"))
+    assert "redirect to :1667" in blocks_script("t", {}, transparent={np4: ()}, target=Transparent(1667, 0x1666, "redirect"))
     with pytest.raises(ValueError, match="reply mark"):
         Transparent(1667, 0x1667)
-    delta, _ = changes(Answers(transparent=frozenset({np4})), Answers(transparent=frozenset({ext6})), {})
-    assert delta == {"transparent4np": ({30081}, set()), "transparent6": (set(), {("fd00::7", 81)})}
+    delta, _ = changes(Answers(transparent={np4: ("10.244.0.10",)}), Answers(transparent={ext6: ()}), {})
+    assert delta == {"transparent4np": ({30081}, set()), "hairpin4np": ({("10.244.0.10", 30081)}, set()),
+                     "transparent6": (set(), {("fd00::7", 81)})}
+    moved, _ = changes(Answers(transparent={np4: ("10.244.0.10",)}), Answers(transparent={np4: ("10.244.0.11",)}), {})
+    assert moved == {"hairpin4np": ({("10.244.0.10", 30081)}, {("10.244.0.11", 30081)})}  # the key itself stays
     assert changes_json("t", delta)["nftables"][0]["delete"]["element"]["name"] == "transparent4np"
 
 
@@ -205,11 +210,11 @@ def test_kernel_blocks_route_the_replies_while_a_key_is_transparent() -> None:
 
         blocks = KernelBlocks("lp-block", Transparent(1667, 0x1666))
         shots = [rules()]
-        blocks.apply({}, set(), {}, {Key(4, None, 30081)})
+        blocks.apply({}, set(), {}, {Key(4, None, 30081): ("10.244.0.10",)})
         shots += [rules(), blocks._nft.cmd("list table inet lp-block")[1]]
-        blocks.apply({}, set(), {}, set())
+        blocks.apply({}, set(), {}, {})
         shots += [rules(), blocks._nft.cmd("list tables")[1]]
-        blocks.apply({}, set(), {}, {Key(4, "192.0.2.7", 81)})
+        blocks.apply({}, set(), {}, {Key(4, "192.0.2.7", 81): ()})
         KernelBlocks("lp-block").cleanup()  # a `lightpath-redirector cleanup`-style removal of the table...
         from redirector.transparent import ReplyRoute
 
