@@ -360,9 +360,10 @@ class Agent:
         return True
 
     def _full(self, started: float, arrivals: list[float], *, periodic: bool) -> None:
-        """``periodic``: a resync on schedule, any repair is drift. Otherwise, after a failed transaction, the
-        kernel is read first: if it differs from what we last applied, someone changed it, and that repair
-        counts like a periodic one (e.g. a table deleted by hand makes the next incremental sync fail)."""
+        """``periodic``: a resync on schedule, any repair is drift. Otherwise, after a failed transaction, what
+        ``ensure`` found in the kernel (``backend.last_seen``) is compared with what we last applied: if it
+        differs, someone changed it, and that repair counts like a periodic one (e.g. a table deleted by hand
+        makes the next incremental sync fail)."""
         check = not periodic and self._belief_ok
         with self._lock:
             desired = self.index.keys()
@@ -376,12 +377,9 @@ class Agent:
             keys = desired if self.gate is None else frozenset(
                 (desired & (applied | self._inherited)) | self._servable(desired - applied - self._inherited))
             keys = keys | (frozenset(self._held) & applied)  # handed-back keys stay until released
-            # One kernel read: a backend that reports what ``ensure`` found is not read beforehand.
-            tells = bool(getattr(self.backend, "reports_seen", False))
-            before = self.backend.read() if check and not tells else None
+            # One kernel read: ``ensure`` reports what it found (the Backend contract's ``last_seen``).
             repaired = self.backend.ensure(keys)
-            if check and tells:
-                before = self.backend.last_seen  # type: ignore[attr-defined]
+            before = self.backend.last_seen if check else None
         except Exception as exc:  # noqa: BLE001
             self._belief_ok = False
             self._failed("full", exc)

@@ -68,12 +68,12 @@ class FakeBackend:
 
     # -- Backend -------------------------------------------------------------------------------------
 
-    reports_seen = True  # ``ensure`` records what it found (see NftBackend)
-    last_seen: frozenset[Key] | None = None
+    last_seen: frozenset[Key] | None = None  # what the last ``ensure`` found (None: no table)
 
     def ensure(self, keys: Iterable[Key]) -> bool:
         want = set(keys)
         with self._lock:
+            self.last_seen = None
             self._enter("ensure")
             self.last_seen = frozenset(self._kernel) if self._kernel is not None else None
             if self._kernel == want:

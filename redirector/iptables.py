@@ -93,8 +93,7 @@ class IptablesBackend:
 
     # -- Backend protocol ---------------------------------------------------------------------
 
-    reports_seen = True  # ``ensure`` records the keys it found (the agent then skips its own read)
-    last_seen: frozenset[Key] | None = None
+    last_seen: frozenset[Key] | None = None  # the keys the last ``ensure`` found (the Backend contract)
 
     def ensure(self, keys: Iterable[Key]) -> bool:
         """Converge to exactly ``keys``: rewrite a family's chains only when they differ. True = repaired.

@@ -145,11 +145,17 @@ class Backend(Protocol):
 
     **Reads.** ``read`` and ``ensure`` ask the kernel, never memory; ``apply`` may trust what the backend
     itself last wrote or read (that is what makes it cheap), which is why it must fail rather than guess.
+    ``ensure`` reports what it found in ``last_seen``, so a full sync after a failure (which compares the
+    kernel with what the agent last applied, to count drift) reads the kernel once, not ``read`` + ``ensure``.
 
     **Keys.** A backend owns its table or chains and nothing else; other owners' objects are never touched.
     """
 
     name: str
+    # What the kernel held when the last ``ensure`` looked, before it changed anything: our keys, or None
+    # when our table/chains were absent or of another shape (or that ``ensure`` raised before it could read).
+    # Every ``ensure`` sets it, first to None; the agent reads it right after ``ensure`` returns (one thread).
+    last_seen: frozenset[Key] | None
 
     def ensure(self, keys: Iterable[Key]) -> bool:
         """Make the kernel hold exactly ``keys`` with our table/chains in the expected shape.

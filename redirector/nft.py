@@ -60,8 +60,7 @@ class NftBackend:
     # -- Backend --------------------------------------------------------------------------------------
 
     # ``ensure`` records what it found (None: no table, or one of another shape), so the agent's full sync
-    # after a failure reads the kernel once, not twice.
-    reports_seen = True
+    # after a failure reads the kernel once, not twice (the Backend contract).
     last_seen: frozenset[Key] | None = None
 
     def ensure(self, keys: Iterable[Key]) -> bool:

@@ -77,7 +77,8 @@ def test_fake_backend_keeps_the_contract() -> None:
     assert fake.read() == frozenset() and not fake.has_table
     with pytest.raises(BackendError, match="table missing"):
         fake.apply(Delta(add=frozenset({A})))  # no repair inside apply
-    assert fake.ensure({B, A}) is True and fake.ensure({A, B}) is False
+    assert fake.ensure({B, A}) is True and fake.last_seen is None  # what ensure found: no table
+    assert fake.ensure({A, B}) is False and fake.last_seen == {A, B}
     assert fake.dump() == [A, B]
     with pytest.raises(BackendError, match="absent"):
         fake.apply(Delta(add=frozenset({Key(6, "fd00::1", 80)}), delete=frozenset({Key(4, None, 30080)})))
@@ -86,6 +87,7 @@ def test_fake_backend_keeps_the_contract() -> None:
     for _ in range(2):
         with pytest.raises(BackendError, match="injected"):
             fake.ensure(set())
+        assert fake.last_seen is None  # a failed ensure reports nothing it did not see
     assert fake.dump() == [A, B] and fake.ensure(set()) is True and fake.dump() == []
     assert fake.calls["ensure"] == 5 and fake.calls["apply"] == 2
     with pytest.raises(ValueError, match="operation"):
