@@ -17,6 +17,7 @@ BENCHMARKS = (
     ("control plane", ["-m", "bench.controlplane_bench"]),
     ("redirect primitive", ["-m", "bench.redirect_primitive_bench"]),
     ("l7 resilience", ["-m", "bench.l7_bench"]),
+    ("client source address", ["-m", "bench.transparent_bench"]),
 )
 
 
