@@ -119,6 +119,7 @@ class Agent:
         self.fallback: Watchdog | None = None
         self._gate_pending: set[Key] = set()
         self._inherited: frozenset[Key] = frozenset()  # what the kernel held when this agent started
+        self._inherited_read = False  # read once: a retried first full sync does not read it again
         self._first_full = True
         # Handback (make-before-break): keys of Services whose label went (not deleted) stay in the kernel until
         # kube-proxy's rule for them is visible (``kube_proxy`` reads it), at most ``handback_timeout``; when
@@ -370,10 +371,13 @@ class Agent:
             applied = frozenset(self._applied)
             believed = applied if check else None
         try:
-            if self._first_full and self.gate is not None:
+            if self._first_full and self.gate is not None and not self._inherited_read:
                 # A restarted agent: what the kernel holds was served by Envoy when it was installed, and
                 # Envoy keeps serving its last configuration; never take those redirects away to re-gate them.
+                # Read once: when this first full sync fails later on, its retry keeps what was read here
+                # (what the kernel held at the start) and reads the kernel only in ``ensure``.
                 self._inherited = self.backend.read()
+                self._inherited_read = True
             keys = desired if self.gate is None else frozenset(
                 (desired & (applied | self._inherited)) | self._servable(desired - applied - self._inherited))
             keys = keys | (frozenset(self._held) & applied)  # handed-back keys stay until released

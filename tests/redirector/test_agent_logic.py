@@ -225,6 +225,24 @@ def test_a_change_failing_on_a_hand_edited_kernel_counts_the_drift() -> None:
     assert metric(agent, "drift_repairs_total") == 1
 
 
+class NothingServed:
+    """A gate (the control plane's role) whose proxy serves nothing yet."""
+
+    def servable(self, keys: Any) -> set[Key]:
+        return set()
+
+
+def test_a_gated_first_full_sync_retried_after_a_failure_reads_the_kernel_once() -> None:
+    agent, fake = make(FakeBackend([A]), gate=NothingServed())  # a restart: the kernel holds A already
+    agent.tracker.replace([svc("a", "10.96.0.1"), svc("b", "10.96.0.2")])
+    fake.fail("ensure")
+    agent.sync_once()
+    assert fake.calls == {"read": 1, "ensure": 1} and agent.status.full_sync_pending
+    agent.sync_once()  # the retry: the inherited keys were read by the failed attempt; only ensure reads
+    assert fake.calls == {"read": 1, "ensure": 2} and not agent.status.full_sync_pending
+    assert fake.dump() == [A]  # inherited A stays; B waits for the proxy
+
+
 def test_failed_full_syncs_are_retried_with_a_growing_delay(loops: list[Loop]) -> None:
     agent, fake = make(retry_min=0.01, retry_max=0.04)
     fake.fail("ensure", times=4)
