@@ -1,5 +1,6 @@
 """A misbehaving HTTP backend for the L7 e2e tests only (run inside a pod's netns): it fails every Nth
-request with a 500, or every request, or answers late (every request, or every Nth). Prints ``READY <port>`` once it listens.
+request with a 500, or an exact percentage, or every request, or answers late (every request, or every Nth).
+Prints ``READY <port>`` once it listens.
 
 WHY a separate server: the echo server is the well-behaved backend every other test relies on."""
 
@@ -12,11 +13,20 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def fails(n: int, percent: int) -> bool:
+    """Request ``n`` (from 1) of a backend failing ``percent`` % exactly: the running count of failures is
+    floor(n * percent / 100), so every 100 requests hold exactly ``percent`` failures, evenly spread (30: requests
+    4, 7, 10, 14, 17, 20, ...: 3 of every 10, never more than one in a row)."""
+    return n * percent // 100 > (n - 1) * percent // 100
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--name", default="backend")
     parser.add_argument("--fail-every", type=int, default=0, help="every Nth request gets a 500 (1: all)")
+    parser.add_argument("--fail-percent", type=int, default=0,
+                        help="exactly this many of every 100 requests get a 500, spread evenly (30: 3 of every 10)")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before answering")
     parser.add_argument("--slow-every", type=int, default=1,
                         help="with --delay: only every Nth request (1, N+1, 2N+1...) is late (1: all)")
@@ -38,7 +48,7 @@ def main() -> None:
                 n = seen[0]
             if args.delay and n % args.slow_every == 1 % args.slow_every:
                 time.sleep(args.delay)  # the slow backend this server exists to be
-            failed = args.fail_every > 0 and n % args.fail_every == 1 % args.fail_every
+            failed = (args.fail_every > 0 and n % args.fail_every == 1 % args.fail_every) or fails(n, args.fail_percent)
             body = json.dumps({"server": args.name, "n": n, "failed": failed}).encode()
             self.send_response(500 if failed else 200)
             self.send_header("content-type", "application/json")
