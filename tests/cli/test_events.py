@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +22,7 @@ from shared import events as shared_events
 from tests.cli.cluster import OURS, namespace, service
 from tests.cli.conftest import Cluster
 from tests.cli.schema import REPORT_SCHEMA
+from tests.support.polling import wait_for
 
 NOW = datetime(2026, 12, 2, 12, 0, 0, 123456, tzinfo=UTC)
 REF = Ref("shop", "web")
@@ -242,13 +242,10 @@ def test_a_rollback_during_a_migration_wins_cleanly(shop: Cluster) -> None:
         result: list[Any] = []
         migration = threading.Thread(target=lambda: result.append(runner.run(plan)))
         migration.start()
-        deadline = time.monotonic() + 10
         lease = lease_name("node-a")
-        while "shop/web" not in (client.CoordinationV1Api(
-                shop.api.api_client()).read_namespaced_lease(lease, c.DEFAULT_AGENT_NAMESPACE).metadata.annotations
-                .get(c.PREPARED_ANNOTATION, "")):
-            assert time.monotonic() < deadline, "never prepared"
-            time.sleep(0.02)
+        wait_for(lambda: "shop/web" in (client.CoordinationV1Api(
+            shop.api.api_client()).read_namespaced_lease(lease, c.DEFAULT_AGENT_NAMESPACE).metadata.annotations
+            .get(c.PREPARED_ANNOTATION, "")), "node-a to report shop/web prepared")
         agents.done.set()  # the node's last word stands (its Lease stays live): prepared, just before...
         agents.thread.join(5)
         back = shop.run("rollback", "shop/web")  # ...the second operator's rollback

@@ -20,6 +20,7 @@ from controlplane.translate import NodeInfo
 from redirector.desired import desired_state
 from redirector.model import Key
 from tests.controlplane.factories import NODE, endpoint, endpoint_slice, request, service
+from tests.support.polling import wait_for
 
 K80 = Key(4, "10.96.0.10", 80)
 
@@ -43,11 +44,8 @@ def stat(p: ControlPlane, name: str) -> str | None:
 
 
 def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+    """``wait_for`` polling every 5 ms: the worker answers in a few ms, so the poll's own period dominates."""
+    wait_for(predicate, what, timeout, interval=0.005)
 
 
 @contextmanager
@@ -445,7 +443,7 @@ def test_the_nodes_addresses_reach_the_source_range_exception() -> None:
 def _blocked_plane(on_demand: bool = False) -> tuple[ControlPlane, Stream, list[dict[Key, str]]]:
     p, _server, stream, _gates = gated_plane(on_demand=on_demand)
     delivered: list[dict[Key, str]] = []
-    p.on_blocked = lambda blocked, *_answers: delivered.append(blocked)
+    p.on_blocked = lambda answers: delivered.append(dict(answers.blocked))
     p.services.upsert(service("db", ips=("10.96.0.20",), ports=[{"name": "db", "port": 5432}]))
     return p, stream, delivered
 

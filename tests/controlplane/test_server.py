@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from controlplane.server import check_loopback
+from tests.support.polling import wait_for
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:18000", "[::1]:18000", "127.0.0.2:18000"])
@@ -54,10 +54,8 @@ def test_a_restarted_agent_answers_a_running_envoy_only_once_its_store_is_built(
     requests.put(first)
     responses = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources(iter(requests.get, None))
     try:
-        deadline = time.monotonic() + 10
-        while server.waiting != 1:  # the stream reached the server, which holds it
-            assert time.monotonic() < deadline, "the stream was not held"
-            time.sleep(0.01)
+        # the stream reached the server, which holds it
+        wait_for(lambda: server.waiting == 1, "the stream to be held", interval=0.01)
         store.update(CLUSTER, {"shop_web_80": body})  # the new agent's first translation...
         ready.set()  # ...done
         answer = next(responses)

@@ -19,6 +19,7 @@ import pytest
 from sandbox.node.netns import NETNS_DIR
 from sandbox.scenario import DNS, MIXED, WEB, Scenario
 from shared import constants as c
+from tests.support.polling import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,10 +73,7 @@ def test_failure_mid_scenario_tears_everything_down() -> None:
         workdir = s.workdir
         raise RuntimeError("boom")
     assert not [n for n in namespaces if (NETNS_DIR / n).exists()]
-    deadline = time.monotonic() + 5
-    while _pids_alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _pids_alive(pids)
+    wait_for(lambda: not _pids_alive(pids), "every process to exit", timeout=5)
     assert not workdir.exists()
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import pytest
 
 from sandbox.node.netns import Topology, nft
 from sandbox.node.nftwatch import NftMonitor, coverage
+from tests.support.polling import wait_for
 
 IP, PORT = "10.96.1.1", 80
 ADD_REDIRECT = (f"add element inet lightpath svc4 {{ {IP} . {PORT} }}",)
@@ -53,13 +53,6 @@ def test_our_other_tables_are_not_the_redirect() -> None:
     assert cov.uncovered == 0.0 and cov.redirect_changed == pytest.approx(1.03)
 
 
-def _wait(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 @pytest.mark.root
 def test_monitor_stamps_real_transactions() -> None:
     with Topology(pods=0, prefix="lpe2e") as topo:
@@ -70,14 +63,14 @@ def test_monitor_stamps_real_transactions() -> None:
                 nft(topo.node.name, "add table inet probe")
                 return bool(monitor.generations)
 
-            _wait(probed, "nft monitor saw nothing")
+            wait_for(probed, "nft monitor to see a transaction")
             nft(topo.node.name, "table inet lightpath { set svc4 { type ipv4_addr . inet_service; }; }")
             nft(topo.node.name, f"add element inet lightpath svc4 {{ {IP} . {PORT} }}")
-            _wait(lambda: coverage(monitor.generations, IP, PORT, 0.0).redirect_changed is not None, "no add seen")
+            wait_for(lambda: coverage(monitor.generations, IP, PORT, 0.0).redirect_changed is not None, "the add")
             start = time.monotonic()
             nft(topo.node.name, f"delete element inet lightpath svc4 {{ {IP} . {PORT} }}")
             nft(topo.node.name, f"add element inet lightpath svc4 {{ {IP} . {PORT} }}")
-            _wait(lambda: coverage(monitor.generations, IP, PORT, start).uncovered > 0, "delete/add window not seen")
+            wait_for(lambda: coverage(monitor.generations, IP, PORT, start).uncovered > 0, "the delete/add window")
             cov = coverage(monitor.generations, IP, PORT, start)
             assert cov.redirect_changed is not None and cov.standin_changed is None
         finally:

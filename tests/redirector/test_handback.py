@@ -14,6 +14,7 @@ from redirector.model import Key
 from sandbox import kubeproxy
 from shared import constants as c
 from tests.redirector.factories import service
+from tests.support.polling import wait_for
 
 LABEL = (c.SERVICE_PROXY_NAME_LABEL, c.DEFAULT_PROXY_NAME)
 A = Key(4, "10.96.0.1", 80)
@@ -42,6 +43,13 @@ def agent(kube: KubeProxy, **kwargs: Any) -> tuple[Agent, FakeBackend]:
 
 def unlabel(a: Agent) -> None:
     a.tracker.upsert(service("a", cluster_ips=[A.ip], labelled=False))
+
+
+def released(a: Agent, fake: FakeBackend) -> bool:
+    """One sync with the hold due for a check (the loop's 20 ms spacing skipped); True once the kernel is empty."""
+    a._next_hold_check = 0
+    a.sync_once()
+    return not fake.dump()
 
 
 def test_the_redirect_stays_until_kube_proxys_rule_is_visible() -> None:
@@ -77,11 +85,7 @@ def test_a_rollback_right_after_a_migration_ignores_the_rule_kube_proxy_is_about
     a.sync_once()
     assert fake.dump() == [b], "A (labelled long ago) goes at once; b waits for the label to settle"
     labelled_for = time.monotonic()
-    deadline = labelled_for + 5
-    while fake.dump() and time.monotonic() < deadline:
-        a._next_hold_check = 0
-        a.sync_once()
-        time.sleep(0.01)
+    wait_for(lambda: released(a, fake), "b's redirect released", timeout=5, interval=0.01)
     assert fake.dump() == [] and time.monotonic() - labelled_for >= 0.2  # released once settled, not before
 
 
@@ -100,10 +104,7 @@ def test_unreadable_kube_proxy_rules_mean_a_bounded_hold() -> None:
     unlabel(a)
     a.sync_once()
     assert fake.dump() == [A]
-    deadline = time.monotonic() + 5
-    while fake.dump() and time.monotonic() < deadline:
-        a._next_hold_check = 0
-        a.sync_once()
+    wait_for(lambda: released(a, fake), "the bounded hold to run out", timeout=5, interval=0.005)
     assert fake.dump() == []
     assert a.metrics.registry.get_sample_value("lightpath_redirector_handback_hold_seconds_count",
                                                {"released_by": "hold"}) == 1

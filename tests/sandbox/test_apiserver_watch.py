@@ -6,7 +6,6 @@ import contextlib
 import http.client
 import json
 import socket
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +14,7 @@ from kubernetes import watch
 from kubernetes.client import ApiException, CoreV1Api
 
 from sandbox.api.apiserver import SandboxApiServer
+from tests.support.polling import wait_for
 
 
 @pytest.fixture
@@ -288,11 +288,7 @@ def test_bad_watch_resource_version_is_400(server: SandboxApiServer, core: CoreV
 def test_abandoned_watch_streams_are_reaped(server: SandboxApiServer, core: CoreV1Api) -> None:
     rv = core.list_namespaced_service("demo").metadata.resource_version
     raw = RawWatch(server, f"/api/v1/namespaces/demo/services?watch=true&resourceVersion={rv}")
-    deadline = time.monotonic() + 10
-    while not server.store.watchers and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: server.store.watchers, "the watch to be registered")
     assert len(server.store.watchers) == 1
     raw.close()  # no bookmarks, no events: the server must notice the hang-up by itself
-    while server.store.watchers and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not server.store.watchers
+    wait_for(lambda: not server.store.watchers, "the abandoned stream to be reaped")

@@ -12,9 +12,9 @@ from typing import Any
 from sandbox.node.traffic import wait_until
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0, *, interval: float = 0.02) -> Any:
     """Poll ``predicate`` until truthy and return its value; fail naming ``what`` at the deadline."""
     try:
-        return wait_until(predicate, timeout=timeout, interval=0.02, what=what)
+        return wait_until(predicate, timeout=timeout, interval=interval, what=what)
     except TimeoutError as exc:
         raise AssertionError(f"timed out waiting for {what}: {exc}") from None

@@ -5,7 +5,6 @@ node agents write them."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +16,7 @@ from sandbox.api.apiserver import SandboxApiServer
 from sandbox.api.resources import NAMESPACES
 from shared import constants as c
 from shared.policy import PolicyConfig
+from tests.support.polling import wait_for
 from webhook.handover import HandoverController, Marked, actions
 
 OPTED = {c.OPT_LABEL: c.OPT_ENABLED}
@@ -69,13 +69,6 @@ def controller(api: SandboxApiServer, events: list[tuple[str, str, str]], **kw: 
     return ctl
 
 
-def wait(predicate: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def service(api: SandboxApiServer, name: str) -> Any:
     return client.CoreV1Api(api.api_client()).read_namespaced_service(name, "shop").metadata
 
@@ -88,15 +81,16 @@ def test_the_controller_labels_once_every_live_agent_prepared_it(api: SandboxApi
     marked(api, "web")
     ctl = controller(api, events)
     try:
-        wait(lambda: any(e[1] == c.EVENT_HANDOVER_STARTED for e in events))
+        wait_for(lambda: any(e[1] == c.EVENT_HANDOVER_STARTED for e in events), "the handover-started event")
         agent_lease(api, "n1", ["shop/web"])
         rounds = ctl.rounds
-        wait(lambda: ctl.rounds >= rounds + 5)  # several rounds with n2 not ready: nothing may happen
+        wait_for(lambda: ctl.rounds >= rounds + 5, "five more rounds")  # several rounds with n2 not ready: nothing may happen
         assert c.SERVICE_PROXY_NAME_LABEL not in (service(api, "web").labels or {})
         agent_lease(api, "n2", ["shop/web"])
-        wait(lambda: (service(api, "web").labels or {}).get(c.SERVICE_PROXY_NAME_LABEL) == c.DEFAULT_PROXY_NAME)
+        wait_for(lambda: (service(api, "web").labels or {}).get(c.SERVICE_PROXY_NAME_LABEL) == c.DEFAULT_PROXY_NAME,
+                 "the handoff label")
         assert c.HANDOVER_ANNOTATION not in (service(api, "web").annotations or {})
-        wait(lambda: any(e[1] == c.EVENT_MIGRATED for e in events))
+        wait_for(lambda: any(e[1] == c.EVENT_MIGRATED for e in events), "the migrated event")
         assert "prepared on all 2 live node(s)" in [e for e in events if e[1] == c.EVENT_MIGRATED][0][2]
     finally:
         ctl.stop()
@@ -108,7 +102,7 @@ def test_the_controller_aborts_after_its_timeout_naming_the_nodes(api: SandboxAp
     marked(api, "web")
     ctl = controller(api, events, timeout=0.5)
     try:
-        wait(lambda: any(e[1] == c.EVENT_HANDOVER_ABORTED for e in events))
+        wait_for(lambda: any(e[1] == c.EVENT_HANDOVER_ABORTED for e in events), "the handover-aborted event")
         meta = service(api, "web")
         assert c.HANDOVER_ANNOTATION not in (meta.annotations or {})
         assert c.SERVICE_PROXY_NAME_LABEL not in (meta.labels or {})
@@ -124,8 +118,8 @@ def test_a_follower_does_nothing(api: SandboxApiServer) -> None:
     marked(api, "web")
     ctl = controller(api, events, leading=lambda: False)
     try:
-        wait(lambda: ctl.reflector.lists >= 1)
-        wait(lambda: ctl.rounds >= 5)  # rounds pass: a follower never writes
+        wait_for(lambda: ctl.reflector.lists >= 1, "the first list")
+        wait_for(lambda: ctl.rounds >= 5, "five rounds")  # rounds pass: a follower never writes
         assert c.HANDOVER_ANNOTATION in (service(api, "web").annotations or {}) and not events
     finally:
         ctl.stop()
@@ -138,7 +132,7 @@ def test_an_annotation_agents_ignore_gets_one_warning_event_and_no_write(api: Sa
     versions = {n: service(api, n).resource_version for n in ("odd", "dns")}
     ctl = controller(api, events)
     try:
-        wait(lambda: ctl.rounds >= 5)
+        wait_for(lambda: ctl.rounds >= 5, "five rounds")
         ignored = sorted(m for kind, reason, m in events if reason == c.EVENT_HANDOVER_IGNORED and kind == c.EVENT_WARNING)
         assert len(ignored) == 2, events  # once each, not once per round
         assert "value 'yes please' is not 'migrate'" in ignored[1] and "cannot be handed over" in ignored[0]

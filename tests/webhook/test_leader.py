@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from sandbox.api.apiserver import SandboxApiServer
 from sandbox.api.resources import NAMESPACES
+from tests.support.polling import wait_for
 from webhook.leader import LeaderElector, decide
 
 NOW = datetime(2026, 12, 2, 12, 0, 0, tzinfo=UTC)
@@ -36,15 +37,6 @@ def test_decide_takes_a_free_or_expired_lease_and_respects_a_valid_one() -> None
     assert decide(garbage, "a", NOW, 15) is not None  # unreadable: treated as expired, never a crash
 
 
-def _wait(predicate: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_two_replicas_one_leader_and_a_takeover_after_expiry() -> None:
     with SandboxApiServer() as api:
         api.operations.create(NAMESPACES, None, {"metadata": {"name": "lightpath-node"}})
@@ -55,7 +47,7 @@ def test_two_replicas_one_leader_and_a_takeover_after_expiry() -> None:
         for t in threads:
             t.start()
         try:
-            assert _wait(lambda: any(e.leading for e in electors.values()), 5)
+            wait_for(lambda: any(e.leading for e in electors.values()), "a leader", timeout=5)
             until = time.monotonic() + 1.0  # several renew rounds, sampled: never two leaders
             while time.monotonic() < until:
                 assert sum(e.leading for e in electors.values()) == 1
@@ -66,7 +58,7 @@ def test_two_replicas_one_leader_and_a_takeover_after_expiry() -> None:
             other = "b" if first == "a" else "a"
             electors[first].stop()
             stopped = time.monotonic()
-            assert _wait(lambda: electors[other].leading, 6)
+            wait_for(lambda: electors[other].leading, "the takeover", timeout=6)
             assert time.monotonic() - stopped >= 1.0  # only once the Lease (2 s) had run out
             assert changes[first] == [True, False] and changes[other] == [True]
         finally:
