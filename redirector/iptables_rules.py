@@ -118,7 +118,7 @@ class RuleConfig:
 
 @dataclass
 class SavedNat:
-    """The ``nat`` table as ``iptables-save -t nat`` printed it: declared chains and rule specs."""
+    """One table (``nat`` unless asked otherwise) as ``iptables-save`` printed it: declared chains and rule specs."""
 
     chains: set[str] = field(default_factory=set)
     rules: dict[str, list[str]] = field(default_factory=dict)  # chain -> specs (text after "-A CHAIN ")
@@ -201,13 +201,14 @@ def render_batch(chains: Mapping[str, list[str]], fixes: Iterable[str] = ()) -> 
     return "\n".join(lines) + "\n"
 
 
-def parse_save(text: str) -> SavedNat:
-    """Parse the ``*nat`` section of ``iptables-save`` output (comments and other tables ignored)."""
-    saved, in_nat = SavedNat(), False
+def parse_save(text: str, table: str = "nat") -> SavedNat:
+    """Parse the ``*<table>`` section of ``iptables-save`` output (comments and other tables ignored). Also
+    the kube-proxy stand-in's parser (``sandbox.kubeproxy_iptables``), for its nat and filter tables."""
+    saved, inside = SavedNat(), False
     for line in text.splitlines():
         if line.startswith("*"):
-            in_nat = line == "*nat"
-        elif not in_nat:
+            inside = line == f"*{table}"
+        elif not inside:
             continue
         elif line.startswith(":"):
             name = line[1:].split(" ", 1)[0]

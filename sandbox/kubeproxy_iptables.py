@@ -23,6 +23,7 @@ import base64
 import hashlib
 from collections.abc import Iterable
 
+from redirector.iptables_rules import SavedNat, parse_save
 from sandbox.kubeproxy import MASQ_MARK, ServicePort
 from sandbox.node.netns import NetNS
 
@@ -86,33 +87,12 @@ def filter_rules(family: int, ports: Iterable[ServicePort]) -> list[str]:
             for sp in ports if sp.family == family and not sp.backends]
 
 
-def _saved(text: str) -> tuple[set[str], dict[str, list[str]]]:
-    chains: set[str] = set()
-    rules: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if line.startswith(":"):
-            chains.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A "):
-            chain, _, spec = line[3:].partition(" ")
-            rules.setdefault(chain, []).append(spec)
-    return chains, rules
-
-
-def _table_text(text: str, table: str) -> str:
-    out, inside = [], False
-    for line in text.splitlines():
-        if line.startswith("*"):
-            inside = line == f"*{table}"
-        elif inside:
-            out.append(line)
-    return "\n".join(out)
-
-
-def batch(table: str, chains: dict[str, list[str]], saved: str, jumps: dict[str, tuple[str, str, str]]) -> str:
+def batch(table: str, chains: dict[str, list[str]], saved: SavedNat, jumps: dict[str, tuple[str, str, str]]) -> str:
     """One restore batch: declare (flush) our chains, write them, delete stale KUBE-SVC/SEP chains, add the
-    hooks' jumps when missing (pure)."""
-    have, rules = _saved(saved)
-    stale = sorted(n for n in have if n.startswith(("KUBE-SVC-", "KUBE-SEP-")) and n not in chains)
+    hooks' jumps when missing (pure). ``saved``: that table as ``iptables-save`` printed it (parsed by
+    ``redirector.iptables_rules.parse_save``, the one parser of that text)."""
+    rules = saved.rules
+    stale = sorted(n for n in saved.chains if n.startswith(("KUBE-SVC-", "KUBE-SEP-")) and n not in chains)
     lines = [f"*{table}", *(f":{name} - [0:0]" for name in [*chains, *stale])]
     for hook, (match, comment, target) in jumps.items():
         if not any(spec.endswith(f"-j {target}") for spec in rules.get(hook, [])):
@@ -137,7 +117,7 @@ def apply(netns_name: str, ports: list[ServicePort]) -> None:
     ns = NetNS(netns_name)
     for family, (restore, save) in TOOLS.items():
         saved = ns.run([save]).stdout
-        nat = batch("nat", nat_rules(family, ports), _table_text(saved, "nat"), NAT_JUMPS)
-        filt = batch("filter", {"KUBE-SERVICES": filter_rules(family, ports)}, _table_text(saved, "filter"),
+        nat = batch("nat", nat_rules(family, ports), parse_save(saved, "nat"), NAT_JUMPS)
+        filt = batch("filter", {"KUBE-SERVICES": filter_rules(family, ports)}, parse_save(saved, "filter"),
                      FILTER_JUMPS)
         ns.run([restore, "--noflush", "-w", "5"], input=nat + filt)
