@@ -13,6 +13,7 @@ the gate that tells the kernel side which redirects Envoy serves.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -43,6 +44,7 @@ from controlplane.translate import (
     translate_service,
 )
 from redirector import memory
+from redirector.blocks import Answers
 from redirector.desired import parse_ip, service_id
 from redirector.model import Family, Key
 from shared import constants as c
@@ -126,8 +128,10 @@ class ControlPlane:
         # of which the kernel sends those the transparent listener serves there.
         self._transparent: dict[str, tuple[tuple[Key, tuple[str, ...]], ...]] = {}
         self._warned_clusters = False
-        self.on_blocked: Callable[[dict[Key, str], frozenset[Key], dict[Key, tuple[str, ...]],
-                                   dict[Key, tuple[str, ...]]], None] | None = None
+        # The kernel fallback carries migrated Services (Envoy down): nothing goes to the transparent listener,
+        # whose port nobody answers (on the iptables backend the fallback's chains come after our overlay).
+        self.proxy_down = False
+        self.on_blocked: Callable[[Answers], None] | None = None
         # Keys that just got their first usable endpoint stay blocked (key -> (verdict, deadline)) until the
         # connected Envoy ACKs the endpoints that serve them: unblocked earlier, a new connection would
         # reach an Envoy with no endpoint and be closed after it was accepted (docs/conformance.md row 3).
@@ -297,6 +301,10 @@ class ControlPlane:
                     self._published.pop(sid, None)
                 else:
                     self._published[sid] = new
+        if blocks_changed:
+            # The kernel first: a key leaving the transparent listener must stop being sent there before the
+            # listener without it is published (new connections would reach a listener with no chain for it).
+            self._deliver_blocks()
         # Order matters to Envoy: clusters and their endpoints before the listener that routes to them.
         self.store.update(res.CLUSTER, clusters)
         self.store.update(res.ENDPOINT, loads)
@@ -321,8 +329,6 @@ class ControlPlane:
         if self.on_demand and self.on_gate is not None and (clusters or loads):
             # No ACK will come for a cluster Envoy has not asked for: the store having it is what changed.
             self.on_gate({k for k in (self._keys.get(n) for n in (*clusters, *loads)) if k is not None})
-        if blocks_changed:
-            self._deliver_blocks()
         self._count_clusters()
         if health_changed and self.on_health is not None:
             self.on_health(dict(self.health))
@@ -434,7 +440,8 @@ class ControlPlane:
                 for key, (verdict, _deadline) in self._unblocking.items():
                     blocked.setdefault(key, verdict)
         served = self.transparent_servable(overlay)
-        self.on_blocked(blocked, exposed, firewall, {key: ips for key, ips in overlay.items() if key in served})
+        self.on_blocked(Answers(blocked, exposed, firewall, {key: ips for key, ips in overlay.items() if key in served},
+                                self.node.pod_cidrs if served else ()))
 
     def _expire_holds(self) -> bool:
         """Release the held keys whose wait is over; True when some were (the blocks are delivered again)."""
@@ -516,11 +523,22 @@ class ControlPlane:
             held[family] = self._listener_keys[name].get(version, frozenset()) if version else frozenset()
         return held
 
+    def set_proxy_down(self, down: bool) -> None:
+        """From the kernel fallback's watchdog: Envoy is down (True) or serving again (False)."""
+        if down == self.proxy_down:
+            return
+        self.proxy_down = down
+        if self._transparent:
+            self._blocks_due = True
+            with self._cond:
+                self._cond.notify_all()
+
     def transparent_servable(self, keys: Iterable[Key]) -> set[Key]:
         """The keys the kernel may send to the transparent listener: the newest Envoy serves them on the
-        main listener (the gate) AND routes them on the transparent one at the version it ACKed."""
+        main listener (the gate) AND routes them on the transparent one at the version it ACKed, and the
+        kernel fallback is not carrying the node's Services (Envoy down)."""
         server, keys = self.server, list(keys)
-        if server is None or not keys or not self.transparent_listeners:
+        if server is None or not keys or not self.transparent_listeners or self.proxy_down:
             return set()
         with server.cond:
             stream = server.newest()
@@ -703,6 +721,23 @@ def node_ips(obj: Mapping[str, Any] | None) -> tuple[str, ...]:
     return tuple(ip for f in (found[4], found[6]) if (ip := f.get("InternalIP") or f.get("ExternalIP")))
 
 
+def pod_cidrs(obj: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """A Node's spec.podCIDRs (else spec.podCIDR), canonical networks; anything unparsable is skipped (pure)."""
+    spec = (obj or {}).get("spec") or {}
+    values = spec.get("podCIDRs") if isinstance(spec, Mapping) else None
+    if not isinstance(values, list):
+        values = [spec.get("podCIDR")] if isinstance(spec, Mapping) else []
+    out: list[str] = []
+    for value in values:
+        if not isinstance(value, str):
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(value, strict=False)))
+        except (TypeError, ValueError):
+            continue
+    return tuple(sorted(set(out)))
+
+
 class NodeSink:
     """``shared.kube.WatchSink`` for this node's Node object: its zone decides topology-hint routing, so a
     zone change re-translates every Service (rare: a node's zone label is set when it joins)."""
@@ -711,20 +746,27 @@ class NodeSink:
         self.plane = plane
 
     def _zone(self, obj: dict[str, Any] | None) -> None:
-        """The zone label and the primary address per family of this node's Node object."""
+        """The zone label, the primary address per family and the pod CIDRs of this node's Node object."""
         labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
         zone = labels.get(ZONE_LABEL) if isinstance(labels, dict) else None
         zone = zone if isinstance(zone, str) and zone else None
         ips = node_ips(obj)
+        cidrs = pod_cidrs(obj)
         plane = self.plane
         with plane._lock:
-            if plane.node.zone == zone and plane.node.ips == ips:
+            old = plane.node
+            if old.zone == zone and old.ips == ips and old.pod_cidrs == cidrs:
                 return
-            plane.node = NodeInfo(plane.node.name, ipv6=plane.node.ipv6, zone=zone, ips=ips)
-            everyone = set(plane._views)
-        log.info("node zone or addresses changed: re-translating every Service",
-                 extra={"zone": zone, "ips": list(ips), "services": len(everyone)})
-        plane.mark(everyone)
+            plane.node = NodeInfo(old.name, ipv6=old.ipv6, zone=zone, ips=ips, pod_cidrs=cidrs)
+            everyone = set(plane._views) if (old.zone, old.ips) != (zone, ips) else set()
+        if cidrs != old.pod_cidrs:
+            plane._blocks_due = True  # the kernel's transparent exemption (no translation depends on it)
+            with plane._cond:
+                plane._cond.notify_all()
+        if everyone:
+            log.info("node zone or addresses changed: re-translating every Service",
+                     extra={"zone": zone, "ips": list(ips), "services": len(everyone)})
+            plane.mark(everyone)
 
     def replace(self, items: Iterable[dict[str, Any]]) -> None:
         mine = [i for i in items if (i.get("metadata") or {}).get("name") == self.plane.node.name]

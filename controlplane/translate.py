@@ -50,6 +50,10 @@ class NodeInfo:
     # The node's primary address per family (its Node's first InternalIP, else ExternalIP), as kube-proxy's
     # nodeIPs: a loadBalancerSourceRanges entry holding it also admits the LB IP as a source.
     ips: tuple[str, ...] = ()
+    # The Node's spec.podCIDRs (canonical): this node's own pods, which keep the ordinary listener under
+    # --preserve-source-ip (on a bridge CNI a backend's reply to a pod beside it is switched, never routed
+    # back to Envoy; kube-proxy too treats local pods' traffic to external addresses apart).
+    pod_cidrs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

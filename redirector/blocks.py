@@ -71,6 +71,7 @@ def _types() -> dict[str, str]:
         types[f"transparent{family}np"] = "inet_service"
         types[f"hairpin{family}"] = f"{addr} . {addr} . inet_service"  # endpoint . key address . port
         types[f"hairpin{family}np"] = f"{addr} . inet_service"  # endpoint . node port
+        types[f"localpods{family}"] = f"{addr}; flags interval"
     return types
 
 
@@ -87,6 +88,8 @@ class Answers(NamedTuple):
     exposed: frozenset[Key] = frozenset()
     firewall: Mapping[Key, tuple[str, ...]] = {}
     transparent: Mapping[Key, tuple[str, ...]] = {}
+    # Sources that keep the ordinary listener whatever the key: this node's pod CIDRs (NodeInfo.pod_cidrs).
+    local_sources: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.blocked or self.exposed or self.firewall or self.transparent)
@@ -140,6 +143,8 @@ def desired_sets(answers: Answers) -> Sets:
         else:
             out[f"transparent{key.family}"].add(f"{key.ip} . {key.port}")
             out[f"hairpin{key.family}"].update(f"{ip} . {key.ip} . {key.port}" for ip in endpoints)
+    for cidr in answers.local_sources:
+        out[f"localpods{6 if ':' in cidr else 4}"].add(cidr)
     return {name: frozenset(items) for name, items in out.items()}
 
 
@@ -149,10 +154,12 @@ def _listed(items: Collection[str]) -> str:
 
 def full_script(table: str, sets: Sets, transparent: Transparent | None = None) -> str:
     """The whole table for ``sets`` in one transaction that first deletes whatever is there; only the
-    deletion when every set is empty (the table is absent whenever nothing needs an answer). The
-    transparent listener's chains only with ``transparent``."""
+    deletion when every set is empty (the table is absent whenever nothing needs an answer) -- unless the
+    transparent listener is on (``transparent``): its chains stay, empty sets or not, so the replies of
+    connections it already carries keep finding their way back while no key is sent to it for a moment
+    (an Envoy rollout or reconnect, a policy change)."""
     head = f"add table inet {table}\ndelete table inet {table}\n"
-    if not any(sets.values()):
+    if not any(sets.values()) and transparent is None:
         return head
     lines = [f"\tset {name} {{ type {kind};" + (f" elements = {{ {_listed(sets[name])} }};" if sets.get(name) else "")
              + " }" for name, kind in TYPES.items()]
@@ -178,7 +185,8 @@ def full_script(table: str, sets: Sets, transparent: Transparent | None = None) 
                                         ("output-check", "output", CHECK_OUTPUT_PRIORITY))]
     if transparent is not None:
         dnat = []
-        for family, ipf, _addr in _FAMILIES:  # hairpin first: an endpoint dialling its own Service
+        for family, ipf, _addr in _FAMILIES:  # first this node's pods, and an endpoint dialling its own Service
+            dnat.append(f"{ipf} saddr @localpods{family} return")
             dnat.append(f"{ipf} saddr . {ipf} daddr . tcp dport @hairpin{family} return")
             dnat.append(f"{ipf} saddr . tcp dport @hairpin{family}np return")
         for family, ipf, _addr in _FAMILIES:
@@ -192,6 +200,9 @@ def full_script(table: str, sets: Sets, transparent: Transparent | None = None) 
         chains.append("\tchain transparent-save {\n\t\ttype filter hook output priority "
                       f"{MARK_PRIORITY}; policy accept;\n\t\tct direction original meta mark {mark} ct mark set {mark}\n\t}}")
         chains.append("\tchain transparent-restore {\n\t\ttype filter hook prerouting priority "
+                      f"{MARK_PRIORITY}; policy accept;\n\t\tct direction reply ct mark {mark} meta mark set {reply}\n\t}}")
+        # A host-network endpoint's replies start on this node: a route chain, so the new mark re-routes them.
+        chains.append("\tchain transparent-restore-local {\n\t\ttype route hook output priority "
                       f"{MARK_PRIORITY}; policy accept;\n\t\tct direction reply ct mark {mark} meta mark set {reply}\n\t}}")
     return head + f"table inet {table} {{\n" + "\n".join(lines + chains) + "\n}\n"
 
@@ -260,6 +271,11 @@ def changes(old: Answers, new: Answers, counts: IpCounts) -> tuple[Changes, IpCo
                 put(f"transparent{key.family}", (key.ip, key.port), add)
                 for endpoint in endpoints:
                     put(f"hairpin{key.family}", (endpoint, key.ip, key.port), add)
+    for add, cidrs in ((False, set(old.local_sources) - set(new.local_sources)),
+                       (True, set(new.local_sources) - set(old.local_sources))):
+        for cidr in cidrs:
+            net, _, length = cidr.partition("/")
+            put(f"localpods{6 if ':' in cidr else 4}", ("prefix", net, int(length)), add)
     # An element deleted and added in the same change (a ClusterIP whose last port went and whose new port
     # came; a range kept while another changed) stays.
     for deleted, added in out.values():
@@ -322,18 +338,23 @@ class KernelBlocks:
 
     def apply(self, blocked: Mapping[Key, str], exposed: Collection[Key] = frozenset(),
               firewall: Mapping[Key, tuple[str, ...]] | None = None,
-              transparent: Mapping[Key, tuple[str, ...]] | None = None) -> None:
+              transparent: Mapping[Key, tuple[str, ...]] | None = None, local_sources: tuple[str, ...] = ()) -> None:
+        self.apply_answers(Answers(blocked, frozenset(exposed), firewall or {}, transparent or {}, local_sources))
+
+    def apply_answers(self, wanted: Answers) -> None:
+        """Make the table hold ``wanted`` (the control plane's ``on_blocked``)."""
         with self._lock:
-            overlay = dict(transparent or {}) if self.transparent is not None else {}
-            if overlay and not self._routed:
+            overlay = dict(wanted.transparent) if self.transparent is not None else {}
+            if self.transparent is not None and not self._routed:  # from the first write on, kept (see _route)
                 self._route()
                 overlay = overlay if self._routed else {}
-            answers = Answers(dict(blocked), frozenset(exposed), dict(firewall or {}), overlay)
+            answers = Answers(dict(wanted.blocked), frozenset(wanted.exposed), dict(wanted.firewall), overlay,
+                              tuple(sorted(wanted.local_sources)) if overlay else ())
             if self.present is not None and answers == self.answers:
                 return
             rc, err = 1, ""
             counts: IpCounts | None = None
-            if self.present and answers:
+            if self.present and (answers or self.transparent is not None):
                 delta, counts = changes(self.answers, answers, self._counts)
                 rc, _out, err = self._json.cmd(json.dumps(changes_json(self.table, delta))) if delta else (0, "", "")
             if rc != 0:
@@ -349,9 +370,7 @@ class KernelBlocks:
             if answers.transparent != self.answers.transparent:
                 log.info("keys sent to the transparent listener (client source addresses kept)",
                          extra={"keys": len(answers.transparent)})
-            self.answers, self.present = answers, bool(answers)
-            if not answers.transparent and self._routed:
-                self._unroute()
+            self.answers, self.present = answers, bool(answers) or self.transparent is not None
             self._counts = counts if counts is not None else ip_counts(answers.exposed)
             if changed:
                 log.info("kernel answers for Services without endpoints", extra={
@@ -365,7 +384,9 @@ class KernelBlocks:
     def _route(self) -> None:
         """Under ``_lock``: the reply route before the first key goes to the transparent listener (without
         it those connections' replies would never reach Envoy); on failure the keys stay on the ordinary
-        redirect (logged, counted)."""
+        redirect (logged, counted, tried again at the next write). Kept while the agent runs with the
+        transparent listener, like the mark chains: only replies the table marks use it, and removing it
+        under connections still open would cut them. ``cleanup`` removes it."""
         assert self.reply_route is not None
         try:
             self.reply_route.ensure()
@@ -384,9 +405,11 @@ class KernelBlocks:
             log.warning("could not remove the transparent listener's reply route", extra={"error": str(exc)[:500]})
 
     def cleanup(self) -> None:
+        """Remove the table and the reply route (a previous agent's, too)."""
+        transparent, self.transparent = self.transparent, None  # a plain deletion: no chains kept
         self.present = None
         self.apply({})
-        if self.reply_route is not None:  # a previous agent's, too
-            self._routed = True
+        self.transparent = transparent
+        if self.reply_route is not None:
             with self._lock:
                 self._unroute()

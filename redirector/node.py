@@ -175,7 +175,7 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     # kernel the agent supports; the image ships libnftables).
     blocks = _kernel_blocks(settings)
     if blocks is not None:
-        plane.on_blocked = blocks.apply
+        plane.on_blocked = blocks.apply_answers
     server = AdsServer(plane.store, expected_node=settings.node, on_ack=plane.acked, on_nack=plane.nacked,
                        ready=plane.first_push_done, on_push=plane.pushed, on_demand=plane.on_demand)
     plane.attach(server)
@@ -260,6 +260,7 @@ def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: Ads
         kernel = {"render": chains.render, "write": chains.write}
 
     def switched(on: bool) -> None:
+        plane.set_proxy_down(on)  # first: on the iptables backend the transparent overlay precedes the fallback
         agent.metrics.fallback_active.set(1 if on else 0)
         agent.metrics.fallback_switches.labels("fallback" if on else "envoy").inc()
 

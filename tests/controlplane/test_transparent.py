@@ -40,6 +40,15 @@ def test_the_external_keys_of_a_local_policy_are_transparent() -> None:
     assert hairpin == {NODEPORT: ("10.244.1.5",), EXTERNAL: ("10.244.1.5",)}
 
 
+def test_pod_cidrs_are_read_from_the_node_and_odd_values_skipped() -> None:
+    from controlplane.controller import pod_cidrs
+
+    assert pod_cidrs({"spec": {"podCIDRs": ["10.244.1.0/24", "fd00:10:244:1::/64", "nope", 7]}}) == (
+        "10.244.1.0/24", "fd00:10:244:1::/64")
+    assert pod_cidrs({"spec": {"podCIDR": "10.244.1.1/24"}}) == ("10.244.1.0/24",)  # host bits allowed
+    assert pod_cidrs(None) == () and pod_cidrs({"spec": "odd"}) == ()
+
+
 def test_the_transparent_listener_keeps_the_client_address_on_its_own_port() -> None:
     builder = res.ListenerBuilder(4, 1667, transparent_mark=0x1666)
     listener = builder.listener
@@ -60,7 +69,7 @@ def _plane() -> tuple[ControlPlane, Stream, list[dict[Key, tuple[str, ...]]]]:
     stream = Stream(p.store, expected_node=NODE, on_ack=lambda t, v: p.acked(stream, t, v))
     server.streams.append(stream)
     delivered: list[dict[Key, tuple[str, ...]]] = []
-    p.on_blocked = lambda _blocked, _exposed, _firewall, transparent: delivered.append(transparent)
+    p.on_blocked = lambda answers: delivered.append(dict(answers.transparent))
     return p, stream, delivered
 
 

@@ -255,6 +255,10 @@ def test_the_preserve_source_ip_overlay_gives_envoy_net_admin_and_turns_the_feat
     assert proxy["securityContext"]["runAsUser"] == 0 and proxy["securityContext"]["runAsNonRoot"] is False
     sc = container(_proxy(objs))["securityContext"]
     assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    # Every upstream socket of this Envoy carries the mark the agent exempts (no UID exemption here).
+    assert settings.xds_socket is not None
+    assert _envoy_files(objs)["envoy.yaml"] == bootstrap(node_id="lightpath-proxy", xds_socket=str(settings.xds_socket),
+                                                         admin_port=0, mark=c.DEFAULT_PROXY_MARK)
     assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
     # Everything else is deploy/default's, unchanged.
     assert [(o["kind"], o["metadata"]["name"]) for o in objs] == [(o["kind"], o["metadata"]["name"]) for o in default_objs]

@@ -276,19 +276,27 @@ def test_external_traffic_policy_local_keeps_the_client_source_address(tmp_path:
     """kube-proxy does not masquerade externalTrafficPolicy Local traffic, so the backend sees the client ("should
     preserve source IP for traffic thru NodePort/LoadBalancer with ETP Local"). With --preserve-source-ip on, the
     agent sends those external keys to Envoy's transparent listener, whose upstream connections start from the
-    client's own address, and routes the backend's replies back to Envoy: TCP and HTTP, IPv4 and IPv6. ClusterIP
-    traffic and a Cluster policy keep the ordinary listener (the backend sees the node)."""
-    from sandbox.node.traffic import tcp_request
+    client's own address, and routes the backend's replies back to Envoy: TCP and HTTP, IPv4 and IPv6, a pod and a
+    host-network backend. ClusterIP traffic, hairpin, this node's pods once the Node has podCIDRs, and a Cluster
+    policy keep the ordinary listener (the backend sees the node); with Envoy down the kernel fallback serves."""
+    from sandbox.node.traffic import tcp_listener, tcp_request
 
     with envoy_node(tmp_path, agent_args=["--preserve-source-ip", "on", "--backend", backend]) as node:
         node.serve(0, "http", 4, port=8080)
         node.serve(0, "tcp", 4, port=8081)
         node.serve(0, "tcp", 6, port=8081)
+        node.listeners.append(tcp_listener(node.topo.node, 8082, 4, name="hostnet"))  # a host-network endpoint
         ports = [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080, "appProtocol": "http"},
                  {"name": "tcp", "port": 81, "targetPort": 8081, "nodePort": 30081}]
         node.service("lb", ports, ips=CLUSTER_IPS, type="NodePort", externalTrafficPolicy="Local")
         for family in (4, 6):
             node.slice("lb", {"http": 8080, "tcp": 8081}, [{"pod": 0}], family=family)
+        node.service("hostnet", [{"name": "tcp", "port": 82, "targetPort": 8082, "nodePort": 30082}], ips=("10.96.0.12",),
+                     type="NodePort", externalTrafficPolicy="Local")
+        node.discovery.create_namespaced_endpoint_slice(NS, {
+            "metadata": {"name": "hostnet-ipv4", "namespace": NS, "labels": {"kubernetes.io/service-name": "hostnet"}},
+            "addressType": "IPv4", "ports": [{"name": "tcp", "port": 8082, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [node.topo.node_ip], "nodeName": NODE, "conditions": {"ready": True}}]})
         client, client6 = node.topo.pod_ips[2], node.topo.pod_ips6[2]
         node_ip, node_ip6 = node.topo.node_ip, node.topo.node_ip6
         assert node_ip6 is not None
@@ -304,6 +312,8 @@ def test_external_traffic_policy_local_keeps_the_client_source_address(tmp_path:
         wait_until(lambda: tcp_peer(node_ip, 30081) == client, timeout=20, what="TCP NodePort from the client's address")
         wait_until(lambda: http_peer(node_ip, 30080) == client, timeout=20, what="HTTP NodePort from the client's address")
         wait_until(lambda: tcp_peer(node_ip6, 30081) == client6, timeout=20, what="IPv6 NodePort from the client's address")
+        # A host-network backend (the node itself answers): its replies start on the node and are routed back too.
+        wait_until(lambda: tcp_peer(node_ip, 30082) == client, timeout=20, what="host-network backend sees the client")
         transparent_cx = f"listener.0.0.0.0_{c.DEFAULT_TRANSPARENT_PORT}.downstream_cx_total"
         before = node.envoy_counter(transparent_cx)
         for _ in range(20):  # every new connection, not one lucky one
@@ -322,5 +332,18 @@ def test_external_traffic_policy_local_keeps_the_client_source_address(tmp_path:
         node.core.patch_namespaced_service("lb", NS, {"spec": {"externalTrafficPolicy": "Cluster"}})
         wait_until(lambda: tcp_peer(node_ip, 30081) != client, timeout=20, what="TCP NodePort through the ordinary listener")
         assert http_peer(node_ip, 30080) != client
-        wait_until(lambda: "fwmark 0x1667" not in node.topo.node.run(["ip", "rule"]).stdout, timeout=10,
-                   what="the reply route removed with the last transparent key")
+        # The reply route stays while the agent runs with the transparent listener (open connections need it).
+        assert "fwmark 0x1667 lookup 1666" in node.topo.node.run(["ip", "rule"]).stdout
+        # Envoy down: the kernel fallback carries the keys (on the iptables backend its chains come after our
+        # overlay, which is withdrawn first), and Envoy back: transparent again.
+        node.envoy.kill()
+        wait_until(lambda: tcp_peer(node_ip, 30082) == client and tcp_peer(node_ip, 30081) != client, timeout=20,
+                   what="served by the kernel fallback while Envoy is down")  # 30081 is Cluster by now: SNAT
+        node.envoy.start()
+        wait_until(lambda: tcp_peer(node_ip, 30082) == client and node.envoy_counter(transparent_cx) > 0, timeout=30,
+                   what="the transparent listener again")
+        # The Node's podCIDRs (as on a bridge CNI, where a backend's reply to a pod beside it never passes the
+        # host's routing): this node's pods keep the ordinary listener, still served.
+        assert tcp_peer(node_ip, 30082) == client  # the host-network backend, Local: transparent so far
+        node.core.create_node({"metadata": {"name": NODE}, "spec": {"podCIDRs": ["10.244.0.0/24", "bogus"]}})
+        wait_until(lambda: tcp_peer(node_ip, 30082) != client, timeout=20, what="local pods exempted")

@@ -180,6 +180,11 @@ def test_transparent_keys_get_their_dnat_and_mark_chains_only_with_a_target() ->
     assert "type nat hook prerouting priority -112" in script  # after the fallback (-115), before our -110
     assert "set hairpin4np { type ipv4_addr . inet_service; elements = { 10.244.0.10 . 30081 }; }" in script
     assert script.index("@hairpin4np return") < script.index("@transparent4np dnat")  # the endpoint itself: ordinary
+    assert "ip saddr @localpods4 return" in script and "set localpods4 { type ipv4_addr; flags interval; }" in script
+    with_pods = blocks_script("t", {}, transparent={np4: ()}, target=target)
+    assert "elements" not in with_pods.split("set localpods4")[1].split("}")[0]
+    pods, _ = changes(Answers(transparent={np4: ()}), Answers(transparent={np4: ()}, local_sources=("10.244.0.0/24",)), {})
+    assert pods == {"localpods4": (set(), {("prefix", "10.244.0.0", 24)})}
     assert "ct direction original meta mark 0x1666 ct mark set 0x1666" in script
     assert "ct direction reply ct mark 0x1666 meta mark set 0x1667" in script  # the reply mark, not the proxy's
     assert "chain transparent" not in blocks_script("t", {Key(4, "10.96.0.1", 80): "reject"})
@@ -196,14 +201,16 @@ def test_transparent_keys_get_their_dnat_and_mark_chains_only_with_a_target() ->
 
 @pytest.mark.root
 def test_kernel_blocks_route_the_replies_while_a_key_is_transparent() -> None:
-    """The real kernel: the reply route comes before the first transparent key and goes with the last;
-    cleanup removes it (also when this agent never added it)."""
+    """The real kernel: the reply route and the mark chains come with the first write (before any key goes
+    to the transparent listener) and stay while the agent runs with it, keys or none (connections it
+    carries must keep their replies); cleanup removes table and route, also when this agent never had them."""
     from sandbox.node.netns import NetNS, run_in_netns
 
     def scenario() -> list[str]:
         import subprocess
 
         from redirector.blocks import KernelBlocks, Transparent
+        from redirector.transparent import ReplyRoute
 
         def rules() -> str:
             return subprocess.run(["ip", "rule"], capture_output=True, text=True, check=True).stdout
@@ -212,20 +219,24 @@ def test_kernel_blocks_route_the_replies_while_a_key_is_transparent() -> None:
         shots = [rules()]
         blocks.apply({}, set(), {}, {Key(4, None, 30081): ("10.244.0.10",)})
         shots += [rules(), blocks._nft.cmd("list table inet lp-block")[1]]
-        blocks.apply({}, set(), {}, {})
+        blocks.apply({}, set(), {}, {})  # no key for a moment: route and chains stay, the element goes
+        shots += [rules(), blocks._nft.cmd("list table inet lp-block")[1]]
+        blocks.cleanup()
         shots += [rules(), blocks._nft.cmd("list tables")[1]]
+        blocks = KernelBlocks("lp-block", Transparent(1667, 0x1666))
         blocks.apply({}, set(), {}, {Key(4, "192.0.2.7", 81): ()})
-        KernelBlocks("lp-block").cleanup()  # a `lightpath-redirector cleanup`-style removal of the table...
-        from redirector.transparent import ReplyRoute
-
-        ReplyRoute(c.TRANSPARENT_REPLY_MARK).remove()  # ...and of the route, as __main__.cleanup does
-        shots.append(rules())
+        KernelBlocks("lp-block").cleanup()  # `lightpath-redirector cleanup` with the flag off...
+        ReplyRoute(c.TRANSPARENT_REPLY_MARK).remove()  # ...removes the route too (__main__.cleanup)
+        shots += [rules(), blocks._nft.cmd("list tables")[1]]
         return [*shots, str(blocks.errors)]
 
     with NetNS("lptransp") as ns:
         ns.run(["ip", "link", "set", "lo", "up"])
-        before, during, table, after, tables, cleaned, errors = run_in_netns(ns.name, scenario)
+        before, during, table, empty_rules, empty_table, cleaned, tables, cleaned2, tables2, errors = run_in_netns(
+            ns.name, scenario)
     assert "0x1667" not in before and "fwmark 0x1667 lookup 1666" in during
     assert "30081" in table and "chain transparent" in table
-    assert "0x1667" not in after and "lp-block" not in tables
-    assert "0x1667" not in cleaned and errors == "0"
+    assert "fwmark 0x1667 lookup 1666" in empty_rules
+    assert "chain transparent-restore" in empty_table and "30081" not in empty_table
+    assert "0x1667" not in cleaned and "lp-block" not in tables
+    assert "0x1667" not in cleaned2 and "lp-block" not in tables2 and errors == "0"
