@@ -127,6 +127,7 @@ class ControlPlane:
         # and per labelled Service its keys for the transparent listener (``ServiceResources.transparent``),
         # of which the kernel sends those the transparent listener serves there.
         self._transparent: dict[str, tuple[tuple[Key, tuple[str, ...]], ...]] = {}
+        self._overlay_names: frozenset[str] = frozenset()  # their cluster names (what an ACK names)
         self._warned_clusters = False
         # The kernel fallback carries migrated Services (Envoy down): nothing goes to the transparent listener,
         # whose port nobody answers (on the iptables backend the fallback's chains come after our overlay).
@@ -296,6 +297,8 @@ class ControlPlane:
                             self._transparent[sid] = overlay
                         else:
                             self._transparent.pop(sid, None)
+                        self._overlay_names = frozenset(
+                            cluster_name(key) for pairs in self._transparent.values() for key, _ips in pairs)
                         blocks_changed = True
                 if new is NOTHING or (not new.clusters and not new.problems):
                     self._published.pop(sid, None)
@@ -435,7 +438,12 @@ class ControlPlane:
             return
         with self._lock:
             blocked, exposed, firewall = dict(self.blocked), frozenset(self.exposed), dict(self.firewall)
-            overlay = {key: ips for pairs in self._transparent.values() for key, ips in pairs}
+            overlay: dict[Key, tuple[str, ...]] = {}
+            for sid, pairs in self._transparent.items():
+                for key, ips in pairs:  # a contested key (a shared external IP): its winner's endpoints
+                    claimants = self._claimants.get(cluster_name(key), ())
+                    if claimants and _winner(claimants) == sid:
+                        overlay[key] = ips
             with self._unblock_lock:
                 for key, (verdict, _deadline) in self._unblocking.items():
                     blocked.setdefault(key, verdict)
@@ -554,8 +562,8 @@ class ControlPlane:
             return
         if type_url == res.ENDPOINT and self._unblocking:
             self._release_acked(versions)
-        if self._transparent:  # the kernel's transparent overlay follows what Envoy serves (_deliver_blocks)
-            self._blocks_due = True
+        if self._transparent and self._concerns_overlay(type_url, versions):
+            self._blocks_due = True  # the kernel's transparent overlay follows what Envoy serves (_deliver_blocks)
             with self._cond:
                 self._cond.notify_all()
         if self.on_gate is None:
@@ -571,6 +579,15 @@ class ControlPlane:
             candidates = {k for f in self.families for k, chain in self.listeners[f].keys.items() if chain == "http"}
         if candidates:
             self.on_gate(candidates)
+
+    def _concerns_overlay(self, type_url: str, versions: Mapping[str, str | None]) -> bool:
+        """Could this ACK change what the transparent overlay holds? Listeners and routes: yes; clusters and
+        endpoints: when they are a transparent key's (an ACK of 20,000 endpoints elsewhere must not make the
+        worker re-read every kernel answer)."""
+        if type_url in (res.LISTENER, res.ROUTE):
+            return True
+        overlay = self._overlay_names
+        return any(name in overlay for name in versions)
 
     def nacked(self, stream: Stream, type_url: str, names: list[str], message: str) -> None:
         """Envoy refused a response: count it and say which Services it concerns (they stay un-redirected)."""

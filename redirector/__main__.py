@@ -109,17 +109,19 @@ def cleanup(settings: config.Settings) -> int:
 
     try:
         backend = make_backend(settings)
-        backend.cleanup()
+        # The kernel answers table first: its transparent chain DNATs to the redirect addresses that the
+        # backend's cleanup removes from lo.
         try:
             from redirector.blocks import KernelBlocks
 
             KernelBlocks(f"{settings.nft_table}-block").cleanup()  # both backends write it
-            # --preserve-source-ip's reply route (this agent's or an earlier one's)
-            from redirector.transparent import ReplyRoute
-
-            ReplyRoute(c.TRANSPARENT_REPLY_MARK).remove()
         except ImportError:  # no libnftables on this node: the agent never wrote that table (node._kernel_blocks)
             log.info("no libnftables: no kernel answers table to remove", extra={"backend": settings.backend})
+        # --preserve-source-ip's reply route (this agent's or an earlier one's)
+        from redirector.transparent import ReplyRoute
+
+        ReplyRoute(c.TRANSPARENT_REPLY_MARK).remove()
+        backend.cleanup()
         if settings.backend == "nftables":
             import nftables  # type: ignore[import-untyped,unused-ignore]
 

@@ -94,6 +94,12 @@ class Settings:
                                  "transparent connections are routed back to it by that mark")
             if self.transparent_port == self.proxy_port:
                 raise ValueError(f"--transparent-port {self.transparent_port} is the proxy port: choose another")
+            if self.transparent_port in (self.health_port, self.debug_port):
+                raise ValueError(f"--transparent-port {self.transparent_port} collides with the health or debug "
+                                 "port: choose another")
+            if self.proxy_mark == c.TRANSPARENT_REPLY_MARK:
+                raise ValueError(f"--proxy-mark 0x{self.proxy_mark:x} is the mark the agent puts on the transparent "
+                                 "listener's replies: choose another")
         if self.batch_max < self.batch_idle:
             raise ValueError("--batch-max must be >= --batch-idle")
         # A colliding health or debug port is a configuration error: refuse to start rather than run without it.

@@ -119,3 +119,21 @@ def test_the_first_translation_delivers_the_kernel_answers_even_when_there_are_n
         wait_until(lambda: p.first_push_done.is_set() and bool(delivered), timeout=5, what="a first delivery")
     assert delivered[0] == {}
 
+
+
+def test_a_contested_external_ip_takes_its_winners_endpoints() -> None:
+    """Two Services claiming the same externalIP:port: the key is the smallest (namespace, name)'s, in the
+    kernel index and Envoy alike, so its hairpin exemption is that Service's endpoints, not the loser's."""
+    p, stream, delivered = _plane()
+    a = service("a", ips=("10.96.0.31",), type_="NodePort", etp="Local", external_ips=("192.0.2.7",),
+                ports=[{"name": "tcp", "port": 81, "protocol": "TCP", "nodePort": 30091}])
+    b = service("b", ips=("10.96.0.32",), type_="NodePort", etp="Local", external_ips=("192.0.2.7",),
+                ports=[{"name": "tcp", "port": 81, "protocol": "TCP", "nodePort": 30092}])
+    with running(p):
+        p.services.replace([b, a])
+        p.slices.replace([endpoint_slice("a-1", "a", ports={"tcp": 8081}, endpoints=[endpoint("10.244.1.5")]),
+                          endpoint_slice("b-1", "b", ports={"tcp": 8081}, endpoints=[endpoint("10.244.1.6")])])
+        wait_until(lambda: "81" in _routed(p), timeout=5, what="the transparent listener")
+        envoy_acks_everything(stream)
+        wait_until(lambda: bool(delivered) and EXTERNAL in delivered[-1], timeout=5, what="the overlay")
+        assert delivered[-1][EXTERNAL] == ("10.244.1.5",)  # shop/a wins

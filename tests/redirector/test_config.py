@@ -170,3 +170,7 @@ def test_preserve_source_ip_is_off_by_default_and_needs_a_mark_and_a_port_of_its
         parse(["--preserve-source-ip", "on", "--proxy-mark", "none", "--proxy-uid", "101"])
     with pytest.raises(ValueError, match="is the proxy port"):
         parse(["--preserve-source-ip", "on", "--transparent-port", "1666"])
+    with pytest.raises(ValueError, match="health or debug"):
+        parse(["--preserve-source-ip", "on", "--transparent-port", "10667", "--health-port", "10667"])
+    with pytest.raises(ValueError, match="transparent listener's replies"):
+        parse(["--preserve-source-ip", "on", "--proxy-mark", "0x1667"])
