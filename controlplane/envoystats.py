@@ -17,7 +17,8 @@ from typing import Any
 
 # Per cluster (alt_stat_name = the Service port): the request and connection figures an operator compares.
 FIGURES = ("upstream_rq_total", "upstream_rq_2xx", "upstream_rq_4xx", "upstream_rq_5xx", "upstream_rq_retry",
-           "upstream_rq_retry_success", "upstream_rq_timeout", "upstream_rq_pending_overflow", "upstream_cx_total",
+           "upstream_rq_retry_success", "upstream_rq_timeout", "upstream_rq_per_try_timeout",
+           "upstream_rq_pending_overflow", "upstream_cx_total",
            "upstream_cx_active", "upstream_cx_connect_fail", "outlier_detection.ejections_active")
 # Request latency (histogram ``upstream_rq_time``, ms): p50 and p99 of Envoy's last stats interval (5 s),
 # kept as integer microseconds under ``<name>.p50_us`` / ``.p99_us``; absent when that interval saw no request.

@@ -30,7 +30,8 @@ COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("errors", "Upstream answers 5xx for this Service port (after retries: what clients saw, with "
                "requests_total as the base).", ("upstream_rq_5xx",)),
     ("retries", "Retries Envoy made for this Service port.", ("upstream_rq_retry",)),
-    ("timeouts", "Requests for this Service port that hit their upstream timeout.", ("upstream_rq_timeout",)),
+    ("timeouts", "Requests for this Service port that hit an upstream timeout (the request's or a try's).",
+     ("upstream_rq_timeout", "upstream_rq_per_try_timeout")),
     ("connections", "Upstream connections Envoy opened for this Service port.", ("upstream_cx_total",)),
     ("connect_failures", "Upstream connections that failed to connect.", ("upstream_cx_connect_fail",)),
 )

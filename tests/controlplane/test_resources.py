@@ -243,6 +243,7 @@ def test_cluster_options_become_envoy_fields() -> None:
     assert (od.interval.seconds, od.base_ejection_time.seconds, od.max_ejection_time.seconds) == (1, 2, 3)
     assert (od.max_ejection_percent.value, od.consecutive_5xx.value, od.consecutive_gateway_failure.value,
             od.enforcing_consecutive_gateway_failure.value, od.split_external_local_origin_errors) == (40, 2, 3, 100, False)
+    assert od.always_eject_one_host.value  # the percent alone would eject none of fewer than 100/percent hosts
     protocol = http_protocol_options_pb2.HttpProtocolOptions()
     http.typed_extension_protocol_options[res.HTTP_PROTOCOL_OPTIONS].Unpack(protocol)
     assert protocol.common_http_protocol_options.idle_timeout.nanos == 700_000_000

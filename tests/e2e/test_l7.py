@@ -158,6 +158,7 @@ def test_a_per_try_timeout_gives_up_on_a_slow_attempt_and_the_retry_answers(tmp_
         assert node.envoy.counter(stats + "upstream_rq_total") == 2
         assert node.envoy.counter(stats + "upstream_rq_retry") == node.envoy.counter(stats + "upstream_rq_retry_success") == 1
         assert node.envoy.counter(stats + "upstream_rq_timeout") == 0  # the request's own timeout never fired
+        assert node.envoy.counter(stats + "upstream_rq_per_try_timeout") == 1  # the try's did (a kept stat now)
         reply = get(node, "10.96.0.45")
         assert reply["status"] == 504 and "upstream request timeout" in str(reply["body"]), reply
         once = "cluster.shop_pertry-once_80_ipv4."
