@@ -14,13 +14,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from shared import constants as c
+
 PREFIX = "config.lightpath.cloud/"
 Protocol = Literal["tcp", "http", "h2c"]
-# How Envoy speaks to a port, by appProtocol. HTTP/1.1 (and websockets over it) and cleartext HTTP/2 are
-# terminated by Envoy; everything else -- TLS included (https, h2, wss: Envoy cannot read those) -- is
-# proxied as TCP.
-HTTP1_APP_PROTOCOLS = frozenset({"http", "ws", "kubernetes.io/ws", "https-terminated-elsewhere", "grpc-web"})
-H2C_APP_PROTOCOLS = frozenset({"h2c", "kubernetes.io/h2c", "grpc", "http2"})
+# How Envoy speaks to a port, by appProtocol (the lists live in shared.constants, shared with the CLI).
+HTTP1_APP_PROTOCOLS = c.HTTP1_APP_PROTOCOLS
+H2C_APP_PROTOCOLS = c.H2C_APP_PROTOCOLS
 
 
 def upstream_protocol(app_protocol: object) -> Protocol:

@@ -66,23 +66,12 @@ DEFAULT_REDIRECT_MODE: Final = "dnat"
 DEFAULT_REDIRECT_ADDRESS: Final = "169.254.16.66"
 DEFAULT_REDIRECT_ADDRESS6: Final = "fd6c:7066:1666::1"
 
-# appProtocol values that the proxy treats as HTTP; anything else is plain TCP.
-HTTP_APP_PROTOCOLS: Final = frozenset(
-    {
-        "http",
-        "https",
-        "h2",
-        "h2c",
-        "http2",
-        "grpc",
-        "grpc-web",
-        "ws",
-        "wss",
-        "kubernetes.io/h2c",
-        "kubernetes.io/ws",
-        "kubernetes.io/wss",
-    }
-)
+# appProtocol values the proxy speaks HTTP for (the one list: the control plane's chains, `lightpath status`'s
+# "(http)"): HTTP/1.1 (websockets over it included) and cleartext HTTP/2. Anything else -- TLS included
+# (https, h2, wss: the proxy cannot read those) -- is proxied as plain TCP.
+HTTP1_APP_PROTOCOLS: Final = frozenset({"http", "ws", "kubernetes.io/ws", "https-terminated-elsewhere", "grpc-web"})
+H2C_APP_PROTOCOLS: Final = frozenset({"h2c", "kubernetes.io/h2c", "grpc", "http2"})
+HTTP_APP_PROTOCOLS: Final = HTTP1_APP_PROTOCOLS | H2C_APP_PROTOCOLS
 
 # The control plane's xDS socket, in a hostPath directory shared by the agent and Envoy pods.
 DEFAULT_XDS_SOCKET: Final = "/run/lightpath/xds.sock"

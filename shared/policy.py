@@ -111,7 +111,8 @@ def handled_by(label_value: str | None, proxy_name: str) -> str:
 
 
 def classify_app_protocol(app_protocol: str | None) -> str:
-    """'http' for HTTP-ish appProtocols (http, https, h2c, grpc, kubernetes.io/ws, ...), else 'tcp'."""
+    """'http' for the appProtocols the proxy speaks HTTP for (http, h2c, grpc, kubernetes.io/ws, ...:
+    shared.constants.HTTP_APP_PROTOCOLS, the control plane's lists), else 'tcp'."""
     if not app_protocol:
         return "tcp"
     return "http" if app_protocol.strip().lower() in c.HTTP_APP_PROTOCOLS else "tcp"

@@ -153,8 +153,14 @@ def test_custom_proxy_name_treats_default_name_as_other_proxy() -> None:
 
 def test_app_protocols_are_recorded_per_port() -> None:
     ports = service_ports(svc(tcp(80, "web", appProtocol="kubernetes.io/h2c"), tcp(5432, "db"), tcp(443, "tls", appProtocol="HTTPS")))
-    assert [p.app_protocol for p in ports] == ["http", "tcp", "http"]
+    assert [p.app_protocol for p in ports] == ["http", "tcp", "tcp"]  # HTTPS: TLS the proxy cannot read
     assert classify_app_protocol("grpc") == "http" and classify_app_protocol("mysql") == "tcp"
+    # One classification: what the control plane speaks HTTP for is what the CLI calls http.
+    from controlplane.l7 import upstream_protocol
+
+    for value in ("http", "https", "h2", "h2c", "grpc", "grpc-web", "ws", "wss", "kubernetes.io/wss",
+                  "https-terminated-elsewhere", "mysql", ""):
+        assert (classify_app_protocol(value) == "http") == (upstream_protocol(value) != "tcp"), value
 
 
 def test_config_rejects_bad_mode_and_name() -> None:
