@@ -48,6 +48,7 @@ from redirector.blocks import Answers
 from redirector.desired import parse_ip, service_id
 from redirector.model import Family, Key
 from shared import constants as c
+from shared.batching import wait_for_quiet
 
 log = logging.getLogger(__name__)
 Mangle = Callable[[str, Message], None]  # test hook: (type_url, message) -> corrupt it in place
@@ -208,9 +209,8 @@ class ControlPlane:
                 self._deliver_blocks()
                 continue
             with self._cond:
-                start = time.monotonic()
-                while time.monotonic() - self._last_last_event < self.batch_idle and time.monotonic() - start < self.batch_max:
-                    self._cond.wait(self.batch_idle)
+                wait_for_quiet(self._cond, lambda: self._last_last_event, self.batch_idle, self.batch_max,
+                               self._stop.is_set)
                 batch, self._pending = self._pending, _Pending()
             try:
                 self.sync(batch.dirty)

@@ -30,6 +30,7 @@ from redirector.changes import ChangeTracker
 from redirector.desired import DesiredIndex, ServiceEntries, ServiceId
 from redirector.metrics import Metrics
 from redirector.model import Backend, Delta, DesiredState, Gate, Key
+from shared.batching import wait_for_quiet
 
 if TYPE_CHECKING:  # types only: the sync core imports neither the control plane nor the watches
     from controlplane.controller import ControlPlane
@@ -226,16 +227,9 @@ class Agent:
         """Wait until the stream has been quiet for ``batch_idle``, or ``batch_max`` after the first change."""
         if self.batch_max <= 0:
             return
-        cond = self.tracker.cond
-        with cond:
-            start = time.monotonic()
-            while not self._stop.is_set():
-                now = time.monotonic()
-                quiet_until = self.tracker.last_event + self.batch_idle
-                give_up = start + self.batch_max
-                if now >= quiet_until or now >= give_up:
-                    return
-                cond.wait(timeout=min(quiet_until, give_up) - now)
+        with self.tracker.cond:
+            wait_for_quiet(self.tracker.cond, lambda: self.tracker.last_event, self.batch_idle, self.batch_max,
+                           self._stop.is_set)
 
     def sync_once(self) -> None:
         """Fold pending changes into the desired state and program the kernel (one or two transactions)."""
