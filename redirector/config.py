@@ -196,7 +196,8 @@ OPTIONS: tuple[tuple[str, str, str, Callable[[str], Any], str], ...] = (
     ("--backend", "BACKEND", "backend", _choice(BACKENDS), "kernel backend: nftables (default) or iptables"),
     ("--proxy-port", "PROXY_PORT", "proxy_port", _int_range(1, 65535, "port"), "local port the proxy listens on"),
     ("--proxy-name", "PROXY_NAME", "proxy_name", _name,
-     "watch Services labelled service.kubernetes.io/service-proxy-name=<this>"),
+     "the Services labelled service.kubernetes.io/service-proxy-name=<this> are ours to redirect (every Service "
+     "is watched: Envoy is prepared before a handoff label lands)"),
     ("--node-name", "NODE_NAME", "node_name", _name, "this node's name"),
     ("--resync-period", "RESYNC_PERIOD", "resync_period", _seconds(0.05),
      "seconds between full resyncs against the kernel (drift repair)"),
