@@ -57,6 +57,7 @@ LISTENER_VERSIONS_KEPT = 8
 # With eager clusters, a warning (once) from this many clusters on: ~32 KiB of Envoy each, so ~250 MiB, half the
 # shipped proxy's memory limit (docs/controlplane.md, "Limits").
 EAGER_CLUSTERS_WARNING = 8_000
+ANSWERS_RESYNC = 30.0  # seconds between deliveries of unchanged kernel answers (drift checks, see below)
 ENVOY_BYTES_PER_CLUSTER = 32 * 1024
 UNBLOCK_HOLD = 2.0  # seconds a key with new endpoints stays blocked at most, waiting for Envoy's ACK
 BIG_BATCH = 1000  # Services translated in one batch, after which the freed heap is handed back (redirector.memory)
@@ -133,6 +134,7 @@ class ControlPlane:
         # The kernel fallback carries migrated Services (Envoy down): nothing goes to the transparent listener,
         # whose port nobody answers (on the iptables backend the fallback's chains come after our overlay).
         self.proxy_down = False
+        self._answers_at = time.monotonic()
         self.on_blocked: Callable[[Answers], None] | None = None
         # Keys that just got their first usable endpoint stay blocked (key -> (verdict, deadline)) until the
         # connected Envoy ACKs the endpoints that serve them: unblocked earlier, a new connection would
@@ -198,7 +200,7 @@ class ControlPlane:
         while not self._stop.is_set():
             with self._cond:
                 while not self._stop.is_set() and not self._pending.dirty:
-                    if self._blocks_due or self._expire_holds():
+                    if self._blocks_due or self._expire_holds() or self._answers_resync_due():
                         break
                     self._cond.wait(min(1.0, self.unblock_hold) if self._unblocking else 1.0)
                 if self._stop.is_set():
@@ -396,6 +398,15 @@ class ControlPlane:
                 loads[name] = self._bytes(res.ENDPOINT, res.load_assignment(lspec))
             cluster_removes.discard(name)
             load_removes.discard(name)
+
+    def _answers_resync_due(self) -> bool:
+        """Every ``ANSWERS_RESYNC`` s the kernel answers are delivered again, so their writer can check what
+        others may have removed under it (KernelBlocks: the transparent listener's reply route)."""
+        now = time.monotonic()
+        if self.on_blocked is None or now - self._answers_at < ANSWERS_RESYNC:
+            return False
+        self._answers_at = now
+        return True
 
     def _count_clusters(self) -> None:
         count = self.store.count(res.CLUSTER)

@@ -335,6 +335,7 @@ class KernelBlocks:
         self.present: bool | None = None  # is the table in the kernel as we last wrote it? None: unknown
         self.errors = 0
         self.rewrites = 0  # whole-table writes (the rest are element changes)
+        self.drift = 0  # our reply route found missing and put back
 
     def apply(self, blocked: Mapping[Key, str], exposed: Collection[Key] = frozenset(),
               firewall: Mapping[Key, tuple[str, ...]] | None = None,
@@ -342,8 +343,14 @@ class KernelBlocks:
         self.apply_answers(Answers(blocked, frozenset(exposed), firewall or {}, transparent or {}, local_sources))
 
     def apply_answers(self, wanted: Answers) -> None:
-        """Make the table hold ``wanted`` (the control plane's ``on_blocked``)."""
+        """Make the table hold ``wanted`` (the control plane's ``on_blocked``; also delivered unchanged every
+        30 s, when the reply route is checked: someone flushing `ip rule` would cut every transparent
+        connection's replies)."""
         with self._lock:
+            if self._routed and self.reply_route is not None and not self._route_present():
+                log.warning("the transparent listener's reply route was removed under us: adding it again")
+                self.drift += 1
+                self._routed = False
             overlay = dict(wanted.transparent) if self.transparent is not None else {}
             if self.transparent is not None and not self._routed:  # from the first write on, kept (see _route)
                 self._route()
@@ -395,6 +402,14 @@ class KernelBlocks:
             self.errors += 1
             log.error("could not route the transparent listener's replies: client source addresses are not kept",
                       extra={"error": str(exc)[:500]})
+
+    def _route_present(self) -> bool:
+        assert self.reply_route is not None
+        try:
+            return self.reply_route.present()
+        except Exception as exc:  # noqa: BLE001 - unreadable: keep what we believe, say why
+            log.warning("could not read the transparent listener's reply route", extra={"error": str(exc)[:300]})
+            return True
 
     def _unroute(self) -> None:
         assert self.reply_route is not None

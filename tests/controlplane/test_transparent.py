@@ -4,6 +4,7 @@ with a real Envoy and real packets is tests/e2e/test_conformance.py)."""
 
 from __future__ import annotations
 
+import pytest
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
 
@@ -119,6 +120,18 @@ def test_the_first_translation_delivers_the_kernel_answers_even_when_there_are_n
         wait_until(lambda: p.first_push_done.is_set() and bool(delivered), timeout=5, what="a first delivery")
     assert delivered[0] == {}
 
+
+
+def test_unchanged_answers_are_delivered_again_for_drift_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from controlplane import controller
+
+    monkeypatch.setattr(controller, "ANSWERS_RESYNC", 0.05)
+    p, _stream, delivered = _plane()
+    with running(p):
+        p.services.replace([lb()])
+        p.slices.replace([SLICE])
+        wait_until(lambda: len(delivered) >= 4, timeout=5, what="periodic deliveries without a change")
+    assert all(d == delivered[0] for d in delivered)  # nothing changed: the same answers each time
 
 
 def test_a_contested_external_ip_takes_its_winners_endpoints() -> None:

@@ -221,6 +221,9 @@ def test_kernel_blocks_route_the_replies_while_a_key_is_transparent() -> None:
         shots += [rules(), blocks._nft.cmd("list table inet lp-block")[1]]
         blocks.apply({}, set(), {}, {})  # no key for a moment: route and chains stay, the element goes
         shots += [rules(), blocks._nft.cmd("list table inet lp-block")[1]]
+        subprocess.run(["ip", "rule", "del", "fwmark", "0x1667", "lookup", "1666"], check=True)  # someone flushes it
+        blocks.apply({}, set(), {}, {})  # the same answers again (the control plane's 30 s delivery)
+        assert "fwmark 0x1667 lookup 1666" in rules() and blocks.drift == 1
         blocks.cleanup()
         shots += [rules(), blocks._nft.cmd("list tables")[1]]
         blocks = KernelBlocks("lp-block", Transparent(1667, 0x1666))
