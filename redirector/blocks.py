@@ -198,12 +198,12 @@ def full_script(table: str, sets: Sets, transparent: Transparent | None = None) 
         chains.append("\tchain transparent {\n\t\ttype nat hook prerouting priority "
                       f"{TRANSPARENT_PRIORITY}; policy accept;\n" + "".join(f"\t\t{r}\n" for r in dnat) + "\t}")
         chains.append("\tchain transparent-save {\n\t\ttype filter hook output priority "
-                      f"{MARK_PRIORITY}; policy accept;\n\t\tct direction original meta mark {mark} ct mark set {mark}\n\t}}")
+                      f"{MARK_PRIORITY}; policy accept;\n\t\tct direction original meta mark {mark} ct mark set ct mark | {mark}\n\t}}")
         chains.append("\tchain transparent-restore {\n\t\ttype filter hook prerouting priority "
-                      f"{MARK_PRIORITY}; policy accept;\n\t\tct direction reply ct mark {mark} meta mark set {reply}\n\t}}")
+                      f"{MARK_PRIORITY}; policy accept;\n\t\tct direction reply ct mark & {mark} == {mark} meta mark set meta mark | {reply}\n\t}}")
         # A host-network endpoint's replies start on this node: a route chain, so the new mark re-routes them.
         chains.append("\tchain transparent-restore-local {\n\t\ttype route hook output priority "
-                      f"{MARK_PRIORITY}; policy accept;\n\t\tct direction reply ct mark {mark} meta mark set {reply}\n\t}}")
+                      f"{MARK_PRIORITY}; policy accept;\n\t\tct direction reply ct mark & {mark} == {mark} meta mark set meta mark | {reply}\n\t}}")
     return head + f"table inet {table} {{\n" + "\n".join(lines + chains) + "\n}\n"
 
 

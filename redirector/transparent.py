@@ -10,7 +10,7 @@ keeps the routing that delivers packets carrying the reply mark locally, per fam
 documentation of ``original_src``, with a mark of its own for the replies: the proxy's outgoing packets
 carry the proxy mark and must be routed out as usual)::
 
-    ip rule add fwmark <reply mark> lookup <table> priority <priority>
+    ip rule add fwmark <reply mark>/<reply mark> lookup <table> priority <priority>
     ip route replace local 0.0.0.0/0 dev lo table <table>        (and ::/0)
 
 Only replies of the proxy's own connections carry the reply mark, and replies of its ordinary connections
@@ -83,11 +83,13 @@ class ReplyRoute:
                             raise BackendError(f"removing the reply {what} (family {family}): {exc}") from exc
 
     def _rule(self) -> dict[str, int]:
-        return {"table": self.table, "priority": self.priority, "fwmark": self.mark, "fwmask": 0xFFFFFFFF}
+        # Masked: the mark is OR-ed into the packet's (other bits -- Calico's, Cilium's -- stay as they are).
+        return {"table": self.table, "priority": self.priority, "fwmark": self.mark, "fwmask": self.mark}
 
     def _has_rule(self, ipr: object, family: int) -> bool:
         for rule in ipr.get_rules(family=family):  # type: ignore[attr-defined]
-            if (rule.get_attr("FRA_FWMARK") == self.mark and rule.get_attr("FRA_PRIORITY") == self.priority
+            if (rule.get_attr("FRA_FWMARK") == self.mark and rule.get_attr("FRA_FWMASK") == self.mark
+                    and rule.get_attr("FRA_PRIORITY") == self.priority
                     and (rule.get_attr("FRA_TABLE") or rule.get("table")) == self.table):
                 return True
         return False

@@ -327,13 +327,13 @@ def test_external_traffic_policy_local_keeps_the_client_source_address(tmp_path:
         assert hairpin["server"] == "pod0" and hairpin["peer"][0] != node.topo.pod_ips[0]
         block = node.topo.node.run(["nft", "list", "table", "inet", f"{c.DEFAULT_NFT_TABLE}-block"]).stdout
         assert "30081" in block and "chain transparent" in block, block
-        assert "fwmark 0x1667 lookup 1666" in node.topo.node.run(["ip", "rule"]).stdout
+        assert "fwmark 0x1667/0x1667 lookup 1666" in node.topo.node.run(["ip", "rule"]).stdout
         # A Cluster policy: the keys leave the transparent listener, traffic keeps flowing through the ordinary one.
         node.core.patch_namespaced_service("lb", NS, {"spec": {"externalTrafficPolicy": "Cluster"}})
         wait_until(lambda: tcp_peer(node_ip, 30081) != client, timeout=20, what="TCP NodePort through the ordinary listener")
         assert http_peer(node_ip, 30080) != client
         # The reply route stays while the agent runs with the transparent listener (open connections need it).
-        assert "fwmark 0x1667 lookup 1666" in node.topo.node.run(["ip", "rule"]).stdout
+        assert "fwmark 0x1667/0x1667 lookup 1666" in node.topo.node.run(["ip", "rule"]).stdout
         # Envoy down: the kernel fallback carries the keys (on the iptables backend its chains come after our
         # overlay, which is withdrawn first), and Envoy back: transparent again.
         node.envoy.kill()

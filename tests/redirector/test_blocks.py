@@ -185,8 +185,8 @@ def test_transparent_keys_get_their_dnat_and_mark_chains_only_with_a_target() ->
     assert "elements" not in with_pods.split("set localpods4")[1].split("}")[0]
     pods, _ = changes(Answers(transparent={np4: ()}), Answers(transparent={np4: ()}, local_sources=("10.244.0.0/24",)), {})
     assert pods == {"localpods4": (set(), {("prefix", "10.244.0.0", 24)})}
-    assert "ct direction original meta mark 0x1666 ct mark set 0x1666" in script
-    assert "ct direction reply ct mark 0x1666 meta mark set 0x1667" in script  # the reply mark, not the proxy's
+    assert "ct direction original meta mark 0x1666 ct mark set ct mark | 0x1666" in script  # other bits kept
+    assert "ct direction reply ct mark & 0x1666 == 0x1666 meta mark set meta mark | 0x1667" in script  # the reply mark
     assert "chain transparent" not in blocks_script("t", {Key(4, "10.96.0.1", 80): "reject"})
     assert "redirect to :1667" in blocks_script("t", {}, transparent={np4: ()}, target=Transparent(1667, 0x1666, "redirect"))
     with pytest.raises(ValueError, match="reply mark"):
@@ -221,9 +221,9 @@ def test_kernel_blocks_route_the_replies_while_a_key_is_transparent() -> None:
         shots += [rules(), blocks._nft.cmd("list table inet lp-block")[1]]
         blocks.apply({}, set(), {}, {})  # no key for a moment: route and chains stay, the element goes
         shots += [rules(), blocks._nft.cmd("list table inet lp-block")[1]]
-        subprocess.run(["ip", "rule", "del", "fwmark", "0x1667", "lookup", "1666"], check=True)  # someone flushes it
+        subprocess.run(["ip", "rule", "del", "fwmark", "0x1667/0x1667", "lookup", "1666"], check=True)  # someone flushes it
         blocks.apply({}, set(), {}, {})  # the same answers again (the control plane's 30 s delivery)
-        assert "fwmark 0x1667 lookup 1666" in rules() and blocks.drift == 1
+        assert "fwmark 0x1667/0x1667 lookup 1666" in rules() and blocks.drift == 1
         blocks.cleanup()
         shots += [rules(), blocks._nft.cmd("list tables")[1]]
         blocks = KernelBlocks("lp-block", Transparent(1667, 0x1666))
@@ -237,9 +237,9 @@ def test_kernel_blocks_route_the_replies_while_a_key_is_transparent() -> None:
         ns.run(["ip", "link", "set", "lo", "up"])
         before, during, table, empty_rules, empty_table, cleaned, tables, cleaned2, tables2, errors = run_in_netns(
             ns.name, scenario)
-    assert "0x1667" not in before and "fwmark 0x1667 lookup 1666" in during
+    assert "0x1667" not in before and "fwmark 0x1667/0x1667 lookup 1666" in during
     assert "30081" in table and "chain transparent" in table
-    assert "fwmark 0x1667 lookup 1666" in empty_rules
+    assert "fwmark 0x1667/0x1667 lookup 1666" in empty_rules
     assert "chain transparent-restore" in empty_table and "30081" not in empty_table
     assert "0x1667" not in cleaned and "lp-block" not in tables
     assert "0x1667" not in cleaned2 and "lp-block" not in tables2 and errors == "0"
