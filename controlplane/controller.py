@@ -678,6 +678,11 @@ class ControlPlane:
         clusters = []
         traffic = envoystats.per_key(*counters, [s.stat_name for s in found.clusters])
         served = self._servable(stream, [k for k, _ in found.chains]) if stream is not None else set()
+        kept: set[Key] | None = None  # --preserve-source-ip: the keys the kernel sends to the transparent listener
+        if self.transparent_listeners:
+            held = self._held(stream.types[res.LISTENER].acked, transparent=True) if stream is not None else {}
+            overlay = {key for key, _ips in self._transparent.get(sid, ())} if not self.proxy_down else set()
+            kept = {key for key in overlay if key in served and key in held.get(key.family, ())}
         for (key, chain), load, figures in zip(found.chains, found.loads, traffic, strict=True):
             name = cluster_name(key)
             current = self.store.get(res.CLUSTER, name)
@@ -691,7 +696,8 @@ class ControlPlane:
                              "version": current.version if current else None,
                              "acked": stream is not None and current is not None
                              and stream.types[res.CLUSTER].acked.get(name) == current.version,
-                             "served": key in served, "refused": refused, "traffic": figures})
+                             "served": key in served, "refused": refused, "traffic": figures,
+                             **({"client_address": "kept" if key in kept else "node"} if kept is not None else {})})
         return {"service": sid, "keys": clusters, "problems": list(found.problems)}
 
 

@@ -127,13 +127,17 @@ def proxy_text(body: Mapping[str, Any]) -> str:
         out.append(f"handover: prepared {_cell(handover.get('prepared'))}; held for kube-proxy "
                    f"{_cell([f'{k} {v}s' for k, v in (handover.get('held') or {}).items()])}\n")
     rows: list[list[object]] = []
+    # --preserve-source-ip: whether each key's backend sees the client's address ("kept") or the node's
+    source = any("client_address" in key for svc in body.get("services", []) for key in svc.get("keys", []))
     for svc in body.get("services", []):
         for key in svc.get("keys", []):
             rows.append([svc["service"], key["key"], key["chain"], key["endpoints"], key["acked"], key["served"],
-                         key["refused"]])
+                         *([key.get("client_address", "")] if source else []), key["refused"]])
         for problem in svc.get("problems", []):
-            rows.append([svc["service"], "", "", "", "", "", problem])
-    out.append("\n" + table(["SERVICE", "KEY", "CHAIN", "ENDPOINTS", "ACKED", "SERVED", "REFUSED / PROBLEM"], rows))
+            rows.append([svc["service"], "", "", "", "", "", *([""] if source else []), problem])
+    headers = ["SERVICE", "KEY", "CHAIN", "ENDPOINTS", "ACKED", "SERVED", *(["CLIENT ADDRESS"] if source else []),
+               "REFUSED / PROBLEM"]
+    out.append("\n" + table(headers, rows))
     if body.get("truncated"):
         out.append("(more Services: use --limit or ?service=namespace/name)\n")
     return "".join(out)

@@ -92,6 +92,9 @@ def test_a_key_goes_to_the_transparent_listener_only_once_envoy_serves_it_there(
         wait_until(lambda: bool(delivered) and delivered[-1] == {NODEPORT: ("10.244.1.5",), EXTERNAL: ("10.244.1.5",)},
                    timeout=5, what="the overlay after Envoy's ACKs, with the endpoint to exempt")
         assert CLUSTER_IP not in delivered[-1]
+        # /debug/proxy says, per key, whether the backend sees the client's address or the node's.
+        rows = {k["key"]: k.get("client_address") for k in p.report(service="shop/lb")["services"][0]["keys"]}
+        assert rows == {str(NODEPORT): "kept", str(EXTERNAL): "kept", str(CLUSTER_IP): "node"}
         # A Cluster policy: out of the overlay at once (the ordinary redirect still serves the keys).
         p.services.upsert(lb("Cluster"))
         wait_until(lambda: delivered[-1] == {}, timeout=5, what="the overlay emptied")
@@ -150,3 +153,14 @@ def test_a_contested_external_ip_takes_its_winners_endpoints() -> None:
         envoy_acks_everything(stream)
         wait_until(lambda: bool(delivered) and EXTERNAL in delivered[-1], timeout=5, what="the overlay")
         assert delivered[-1][EXTERNAL] == ("10.244.1.5",)  # shop/a wins
+
+
+def test_the_debug_text_shows_the_client_address_column_only_with_the_feature() -> None:
+    from redirector.debug.text import proxy_text
+
+    key = {"key": "*local*:30081", "chain": "tcp", "endpoints": 1, "acked": True, "served": True, "refused": None}
+    body = {"node": NODE, "streams": [], "services": [{"service": "shop/lb", "keys": [key], "problems": []}]}
+    assert "CLIENT ADDRESS" not in proxy_text(body)
+    key["client_address"] = "kept"
+    text = proxy_text(body)
+    assert "CLIENT ADDRESS" in text and "kept" in text.splitlines()[-1]
