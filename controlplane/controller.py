@@ -135,6 +135,7 @@ class ControlPlane:
         # whose port nobody answers (on the iptables backend the fallback's chains come after our overlay).
         self.proxy_down = False
         self._answers_at = time.monotonic()
+        self._delivered: Answers | None = None  # what the kernel writer was last handed
         self.on_blocked: Callable[[Answers], None] | None = None
         # Keys that just got their first usable endpoint stay blocked (key -> (verdict, deadline)) until the
         # connected Envoy ACKs the endpoints that serve them: unblocked earlier, a new connection would
@@ -306,10 +307,16 @@ class ControlPlane:
                     self._published.pop(sid, None)
                 else:
                     self._published[sid] = new
-        if blocks_changed:
-            # The kernel first: a key leaving the transparent listener must stop being sent there before the
-            # listener without it is published (new connections would reach a listener with no chain for it).
-            self._deliver_blocks()
+        delivered = self._delivered
+        if blocks_changed and delivered is not None and delivered.transparent:
+            # Keys leaving the transparent listener leave the kernel overlay first, before the listener without
+            # them is published (new connections would reach a listener with no chain for them). Only that:
+            # everything else the kernel answers follows the store, as before (an unblocked key must find its
+            # endpoints in the store).
+            with self._lock:
+                still = {key for pairs in self._transparent.values() for key, _ips in pairs}
+            if not still >= delivered.transparent.keys():
+                self._deliver(delivered._replace(transparent={k: v for k, v in delivered.transparent.items() if k in still}))
         # Order matters to Envoy: clusters and their endpoints before the listener that routes to them.
         self.store.update(res.CLUSTER, clusters)
         self.store.update(res.ENDPOINT, loads)
@@ -331,6 +338,8 @@ class ControlPlane:
         # Removals last (the streams also hold a cluster removal until the listener no longer names it).
         self.store.update(res.ENDPOINT, removes=load_removes)
         self.store.update(res.CLUSTER, removes=cluster_removes)
+        if blocks_changed:
+            self._deliver_blocks()
         if self.on_demand and self.on_gate is not None and (clusters or loads):
             # No ACK will come for a cluster Envoy has not asked for: the store having it is what changed.
             self.on_gate({k for k in (self._keys.get(n) for n in (*clusters, *loads)) if k is not None})
@@ -459,8 +468,19 @@ class ControlPlane:
                 for key, (verdict, _deadline) in self._unblocking.items():
                     blocked.setdefault(key, verdict)
         served = self.transparent_servable(overlay)
-        self.on_blocked(Answers(blocked, exposed, firewall, {key: ips for key, ips in overlay.items() if key in served},
-                                self.node.pod_cidrs if served else ()))
+        self._deliver(Answers(blocked, exposed, firewall, {key: ips for key, ips in overlay.items() if key in served},
+                              self.node.pod_cidrs if served else ()))
+
+    def _deliver(self, answers: Answers) -> None:
+        """Hand ``answers`` to the kernel writer; its failure is logged and retried (the 30 s redelivery, the
+        next change), never a reason to drop the translation already published."""
+        if self.on_blocked is None:
+            return
+        self._delivered = answers
+        try:
+            self.on_blocked(answers)
+        except Exception:  # noqa: BLE001 - the writer's own bug or the kernel's: logged, retried
+            log.exception("could not hand the kernel its answers: retried at the next delivery")
 
     def _expire_holds(self) -> bool:
         """Release the held keys whose wait is over; True when some were (the blocks are delivered again)."""
@@ -543,11 +563,16 @@ class ControlPlane:
         return held
 
     def set_proxy_down(self, down: bool) -> None:
-        """From the kernel fallback's watchdog: Envoy is down (True) or serving again (False)."""
+        """From the kernel fallback's watchdog, right after it switched: Envoy is down (True) or serving again
+        (False). Going down, the overlay is withdrawn here and now (on the iptables backend it precedes the
+        fallback's chains: until then its keys would reach the dead transparent port); the worker delivers
+        again too, in case its own delivery raced this one."""
         if down == self.proxy_down:
             return
         self.proxy_down = down
         if self._transparent:
+            if down:
+                self._deliver_blocks()
             self._blocks_due = True
             with self._cond:
                 self._cond.notify_all()
@@ -678,11 +703,10 @@ class ControlPlane:
         clusters = []
         traffic = envoystats.per_key(*counters, [s.stat_name for s in found.clusters])
         served = self._servable(stream, [k for k, _ in found.chains]) if stream is not None else set()
-        kept: set[Key] | None = None  # --preserve-source-ip: the keys the kernel sends to the transparent listener
+        kept: set[Key] | None = None  # --preserve-source-ip: the keys the kernel was last told to send there
         if self.transparent_listeners:
-            held = self._held(stream.types[res.LISTENER].acked, transparent=True) if stream is not None else {}
-            overlay = {key for key, _ips in self._transparent.get(sid, ())} if not self.proxy_down else set()
-            kept = {key for key in overlay if key in served and key in held.get(key.family, ())}
+            delivered = self._delivered
+            kept = set(delivered.transparent) if delivered is not None else set()
         for (key, chain), load, figures in zip(found.chains, found.loads, traffic, strict=True):
             name = cluster_name(key)
             current = self.store.get(res.CLUSTER, name)

@@ -105,23 +105,39 @@ def print_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cleanup(settings: config.Settings) -> int:
+    """Remove what the agent owns, every step tried even when an earlier one failed (the redirect itself
+    above all: left behind, it would point migrated Services at a proxy that is going away)."""
     from redirector.backends import make_backend
+
+    failed: list[str] = []
+
+    def step(what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - report, go on with the next step, fail at the end
+            failed.append(what)
+            log.error("cleanup step failed", extra={"step": what, "backend": settings.backend, "error": str(exc)})
 
     try:
         backend = make_backend(settings)
-        # The kernel answers table first: its transparent chain DNATs to the redirect addresses that the
-        # backend's cleanup removes from lo.
+    except Exception as exc:  # noqa: BLE001 - nothing to clean up with
+        log.error("cleanup failed", extra={"backend": settings.backend, "error": str(exc)})
+        return 1
+
+    def answers() -> None:
         try:
             from redirector.blocks import KernelBlocks
-
-            KernelBlocks(f"{settings.nft_table}-block").cleanup()  # both backends write it
         except ImportError:  # no libnftables on this node: the agent never wrote that table (node._kernel_blocks)
             log.info("no libnftables: no kernel answers table to remove", extra={"backend": settings.backend})
-        # --preserve-source-ip's reply route (this agent's or an earlier one's)
+            return
+        KernelBlocks(f"{settings.nft_table}-block").cleanup()  # both backends write it
+
+    def reply_route() -> None:  # --preserve-source-ip's (this agent's or an earlier one's)
         from redirector.transparent import ReplyRoute
 
         ReplyRoute(c.TRANSPARENT_REPLY_MARK).remove()
-        backend.cleanup()
+
+    def fallback() -> None:
         if settings.backend == "nftables":
             import nftables  # type: ignore[import-untyped,unused-ignore]
 
@@ -134,8 +150,15 @@ def cleanup(settings: config.Settings) -> int:
 
             if isinstance(backend, IptablesBackend):
                 IptablesFallback(backend).cleanup()
-    except Exception as exc:  # noqa: BLE001 - report and fail
-        log.error("cleanup failed", extra={"backend": settings.backend, "error": str(exc)})
+
+    # The kernel answers table first: its transparent chain DNATs to the redirect addresses that the
+    # backend's cleanup removes from lo.
+    step("kernel answers table", answers)
+    step("reply route", reply_route)
+    step("redirect", backend.cleanup)
+    step("kernel fallback", fallback)
+    if failed:
+        log.error("cleanup incomplete", extra={"backend": settings.backend, "failed": failed})
         return 1
     log.info("cleanup done: our rules are removed", extra={"backend": settings.backend})
     return 0

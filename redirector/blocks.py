@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -47,6 +48,7 @@ CHECK_FORWARD_PRIORITY = -115  # before kube-proxy's filter-forward (-110), whic
 CHECK_OUTPUT_PRIORITY = -95  # after every output DNAT (ours -110, kube-proxy's -100)
 TRANSPARENT_PRIORITY = -112  # after the kernel fallback (-115), before our redirect (-110)
 MARK_PRIORITY = -150  # mangle: the conntrack mark is copied before anything routes the packet
+ROUTE_CHECK_S = 30.0  # the reply route is read back at most this often (the control plane redelivers every 30 s)
 
 
 Sets = dict[str, frozenset[str]]  # set name -> its elements as nft prints them
@@ -108,8 +110,9 @@ class Transparent:
     reply_mark: int = c.TRANSPARENT_REPLY_MARK
 
     def __post_init__(self) -> None:
-        if self.reply_mark == self.mark:
-            raise ValueError("the reply mark must differ from the proxy mark (the proxy's own packets carry that)")
+        if self.mark & self.reply_mark == self.reply_mark:  # the reply rule is fwmark <reply>/<reply>
+            raise ValueError("the proxy mark must not hold every bit of the reply mark (the proxy's own packets "
+                             "would match the reply route)")
         address4, address6 = redirect_target(self.mode, self.address4, self.address6)
         object.__setattr__(self, "address4", address4)
         object.__setattr__(self, "address6", address6)
@@ -336,6 +339,7 @@ class KernelBlocks:
         self.errors = 0
         self.rewrites = 0  # whole-table writes (the rest are element changes)
         self.drift = 0  # our reply route found missing and put back
+        self._route_checked = 0.0  # when the reply route was last read back (at most every ROUTE_CHECK_S)
 
     def apply(self, blocked: Mapping[Key, str], exposed: Collection[Key] = frozenset(),
               firewall: Mapping[Key, tuple[str, ...]] | None = None,
@@ -347,10 +351,13 @@ class KernelBlocks:
         30 s, when the reply route is checked: someone flushing `ip rule` would cut every transparent
         connection's replies)."""
         with self._lock:
-            if self._routed and self.reply_route is not None and not self._route_present():
-                log.warning("the transparent listener's reply route was removed under us: adding it again")
-                self.drift += 1
-                self._routed = False
+            now = time.monotonic()
+            if self._routed and self.reply_route is not None and now - self._route_checked >= ROUTE_CHECK_S:
+                self._route_checked = now
+                if not self._route_present():
+                    log.warning("the transparent listener's reply route was removed under us: adding it again")
+                    self.drift += 1
+                    self._routed = False
             overlay = dict(wanted.transparent) if self.transparent is not None else {}
             if self.transparent is not None and not self._routed:  # from the first write on, kept (see _route)
                 self._route()

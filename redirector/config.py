@@ -97,9 +97,11 @@ class Settings:
             if self.transparent_port in (self.health_port, self.debug_port):
                 raise ValueError(f"--transparent-port {self.transparent_port} collides with the health or debug "
                                  "port: choose another")
-            if self.proxy_mark == c.TRANSPARENT_REPLY_MARK:
-                raise ValueError(f"--proxy-mark 0x{self.proxy_mark:x} is the mark the agent puts on the transparent "
-                                 "listener's replies: choose another")
+            reply = c.TRANSPARENT_REPLY_MARK
+            if self.proxy_mark & reply == reply:  # the reply rule matches fwmark 0x1667/0x1667
+                raise ValueError(f"--proxy-mark 0x{self.proxy_mark:x} holds every bit of the mark the agent puts on "
+                                 f"the transparent listener's replies (0x{reply:x}): the proxy's own packets would be "
+                                 "routed to lo; choose another")
         if self.batch_max < self.batch_idle:
             raise ValueError("--batch-max must be >= --batch-idle")
         # A colliding health or debug port is a configuration error: refuse to start rather than run without it.

@@ -260,7 +260,7 @@ def _watchdog(settings: Settings, agent: Agent, plane: ControlPlane, server: Ads
         kernel = {"render": chains.render, "write": chains.write}
 
     def switched(on: bool) -> None:
-        plane.set_proxy_down(on)  # first: on the iptables backend the transparent overlay precedes the fallback
+        plane.set_proxy_down(on)  # withdraws the transparent overlay at once (on iptables it precedes the fallback)
         agent.metrics.fallback_active.set(1 if on else 0)
         agent.metrics.fallback_switches.labels("fallback" if on else "envoy").inc()
 

@@ -4,6 +4,8 @@ with a real Envoy and real packets is tests/e2e/test_conformance.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
@@ -164,3 +166,54 @@ def test_the_debug_text_shows_the_client_address_column_only_with_the_feature() 
     key["client_address"] = "kept"
     text = proxy_text(body)
     assert "CLIENT ADDRESS" in text and "kept" in text.splitlines()[-1]
+
+
+def test_envoy_down_withdraws_the_overlay_at_once_and_it_comes_back() -> None:
+    """The watchdog's switch to the kernel fallback withdraws the overlay synchronously (on the iptables
+    backend it precedes the fallback's chains); Envoy serving again brings it back through the worker."""
+    p, stream, delivered = _plane()
+    with running(p):
+        p.services.replace([lb()])
+        p.slices.replace([SLICE])
+        wait_until(lambda: "30081" in _routed(p), timeout=5, what="the transparent listener")
+        envoy_acks_everything(stream)
+        wait_until(lambda: bool(delivered) and bool(delivered[-1]), timeout=5, what="the overlay")
+        p.set_proxy_down(True)
+        assert delivered[-1] == {}  # already, not after the worker's next round
+        p.set_proxy_down(False)
+        wait_until(lambda: bool(delivered[-1]), timeout=5, what="the overlay again")
+
+
+def test_only_acks_that_can_change_the_overlay_wake_it() -> None:
+    p, _stream, _delivered = _plane()
+    p.services.replace([lb()])
+    p.slices.replace([SLICE])
+    p.sync(["shop/lb"])
+    assert p._concerns_overlay(res.LISTENER, {}) and p._concerns_overlay(res.ROUTE, {})
+    assert p._concerns_overlay(res.ENDPOINT, {"nodeport4:30081": "v1"})
+    assert not p._concerns_overlay(res.ENDPOINT, {"10.96.0.99:80": "v1"})  # another Service's endpoints
+
+
+def test_a_key_leaves_the_kernel_overlay_before_the_listener_without_it_is_published() -> None:
+    p, stream, delivered = _plane()
+    events: list[str] = []
+    update = p.store.update
+
+    def recording(type_url: str, upserts: Any = {}, removes: Any = ()) -> frozenset[str]:  # noqa: B006
+        if type_url == res.LISTENER and res.listener_name(4, transparent=True) in upserts:
+            events.append("listener")
+        return update(type_url, upserts, removes)
+
+    p.store.update = recording  # type: ignore[method-assign]
+    p.on_blocked = lambda answers: (events.append(f"kernel {len(answers.transparent)}"),
+                                    delivered.append(dict(answers.transparent)))
+    with running(p):
+        p.services.replace([lb()])
+        p.slices.replace([SLICE])
+        wait_until(lambda: "30081" in _routed(p), timeout=5, what="the transparent listener")
+        envoy_acks_everything(stream)
+        wait_until(lambda: "kernel 2" in events, timeout=5, what="the overlay")
+        events.clear()
+        p.services.upsert(lb("Cluster"))
+        wait_until(lambda: "listener" in events, timeout=5, what="the listener without the keys")
+    assert events.index("kernel 0") < events.index("listener"), events

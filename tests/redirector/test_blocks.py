@@ -191,6 +191,8 @@ def test_transparent_keys_get_their_dnat_and_mark_chains_only_with_a_target() ->
     assert "redirect to :1667" in blocks_script("t", {}, transparent={np4: ()}, target=Transparent(1667, 0x1666, "redirect"))
     with pytest.raises(ValueError, match="reply mark"):
         Transparent(1667, 0x1667)
+    with pytest.raises(ValueError, match="reply mark"):
+        Transparent(1667, 0xFFFF)
     delta, _ = changes(Answers(transparent={np4: ("10.244.0.10",)}), Answers(transparent={ext6: ()}), {})
     assert delta == {"transparent4np": ({30081}, set()), "hairpin4np": ({("10.244.0.10", 30081)}, set()),
                      "transparent6": (set(), {("fd00::7", 81)})}
@@ -222,6 +224,7 @@ def test_kernel_blocks_route_the_replies_while_a_key_is_transparent() -> None:
         blocks.apply({}, set(), {}, {})  # no key for a moment: route and chains stay, the element goes
         shots += [rules(), blocks._nft.cmd("list table inet lp-block")[1]]
         subprocess.run(["ip", "rule", "del", "fwmark", "0x1667/0x1667", "lookup", "1666"], check=True)  # someone flushes it
+        blocks._route_checked = 0.0  # as 30 s later
         blocks.apply({}, set(), {}, {})  # the same answers again (the control plane's 30 s delivery)
         assert "fwmark 0x1667/0x1667 lookup 1666" in rules() and blocks.drift == 1
         blocks.cleanup()

@@ -174,3 +174,6 @@ def test_preserve_source_ip_is_off_by_default_and_needs_a_mark_and_a_port_of_its
         parse(["--preserve-source-ip", "on", "--transparent-port", "10667", "--health-port", "10667"])
     with pytest.raises(ValueError, match="transparent listener's replies"):
         parse(["--preserve-source-ip", "on", "--proxy-mark", "0x1667"])
+    with pytest.raises(ValueError, match="routed to lo"):
+        parse(["--preserve-source-ip", "on", "--proxy-mark", "0xffff"])  # every reply bit: would match the rule
+    assert parse(["--preserve-source-ip", "on", "--proxy-mark", "0x2000"]).proxy_mark == 0x2000
