@@ -27,6 +27,9 @@ NS = "shop"
 NODE = "sandbox-node"
 DEBUG = f"http://{c.REDIRECTOR_DEBUG_ADDRESS}:{c.REDIRECTOR_DEBUG_PORT}"
 CLUSTER_IPS = ("10.96.0.10", "fd00:10:96::10")
+DB_IPS = ("10.96.0.20", "fd00:10:96::20")
+HTTP_PORTS = [{"name": "http", "port": 80, "targetPort": "web", "appProtocol": "http"}]
+TCP_PORTS = [{"name": "db", "port": 5432, "targetPort": 5433}]
 
 
 class EnvoyNode:
@@ -96,6 +99,21 @@ class EnvoyNode:
             self.discovery.create_namespaced_endpoint_slice(NS, body, _preload_content=False)
         else:
             self.discovery.replace_namespaced_endpoint_slice(slice_name, NS, body, _preload_content=False)
+
+    def web_and_db(self) -> frozenset[Key]:
+        """The dual-stack workload of the control-plane tests: HTTP ``web`` (CLUSTER_IPS, pod 1) and TCP ``db``
+        (DB_IPS, pod 2, port 5433); the four keys the kernel redirects once Envoy serves them."""
+        web4, web6 = self.serve(1, "http", 4), self.serve(1, "http", 6)
+        self.serve(2, "tcp", 4, port=5433)
+        self.serve(2, "tcp", 6, port=5433)
+        self.service("web", HTTP_PORTS, ips=CLUSTER_IPS)
+        self.endpoints("web", {"http": web4.port}, [1], family=4)
+        self.endpoints("web", {"http": web6.port}, [1], family=6)
+        self.service("db", TCP_PORTS, ips=DB_IPS)
+        self.endpoints("db", {"db": 5433}, [2], family=4)
+        self.endpoints("db", {"db": 5433}, [2], family=6)
+        return frozenset({Key(4, CLUSTER_IPS[0], 80), Key(6, CLUSTER_IPS[1], 80), Key(4, DB_IPS[0], 5432),
+                          Key(6, DB_IPS[1], 5432)})
 
     def another_envoy(self, name: str, **kw: Any) -> EnvoyProcess:
         """One more Envoy on the same xDS socket (a rollout's successor: its own workdir, base id and, with

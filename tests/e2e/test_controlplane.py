@@ -13,11 +13,9 @@ import pytest
 from redirector.model import Key
 from redirector.node import TEST_REFUSE_ENV
 from sandbox.node.traffic import TrafficError, http_request, tcp_request, wait_until
-from tests.e2e.envoynode import CLUSTER_IPS, NS, EnvoyNode, envoy_node
+from tests.e2e.envoynode import CLUSTER_IPS, HTTP_PORTS, NS, EnvoyNode, envoy_node
 
 pytestmark = pytest.mark.root
-HTTP = [{"name": "http", "port": 80, "targetPort": "web", "appProtocol": "http"}]
-TCP = [{"name": "db", "port": 5432, "targetPort": 5433}]
 
 
 def via_envoy(node: EnvoyNode, source: object, ip: str, port: int) -> dict[str, object]:
@@ -32,17 +30,7 @@ def via_envoy(node: EnvoyNode, source: object, ip: str, port: int) -> dict[str, 
 
 def test_http_and_tcp_services_dual_stack_from_a_pod_and_from_the_node(tmp_path: Path) -> None:
     with envoy_node(tmp_path) as node:
-        web4, web6 = node.serve(1, "http", 4), node.serve(1, "http", 6)
-        node.serve(2, "tcp", 4, port=5433)
-        node.serve(2, "tcp", 6, port=5433)
-        node.service("web", HTTP, ips=CLUSTER_IPS)
-        node.endpoints("web", {"http": web4.port}, [1], family=4)
-        node.endpoints("web", {"http": web6.port}, [1], family=6)
-        node.service("db", TCP, ips=("10.96.0.20", "fd00:10:96::20"))
-        node.endpoints("db", {"db": 5433}, [2], family=4)
-        node.endpoints("db", {"db": 5433}, [2], family=6)
-        want = {Key(4, CLUSTER_IPS[0], 80), Key(6, CLUSTER_IPS[1], 80), Key(4, "10.96.0.20", 5432),
-                Key(6, "fd00:10:96::20", 5432)}
+        want = node.web_and_db()
         wait_until(lambda: want <= node.kernel_keys(), timeout=20, what="all four redirects, after Envoy's ACK")
         for source in (node.topo.pods[0], node.topo.node):
             for ip in CLUSTER_IPS:
@@ -103,9 +91,9 @@ def test_endpoint_changes_are_served_without_a_failed_connection(tmp_path: Path)
 def test_a_service_envoy_refuses_stays_unredirected_and_the_others_proceed(tmp_path: Path) -> None:
     with envoy_node(tmp_path, agent_env={TEST_REFUSE_ENV: f"{NS}/bad"}) as node:
         good = node.serve(0, "http", 4)
-        node.service("bad", HTTP, ips=("10.96.0.30",))
+        node.service("bad", HTTP_PORTS, ips=("10.96.0.30",))
         node.endpoints("bad", {"http": good.port}, [0])
-        node.service("good", HTTP, ips=("10.96.0.31",))
+        node.service("good", HTTP_PORTS, ips=("10.96.0.31",))
         node.endpoints("good", {"http": good.port}, [0])
         wait_until(lambda: Key(4, "10.96.0.31", 80) in node.kernel_keys(), timeout=20, what="the good Service")
         via_envoy(node, node.topo.pods[1], "10.96.0.31", 80)
@@ -123,7 +111,7 @@ def test_a_service_envoy_refuses_stays_unredirected_and_the_others_proceed(tmp_p
         status, metrics = node.debug("/metrics")
         assert 'lightpath_controlplane_nacks_total{type="cds"}' in metrics and status == 200
         # The others keep changing normally: a new Service is served while "bad" stays refused.
-        node.service("later", HTTP, ips=("10.96.0.32",))
+        node.service("later", HTTP_PORTS, ips=("10.96.0.32",))
         node.endpoints("later", {"http": good.port}, [0])
         wait_until(lambda: Key(4, "10.96.0.32", 80) in node.kernel_keys(), timeout=20, what="a later Service")
         assert Key(4, "10.96.0.30", 80) not in node.kernel_keys()
@@ -137,7 +125,7 @@ def test_a_service_envoy_refuses_stays_unredirected_and_the_others_proceed(tmp_p
 def test_envoy_restart_and_agent_restart(tmp_path: Path) -> None:
     with envoy_node(tmp_path) as node:
         web = node.serve(0, "http", 4)
-        node.service("web", HTTP)
+        node.service("web", HTTP_PORTS)
         node.endpoints("web", {"http": web.port}, [0])
         key = Key(4, CLUSTER_IPS[0], 80)
         wait_until(lambda: key in node.kernel_keys(), timeout=20, what="redirect")
@@ -185,7 +173,7 @@ def test_envoy_restart_and_agent_restart(tmp_path: Path) -> None:
 def test_the_kernel_entry_appears_only_after_envoy_acked_it(tmp_path: Path) -> None:
     with envoy_node(tmp_path, start_envoy=False) as node:
         web = node.serve(0, "http", 4)
-        node.service("web", HTTP)
+        node.service("web", HTTP_PORTS)
         node.endpoints("web", {"http": web.port}, [0])
         key = Key(4, CLUSTER_IPS[0], 80)
         # Deterministic: the control plane has translated the Service (it is in the report), the agent

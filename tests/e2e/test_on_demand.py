@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from redirector.model import Key
 from sandbox.node.traffic import http_request, tcp_request, wait_until
 from tests.e2e.envoynode import CLUSTER_IPS, NS, EnvoyNode, envoy_node
+from tests.e2e.envoynode import DB_IPS as DB
 
 pytestmark = pytest.mark.root
-HTTP = [{"name": "http", "port": 80, "targetPort": "web", "appProtocol": "http"}]
-TCP = [{"name": "db", "port": 5432, "targetPort": 5433}]
-DB = ("10.96.0.20", "fd00:10:96::20")
 
 
 def held(node: EnvoyNode) -> set[str]:
@@ -33,16 +30,7 @@ def server(source: object, ip: str) -> str:
 
 def test_clusters_are_fetched_on_first_use_and_keep_working(tmp_path: Path) -> None:
     with envoy_node(tmp_path, agent_args=("--envoy-clusters", "on-demand")) as node:
-        web4, web6 = node.serve(1, "http", 4), node.serve(1, "http", 6)
-        node.serve(2, "tcp", 4, port=5433)
-        node.serve(2, "tcp", 6, port=5433)
-        node.service("web", HTTP, ips=CLUSTER_IPS)
-        node.endpoints("web", {"http": web4.port}, [1], family=4)
-        node.endpoints("web", {"http": web6.port}, [1], family=6)
-        node.service("db", TCP, ips=DB)
-        node.endpoints("db", {"db": 5433}, [2], family=4)
-        node.endpoints("db", {"db": 5433}, [2], family=6)
-        want = {Key(4, CLUSTER_IPS[0], 80), Key(6, CLUSTER_IPS[1], 80), Key(4, DB[0], 5432), Key(6, DB[1], 5432)}
+        want = node.web_and_db()
         wait_until(lambda: want <= node.kernel_keys(), timeout=20, what="all four redirects, after the listener ACK")
         assert held(node) == set()  # redirected, yet Envoy holds no Service cluster
         proxy = node.proxy()
