@@ -27,6 +27,7 @@ from controlplane.metrics import ControlPlaneMetrics
 from controlplane.server import AdsServer
 from controlplane.translate import NodeInfo
 from redirector.agent import Agent
+from redirector.blocks import Transparent
 from redirector.changes import ChangeTracker
 from redirector.config import Settings
 from redirector.kubeproxy_rules import KubeProxyRules
@@ -152,10 +153,11 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     if mangle is None and os.environ.get(TEST_REFUSE_ENV):
         log.warning("TEST HOOK active: Envoy will refuse a Service's clusters", extra={"service": os.environ[TEST_REFUSE_ENV]})
         mangle = refuse_service(os.environ[TEST_REFUSE_ENV])
+    transparent = _transparent(settings)
     plane = ControlPlane(node, proxy_port=settings.proxy_port, proxy_name=settings.proxy_name, mangle=mangle,
                          envoy_admin=_envoy_admin(settings), on_demand=settings.envoy_clusters == "on-demand",
                          batch_idle=settings.batch_idle, batch_max=max(settings.batch_max, 0.02),
-                         transparent=_transparent(settings))
+                         transparent=(transparent.port, transparent.mark) if transparent is not None else None)
     tracker = ChangeTracker(label)  # built with the watch it listens to (the kernel side first in the fan-out)
     services = ServiceWatcher(kube, FanOut(tracker, plane.services), **watch)
     agent = Agent(backend, proxy_label=label, resync_period=settings.resync_period, batch_idle=settings.batch_idle,
@@ -173,7 +175,7 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
     # The kernel's own answers (no endpoints, unexposed ClusterIP ports, LB source ranges) are an nftables
     # table on both backends: its chains hook before every NAT, iptables' included (nf_tables is in every
     # kernel the agent supports; the image ships libnftables).
-    blocks = _kernel_blocks(settings)
+    blocks = _kernel_blocks(settings, transparent)
     if blocks is not None:
         plane.on_blocked = blocks.apply_answers
     server = AdsServer(plane.store, expected_node=settings.node, on_ack=plane.acked, on_nack=plane.nacked,
@@ -187,26 +189,21 @@ def build(settings: Settings, backend: Backend, api: client.ApiClient, *, mangle
                      fallback=watchdog, owner=_owner(settings, kube, watch))
 
 
-def _transparent(settings: Settings) -> tuple[int, int] | None:
-    """The transparent listener's (port, socket mark) with --preserve-source-ip on, else None."""
-    if settings.preserve_source_ip != "on" or settings.proxy_mark is None:
+def _transparent(settings: Settings) -> Transparent | None:
+    """The transparent listener (its port, the proxy's mark, the redirect's target addresses) with
+    --preserve-source-ip on, else None: one value for the control plane and the kernel answers table."""
+    if settings.preserve_source_ip != "on" or settings.proxy_mark is None:  # Settings refuses on without a mark
         return None
-    return settings.transparent_port, settings.proxy_mark
+    return Transparent(settings.transparent_port, settings.proxy_mark, settings.redirect_mode,
+                       settings.redirect_address, settings.redirect_address6)
 
 
-def _kernel_blocks(settings: Settings) -> Any:
+def _kernel_blocks(settings: Settings, transparent: Transparent | None) -> Any:
     """redirector.blocks.KernelBlocks for ``<nft-table>-block``, or None (logged) where libnftables is missing."""
     try:
         from redirector.blocks import KernelBlocks
 
-        target = None
-        if settings.preserve_source_ip == "on":
-            from redirector.blocks import Transparent
-
-            assert settings.proxy_mark is not None  # Settings refuses --preserve-source-ip without a mark
-            target = Transparent(settings.transparent_port, settings.proxy_mark, settings.redirect_mode,
-                                 settings.redirect_address, settings.redirect_address6)
-        return KernelBlocks(f"{settings.nft_table}-block", target)
+        return KernelBlocks(f"{settings.nft_table}-block", transparent)
     except ImportError as exc:
         log.error("no kernel answers for Services without endpoints (refused/dropped) nor unexposed ports: "
                   "libnftables is missing", extra={"error": str(exc)})
